@@ -1,0 +1,18 @@
+//! Shell completions and the man page, generated from the clap definitions.
+
+use clap::CommandFactory;
+
+use super::Cli;
+
+pub fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "virtgate", &mut std::io::stdout());
+    Ok(())
+}
+
+pub fn man() -> Result<(), String> {
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd)
+        .render(&mut std::io::stdout())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,160 @@
+//! The command line: global options, subcommands, and dispatch. Each command is a thin
+//! function over the library (config, facts, reconcile).
+
+mod check;
+mod docs;
+mod render;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, BackendChoice, Config};
+use crate::facts::{self, Facts, LibvirtPaths};
+use crate::reconcile::{self, Context};
+use crate::state::{self, State};
+
+/// Exit code for usage errors (clap uses 2 as well).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "virtgate",
+    version,
+    about = "Publish ports of libvirt guests on NAT-ed networks, and keep them working",
+    long_about = "virtgate publishes ports of libvirt virtual machines on NAT-ed networks \
+(DNAT from outside and from the host, an accept placed where libvirt's firewall needs it, \
+hairpin for guests) and keeps those forwards working through libvirt and firewall reloads.\n\n\
+Exit codes: 0 ok, 1 failure, 2 usage."
+)]
+pub struct Cli {
+    /// Main config file (TOML, or a libvirt-hook-qemu hooks.json); conf.d/*.toml beside it is read too
+    #[arg(long, global = true, env = "VIRTGATE_CONFIG", default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Directory for virtgate's state and lock
+    #[arg(long, global = true, env = "VIRTGATE_STATE_DIR", default_value = state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Firewall backend for virtgate's own rules
+    #[arg(long, global = true, env = "VIRTGATE_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Prefix for libvirt's /etc, /var/lib and /run files (for tests)
+    #[arg(long, global = true, env = "VIRTGATE_LIBVIRT_ROOT", default_value = "/")]
+    pub libvirt_root: PathBuf,
+    /// More log output (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config; errors name file:line:col; exit 1 on any error
+    #[command(after_help = "Example:\n  virtgate check\n  virtgate --config /etc/libvirt/hooks/hooks.json check")]
+    Check,
+    /// Print the exact ruleset apply would load, changing nothing
+    #[command(after_help = "Example:\n  virtgate render --backend iptables")]
+    Render,
+    /// Make the kernel match the config now, in one atomic change
+    #[command(after_help = "Example:\n  virtgate apply")]
+    Apply,
+    /// Show every forward: guest address and its source, state, counters
+    #[command(after_help = "Example:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'")]
+    Status {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script
+    #[command(after_help = "Example:\n  virtgate completions bash > /etc/bash_completion.d/virtgate")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    #[command(after_help = "Example:\n  virtgate man > /usr/local/share/man/man1/virtgate.1")]
+    Man,
+}
+
+impl Cli {
+    pub fn context(&self) -> Context {
+        Context {
+            config_path: self.config.clone(),
+            state_dir: self.state_dir.clone(),
+            backend: self.backend,
+            libvirt: LibvirtPaths::new(&self.libvirt_root),
+        }
+    }
+}
+
+/// Loads the config or explains why not.
+pub(crate) fn load_config(ctx: &Context) -> Result<Config, String> {
+    config::load(&ctx.config_path).map_err(|e| format!("config unusable, nothing changed: {e}"))
+}
+
+/// Facts for the planner: libvirt's files plus domains hooks reported as started.
+pub(crate) fn gather_facts(ctx: &Context, st: &State) -> Facts {
+    let extra: Vec<_> = st.started.values().cloned().collect();
+    facts::gather(&ctx.libvirt, &extra)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIRTGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn apply(ctx: &Context) -> Result<(), String> {
+    let cfg = load_config(ctx)?;
+    for d in &cfg.diagnostics {
+        eprintln!("{d}");
+    }
+    let out = reconcile::reconcile(ctx, &cfg, |st| gather_facts(ctx, st), |_| {})
+        .map_err(|e| format!("apply failed, the kernel keeps its previous ruleset: {e}"))?;
+    let active = out.plan.ruleset.rules.len();
+    println!(
+        "{} ({} backend): {active} rule(s) for {} forward(s)",
+        if out.changed { "applied" } else { "unchanged" },
+        out.backend,
+        out.plan
+            .forwards
+            .iter()
+            .filter(|f| f.state == crate::plan::ForwardState::Active)
+            .count()
+    );
+    Ok(())
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.verbose);
+    let ctx = cli.context();
+    let result = match &cli.command {
+        Command::Check => check::run(&ctx),
+        Command::Render => render::run(&ctx),
+        Command::Apply => apply(&ctx).map(|_| true),
+        Command::Status { json } => status::run(&ctx, *json).map(|_| true),
+        Command::Completions { shell } => docs::completions(*shell).map(|_| true),
+        Command::Man => docs::man().map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("virtgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! `virtgate status [--json]`: every forward with its guest address and where it came from,
+//! its state and its counters.
+
+use serde::Serialize;
+
+use super::{Context, gather_facts, load_config};
+use crate::firewall::Counters;
+use crate::plan::{ForwardState, ForwardStatus, GuestAddr};
+use crate::reconcile;
+use crate::state;
+
+#[derive(Serialize)]
+struct Row<'a> {
+    domain: &'a str,
+    listen: String,
+    proto: String,
+    host_ports: String,
+    guest_ports: String,
+    guest: &'a [GuestAddr],
+    bridge: Option<&'a str>,
+    state: ForwardState,
+    packets: u64,
+    bytes: u64,
+    description: Option<&'a str>,
+    note: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    backend: &'a str,
+    forwards: Vec<Row<'a>>,
+    warnings: Vec<String>,
+}
+
+fn row<'a>(f: &'a ForwardStatus, counters: &std::collections::BTreeMap<String, Counters>, drifted: bool) -> Row<'a> {
+    let c = f.rule_ids.iter().filter_map(|id| counters.get(id)).fold(Counters::default(), |a, b| Counters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    });
+    let state = if drifted && f.state == ForwardState::Active {
+        ForwardState::Drifted
+    } else {
+        f.state
+    };
+    Row {
+        domain: &f.domain,
+        listen: f.spec.listen.to_string(),
+        proto: f.spec.proto.to_string(),
+        host_ports: f.spec.host_ports.to_string(),
+        guest_ports: f.spec.guest_ports.to_string(),
+        guest: &f.guest,
+        bridge: f.bridge.as_deref(),
+        state,
+        packets: c.packets,
+        bytes: c.bytes,
+        description: f.spec.description.as_deref(),
+        note: if state == ForwardState::Drifted {
+            Some("the kernel no longer holds what virtgate applied; run `virtgate apply`".into())
+        } else {
+            f.reason.clone()
+        },
+    }
+}
+
+pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
+    let cfg = load_config(ctx)?;
+    let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
+    let facts = gather_facts(ctx, &st);
+    let plan = reconcile::plan_only(&cfg, &facts, &st);
+    let backend = ctx.backend_for(&cfg);
+    let counters = backend.counters().unwrap_or_default();
+    let fp = backend.fingerprint().map_err(|e| e.to_string())?;
+    let drifted = fp != st.fingerprint || plan.ruleset != st.ruleset;
+    let mut warnings = Vec::new();
+    if facts.sysctls.ip_forward == Some(false) {
+        warnings.push("net.ipv4.ip_forward is 0: no forward can reach a guest".to_string());
+    }
+    for r in plan.ruleset.rules.iter().filter(|r| r.localhost) {
+        if !facts.sysctls.route_localnet_on(&r.bridge) {
+            warnings.push(format!(
+                "domain {:?} {}: localhost forwarding needs net.ipv4.conf.{}.route_localnet=1 (not changed by virtgate)",
+                r.domain, r.host_ports, r.bridge
+            ));
+        }
+    }
+    if facts.sysctls.bridge_nf_call_iptables == Some(true) {
+        warnings.push("br_netfilter is loaded with bridge-nf-call-iptables=1: a guest reaching its own forward through the public address needs hairpin mode on its bridge port".into());
+    }
+    let rows: Vec<Row> = plan.forwards.iter().map(|f| row(f, &counters, drifted)).collect();
+    if json {
+        let rep = Report {
+            backend: backend.name(),
+            forwards: rows,
+            warnings,
+        };
+        println!("{}", serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
+        "DOMAIN", "LISTEN", "PROTO", "HOST", "GUEST", "STATE", "PACKETS", "BYTES"
+    );
+    for r in &rows {
+        let guest = if r.guest.is_empty() {
+            format!("-:{}", r.guest_ports)
+        } else {
+            r.guest
+                .iter()
+                .map(|g| format!("{}:{} ({:?})", g.ip, r.guest_ports, g.source).to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
+            r.domain,
+            r.listen,
+            r.proto,
+            r.host_ports,
+            guest,
+            format!("{:?}", r.state).to_lowercase(),
+            r.packets,
+            r.bytes
+        );
+        if let Some(n) = &r.note {
+            println!("    {n}");
+        }
+    }
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    Ok(())
+}

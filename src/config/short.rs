@@ -1,0 +1,128 @@
+//! The docker-style short form: `[LISTEN_IP:]HOST[-END]:GUEST[-END][/tcp|udp|sctp]`.
+
+use std::net::IpAddr;
+
+use crate::model::{Listen, PortRange, Proto};
+
+/// The parts of a short-form forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortForward {
+    pub listen: Listen,
+    pub host_ports: PortRange,
+    pub guest_ports: PortRange,
+    pub proto: Proto,
+}
+
+/// Parses a short-form forward. IPv6 listen addresses go in brackets:
+/// `[2001:db8::1]:8080:80/tcp`. A lone `PORT[-END]` means the same ports on both sides.
+pub fn parse_short(spec: &str) -> Result<ShortForward, String> {
+    let spec = spec.trim();
+    let (body, proto) = match spec.rsplit_once('/') {
+        Some((b, p)) => (
+            b,
+            Proto::parse(p)
+                .ok_or_else(|| format!("unknown protocol '{p}' (expected tcp, udp or sctp)"))?,
+        ),
+        None => (spec, Proto::Tcp),
+    };
+    let (listen, ports) = if let Some(rest) = body.strip_prefix('[') {
+        let (addr, rest) = rest
+            .split_once(']')
+            .ok_or_else(|| "missing ']' after IPv6 listen address".to_string())?;
+        let ip: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' is not an IPv6 address"))?;
+        let rest = rest
+            .strip_prefix(':')
+            .ok_or_else(|| "expected ':' after ']'".to_string())?;
+        (Listen::Address(IpAddr::V6(ip)), rest)
+    } else {
+        let parts: Vec<&str> = body.split(':').collect();
+        match parts.len() {
+            1 | 2 => (Listen::Any, body),
+            3 => {
+                let ip: IpAddr = parts[0]
+                    .parse()
+                    .map_err(|_| format!("'{}' is not an IP address", parts[0]))?;
+                if ip.is_ipv6() {
+                    return Err("IPv6 listen addresses must be written in brackets".into());
+                }
+                (Listen::Address(ip), &body[parts[0].len() + 1..])
+            }
+            _ => {
+                return Err(
+                    "too many ':' (IPv6 listen addresses must be written in brackets)".into(),
+                );
+            }
+        }
+    };
+    if ports.is_empty() {
+        return Err("missing ports".into());
+    }
+    let (host, guest) = match ports.split_once(':') {
+        Some((h, g)) => (PortRange::parse(h)?, PortRange::parse(g)?),
+        None => {
+            let r = PortRange::parse(ports)?;
+            (r, r)
+        }
+    };
+    check_lengths(host, guest)?;
+    Ok(ShortForward {
+        listen,
+        host_ports: host,
+        guest_ports: guest,
+        proto,
+    })
+}
+
+/// Host and guest ranges must have the same length (offset remap).
+pub fn check_lengths(host: PortRange, guest: PortRange) -> Result<(), String> {
+    if host.len() != guest.len() {
+        return Err(format!(
+            "host ports {host} ({} ports) and guest ports {guest} ({} ports) differ in length",
+            host.len(),
+            guest.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> ShortForward {
+        parse_short(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn forms() {
+        let f = ok("8080:80");
+        assert_eq!(f.listen, Listen::Any);
+        assert_eq!((f.host_ports.start, f.guest_ports.start, f.proto), (8080, 80, Proto::Tcp));
+        let f = ok("203.0.113.1:5353:53535/udp");
+        assert_eq!(f.listen, Listen::Address("203.0.113.1".parse().unwrap()));
+        assert_eq!(f.proto, Proto::Udp);
+        let f = ok("[2001:db8::1]:9000-9002:9100-9102/sctp");
+        assert_eq!(f.host_ports.len(), 3);
+        assert_eq!(f.proto, Proto::Sctp);
+        assert_eq!(ok("443").guest_ports.start, 443);
+    }
+
+    #[test]
+    fn errors() {
+        for (s, want) in [
+            ("0:80", "port 0"),
+            ("65536:80", "out of range"),
+            ("90-80:80", "reversed"),
+            ("9000-9002:80", "differ in length"),
+            ("8080:80/icmp", "unknown protocol"),
+            ("2001:db8::1:80:80", "brackets"),
+            ("[2001:db8::1:80:80", "missing ']'"),
+            ("300.1.1.1:80:80", "not an IP"),
+        ] {
+            let e = parse_short(s).unwrap_err();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The TOML config: `[domain.NAME]` tables with short-form `forwards = [...]` and long-form
+//! `[[domain.NAME.forward]]` entries. Parsed with `toml_edit` because it keeps the byte span
+//! of every key and value, so each error names file, line and column; each domain is
+//! validated on its own, so one broken domain never hides another.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use toml_edit::{Document, Item, Table, Value};
+
+use super::diag::{Diagnostic, Origin, Severity};
+use super::short::{check_lengths, parse_short};
+use super::{BackendChoice, ConfiguredForward, ParsedFile};
+use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto};
+
+const DOMAIN_KEYS: &[&str] = &["forwards", "forward", "uuid", "fail_closed", "guest_address"];
+const FORWARD_KEYS: &[&str] = &[
+    "host_port",
+    "guest_port",
+    "proto",
+    "listen",
+    "interface",
+    "source",
+    "nic",
+    "guest_address",
+    "localhost",
+    "description",
+];
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn origin(&self, span: Option<std::ops::Range<usize>>) -> Origin {
+        Origin::at(self.file, self.text, span.map(|s| s.start).unwrap_or(0))
+    }
+}
+
+type DomainResult<T> = Result<T, (Origin, String)>;
+
+/// Parses one TOML file. A syntax error makes the whole file an error (`Err`).
+pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
+    let doc = Document::parse(text).map_err(|e| Diagnostic {
+        origin: Origin::at(file, text, e.span().map(|s| s.start).unwrap_or(0)),
+        severity: Severity::Error,
+        domain: None,
+        message: format!("TOML syntax: {}", e.message()),
+    })?;
+    let ctx = Ctx { file, text };
+    let mut out = ParsedFile::default();
+    for (key, item) in doc.as_table().iter() {
+        let key_span = doc.as_table().key(key).and_then(|k| k.span());
+        match key {
+            "domain" => match item.as_table() {
+                Some(domains) => parse_domains(&ctx, domains, &mut out),
+                None => out.diagnostics.push(Diagnostic {
+                    origin: ctx.origin(item.span().or(key_span)),
+                    severity: Severity::Error,
+                    domain: None,
+                    message: "'domain' must be a table of domains ([domain.NAME])".into(),
+                }),
+            },
+            "settings" => parse_settings(&ctx, item, &mut out),
+            other => out.diagnostics.push(Diagnostic {
+                origin: ctx.origin(key_span),
+                severity: Severity::Error,
+                domain: None,
+                message: format!("unknown key '{other}' (expected 'domain' or 'settings')"),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_settings(ctx: &Ctx, item: &Item, out: &mut ParsedFile) {
+    let Some(t) = item.as_table_like() else {
+        out.diagnostics.push(err(ctx.origin(item.span()), None, "'settings' must be a table"));
+        return;
+    };
+    for (k, v) in t.iter() {
+        let origin = ctx.origin(v.span());
+        match k {
+            "backend" => match v.as_str().and_then(BackendChoice::parse) {
+                Some(b) => out.backend = Some(b),
+                None => out.diagnostics.push(err(
+                    origin,
+                    None,
+                    "settings.backend must be \"auto\", \"nftables\" or \"iptables\"",
+                )),
+            },
+            other => out.diagnostics.push(err(
+                origin,
+                None,
+                &format!("unknown key 'settings.{other}' (expected 'backend')"),
+            )),
+        }
+    }
+}
+
+fn err(origin: Origin, domain: Option<&str>, msg: &str) -> Diagnostic {
+    Diagnostic {
+        origin,
+        severity: Severity::Error,
+        domain: domain.map(str::to_string),
+        message: msg.to_string(),
+    }
+}
+
+fn parse_domains(ctx: &Ctx, domains: &Table, out: &mut ParsedFile) {
+    for (name, item) in domains.iter() {
+        let origin = ctx.origin(domains.key(name).and_then(|k| k.span()));
+        match parse_domain(ctx, name, item) {
+            Ok(dc) => out.domains.push((dc, origin)),
+            Err((o, msg)) => {
+                out.diagnostics.push(err(o, Some(name), &msg));
+                out.invalid_domains.push(name.to_string());
+            }
+        }
+    }
+}
+
+fn parse_domain(
+    ctx: &Ctx,
+    name: &str,
+    item: &Item,
+) -> DomainResult<(DomainConfig, Vec<ConfiguredForward>)> {
+    let here = ctx.origin(item.span());
+    let t = item
+        .as_table_like()
+        .ok_or_else(|| (here.clone(), "a domain must be a table".to_string()))?;
+    let mut dc = DomainConfig {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    let mut forwards = Vec::new();
+    let mut default_addresses = Vec::new();
+    for (k, v) in t.iter() {
+        let o = ctx.origin(v.span());
+        match k {
+            "uuid" => dc.uuid = Some(want_str(v, &o, "uuid")?.to_ascii_lowercase()),
+            "fail_closed" => dc.fail_closed = want_bool(v, &o, "fail_closed")?,
+            "guest_address" => default_addresses = parse_addresses(v, &o)?,
+            "forwards" => {
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| (o.clone(), "'forwards' must be an array of strings".into()))?;
+                for s in arr.iter() {
+                    let so = ctx.origin(s.span());
+                    let text = s.as_str().ok_or_else(|| {
+                        (so.clone(), "'forwards' entries must be strings".to_string())
+                    })?;
+                    let sf = parse_short(text).map_err(|e| (so.clone(), format!("{text:?}: {e}")))?;
+                    forwards.push(ConfiguredForward {
+                        spec: ForwardSpec {
+                            proto: sf.proto,
+                            listen: sf.listen,
+                            host_ports: sf.host_ports,
+                            guest_ports: sf.guest_ports,
+                            ..Default::default()
+                        },
+                        origin: so,
+                    });
+                }
+            }
+            "forward" => {
+                let aot = v.as_array_of_tables().ok_or_else(|| {
+                    (o.clone(), "'forward' must be written as [[domain.NAME.forward]]".into())
+                })?;
+                for ft in aot.iter() {
+                    forwards.extend(parse_long(ctx, ft)?);
+                }
+            }
+            other => {
+                return Err((
+                    ctx.origin(t.key(other).and_then(|k| k.span()).or(v.span())),
+                    format!("unknown key '{other}' (expected one of: {})", DOMAIN_KEYS.join(", ")),
+                ));
+            }
+        }
+    }
+    for f in &mut forwards {
+        if f.spec.guest_addresses.is_empty() {
+            f.spec.guest_addresses = default_addresses.clone();
+        }
+    }
+    Ok((dc, forwards))
+}
+
+fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
+    let origin = ctx.origin(t.span());
+    let mut f = ForwardSpec::default();
+    let mut host: Option<PortRange> = None;
+    let mut guest: Option<(PortRange, Origin)> = None;
+    let mut listens: Vec<Listen> = Vec::new();
+    let mut interface: Option<String> = None;
+    for (k, item) in t.iter() {
+        let o = ctx.origin(item.span());
+        let v = item
+            .as_value()
+            .ok_or_else(|| (o.clone(), format!("'{k}' must be a value, not a table")))?;
+        match k {
+            "host_port" => host = Some(parse_port_value(v, &o, k)?),
+            "guest_port" => guest = Some((parse_port_value(v, &o, k)?, o.clone())),
+            "proto" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| (o.clone(), "'proto' must be a string".to_string()))?;
+                f.proto = Proto::parse(s).ok_or_else(|| {
+                    (o.clone(), format!("unknown protocol '{s}' (expected tcp, udp or sctp)"))
+                })?;
+            }
+            "listen" => {
+                for s in str_or_array(v, &o, k)? {
+                    let ip: IpAddr = s
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse()
+                        .map_err(|_| (o.clone(), format!("listen: '{s}' is not an IP address")))?;
+                    listens.push(Listen::Address(ip));
+                }
+            }
+            "interface" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| (o.clone(), "'interface' must be a string".to_string()))?;
+                validate_ifname(s).map_err(|e| (o.clone(), e))?;
+                interface = Some(s.to_string());
+            }
+            "source" => {
+                for s in str_or_array(v, &o, k)? {
+                    f.sources.push(parse_cidr(&s).map_err(|e| (o.clone(), e))?);
+                }
+            }
+            "nic" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| (o.clone(), "'nic' must be a string".to_string()))?;
+                f.nic = Some(parse_nic(s).map_err(|e| (o.clone(), e))?);
+            }
+            "guest_address" => f.guest_addresses = parse_addresses(item, &o)?,
+            "localhost" => f.localhost = want_bool(item, &o, k)?,
+            "description" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| (o.clone(), "'description' must be a string".to_string()))?;
+                f.description = Some(s.to_string());
+            }
+            other => {
+                return Err((
+                    ctx.origin(t.key(other).and_then(|k| k.span()).or(item.span())),
+                    format!(
+                        "unknown key '{other}' (expected one of: {})",
+                        FORWARD_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let host = host.ok_or_else(|| (origin.clone(), "missing 'host_port'".to_string()))?;
+    let (guest, go) = guest.unwrap_or((host, origin.clone()));
+    check_lengths(host, guest).map_err(|e| (go, e))?;
+    f.host_ports = host;
+    f.guest_ports = guest;
+    if interface.is_some() && !listens.is_empty() {
+        return Err((origin, "give either 'listen' or 'interface', not both".into()));
+    }
+    if let Some(i) = interface {
+        listens.push(Listen::Interface(i));
+    }
+    if listens.is_empty() {
+        listens.push(Listen::Any);
+    }
+    Ok(listens
+        .into_iter()
+        .map(|l| ConfiguredForward {
+            spec: ForwardSpec {
+                listen: l,
+                ..f.clone()
+            },
+            origin: origin.clone(),
+        })
+        .collect())
+}
+
+/// Interface names as the kernel accepts them: 1-15 bytes, no '/', whitespace or quotes.
+pub fn validate_ifname(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 15
+        || s.chars()
+            .any(|c| c == '/' || c == '"' || c == '\'' || c == '\\' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("'{s}' is not a valid interface name"));
+    }
+    Ok(())
+}
+
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("'{s}' is not an address or CIDR"))
+}
+
+pub fn parse_nic(s: &str) -> Result<NicSelector, String> {
+    let is_mac = s.len() == 17
+        && s.split(':').count() == 6
+        && s.split(':').all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if is_mac {
+        return Ok(NicSelector::Mac(s.to_ascii_lowercase()));
+    }
+    if s.is_empty() || s.chars().any(|c| c.is_control()) {
+        return Err(format!("nic '{s}' is neither a MAC address nor a network name"));
+    }
+    Ok(NicSelector::Network(s.to_string()))
+}
+
+fn want_str<'a>(item: &'a Item, o: &Origin, k: &str) -> DomainResult<&'a str> {
+    item.as_str()
+        .ok_or_else(|| (o.clone(), format!("'{k}' must be a string")))
+}
+
+fn want_bool(item: &Item, o: &Origin, k: &str) -> DomainResult<bool> {
+    item.as_bool()
+        .ok_or_else(|| (o.clone(), format!("'{k}' must be true or false")))
+}
+
+fn str_or_array(v: &Value, o: &Origin, k: &str) -> DomainResult<Vec<String>> {
+    if let Some(s) = v.as_str() {
+        return Ok(vec![s.to_string()]);
+    }
+    let arr = v
+        .as_array()
+        .ok_or_else(|| (o.clone(), format!("'{k}' must be a string or an array of strings")))?;
+    arr.iter()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| (o.clone(), format!("'{k}' entries must be strings")))
+        })
+        .collect()
+}
+
+fn parse_addresses(item: &Item, o: &Origin) -> DomainResult<Vec<IpAddr>> {
+    let v = item
+        .as_value()
+        .ok_or_else(|| (o.clone(), "'guest_address' must be a string or array".to_string()))?;
+    let list = str_or_array(v, o, "guest_address")?;
+    let mut out: Vec<IpAddr> = Vec::new();
+    for s in list {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| (o.clone(), format!("guest_address: '{s}' is not an IP address")))?;
+        if out.iter().any(|x| x.is_ipv4() == ip.is_ipv4()) {
+            return Err((o.clone(), "guest_address: at most one address per family".into()));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+fn parse_port_value(v: &Value, o: &Origin, k: &str) -> DomainResult<PortRange> {
+    if let Some(n) = v.as_integer() {
+        if !(1..=65535).contains(&n) {
+            return Err((o.clone(), format!("{k}: port {n} is out of range 1-65535")));
+        }
+        return PortRange::single(n as u16).map_err(|e| (o.clone(), e));
+    }
+    if let Some(s) = v.as_str() {
+        return PortRange::parse(s).map_err(|e| (o.clone(), format!("{k}: {e}")));
+    }
+    Err((o.clone(), format!("'{k}' must be a port number or a \"START-END\" string")))
+}

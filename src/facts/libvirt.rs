@@ -1,0 +1,259 @@
+//! libvirt's own files: live domain status XML (`run/libvirt/qemu/*.xml`), network status
+//! (`run/libvirt/network/*.xml`) and definitions (`etc/libvirt/qemu/networks/*.xml`).
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use roxmltree::{Document, Node};
+
+use super::{DomainFacts, LibvirtFirewall, LibvirtPaths, NetworkFacts, Nic, Reservation};
+
+/// Largest XML file or stdin document read.
+pub const MAX_XML_BYTES: u64 = 8 * 1024 * 1024;
+
+fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+fn find_desc<'a, 'i>(doc: &'a Document<'i>, name: &str) -> Option<Node<'a, 'i>> {
+    doc.descendants().find(|n| n.has_tag_name(name))
+}
+
+/// Parses a domain XML (plain `<domain>` or libvirt's `<domstatus>` wrapper).
+pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
+    let doc = Document::parse(text).map_err(|e| format!("domain XML: {e}"))?;
+    let dom = find_desc(&doc, "domain").ok_or("no <domain> element")?;
+    let name = child(dom, "name")
+        .and_then(|n| n.text())
+        .ok_or("domain XML has no <name>")?
+        .to_string();
+    let uuid = child(dom, "uuid")
+        .and_then(|n| n.text())
+        .map(|s| s.trim().to_ascii_lowercase());
+    let mut nics = Vec::new();
+    if let Some(devs) = child(dom, "devices") {
+        for i in devs.children().filter(|c| c.has_tag_name("interface")) {
+            let Some(mac) = child(i, "mac").and_then(|m| m.attribute("address")) else {
+                continue;
+            };
+            let src = child(i, "source");
+            nics.push(Nic {
+                mac: mac.to_ascii_lowercase(),
+                network: src.and_then(|s| s.attribute("network")).map(str::to_string),
+                bridge: src.and_then(|s| s.attribute("bridge")).map(str::to_string),
+                tap: child(i, "target")
+                    .and_then(|t| t.attribute("dev"))
+                    .map(str::to_string),
+            });
+        }
+    }
+    Ok(DomainFacts { name, uuid, nics })
+}
+
+/// Parses a network XML (plain `<network>` or a `<networkstatus>` wrapper).
+pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
+    let doc = Document::parse(text).map_err(|e| format!("network XML: {e}"))?;
+    let net = find_desc(&doc, "network").ok_or("no <network> element")?;
+    let name = child(net, "name")
+        .and_then(|n| n.text())
+        .ok_or("network XML has no <name>")?
+        .to_string();
+    let bridge = child(net, "bridge")
+        .and_then(|b| b.attribute("name"))
+        .unwrap_or_default()
+        .to_string();
+    let fwd = child(net, "forward");
+    let forward_mode = fwd
+        .map(|f| f.attribute("mode").unwrap_or("nat").to_string())
+        .unwrap_or_default();
+    let ipv6_nat = fwd
+        .and_then(|f| child(f, "nat"))
+        .and_then(|n| n.attribute("ipv6"))
+        == Some("yes");
+    let mut addresses = Vec::new();
+    let mut reservations = Vec::new();
+    for ip in net.children().filter(|c| c.has_tag_name("ip")) {
+        let Some(addr) = ip.attribute("address").and_then(|a| a.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        let prefix = ip
+            .attribute("prefix")
+            .and_then(|p| p.parse::<u8>().ok())
+            .or_else(|| {
+                ip.attribute("netmask")
+                    .and_then(|m| m.parse::<IpAddr>().ok())
+                    .and_then(|m| ipnet::ip_mask_to_prefix(m).ok())
+            })
+            .unwrap_or(if addr.is_ipv4() { 24 } else { 64 });
+        if let Ok(n) = IpNet::new(addr, prefix) {
+            addresses.push(n);
+        }
+        if let Some(dhcp) = child(ip, "dhcp") {
+            for h in dhcp.children().filter(|c| c.has_tag_name("host")) {
+                if let (Some(mac), Some(ip)) = (
+                    h.attribute("mac"),
+                    h.attribute("ip").and_then(|i| i.parse::<IpAddr>().ok()),
+                ) {
+                    reservations.push(Reservation {
+                        mac: mac.to_ascii_lowercase(),
+                        ip,
+                    });
+                }
+            }
+        }
+    }
+    let firewall = doc
+        .descendants()
+        .find(|n| n.has_tag_name("firewall") && n.attribute("backend").is_some())
+        .and_then(|n| n.attribute("backend"))
+        .map(|b| {
+            if b == "nftables" {
+                LibvirtFirewall::Nftables
+            } else {
+                LibvirtFirewall::Iptables
+            }
+        });
+    Ok(NetworkFacts {
+        name,
+        bridge,
+        forward_mode,
+        addresses,
+        reservations,
+        ipv6_nat,
+        firewall: firewall.unwrap_or_default(),
+        active: false,
+    })
+}
+
+/// Whether the status file recorded libvirt's firewall backend.
+pub fn recorded_firewall(text: &str) -> bool {
+    text.contains("backend=")
+}
+
+/// Reads an XML file with the size bound.
+pub fn read_xml(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok()?;
+    if meta.len() > MAX_XML_BYTES {
+        tracing::warn!("{}: larger than {MAX_XML_BYTES} bytes, ignored", path.display());
+        return None;
+    }
+    fs::read_to_string(path).ok()
+}
+
+fn xml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "xml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Running domains: one status file each in `run/libvirt/qemu`.
+pub fn read_running_domains(paths: &LibvirtPaths) -> Vec<DomainFacts> {
+    xml_files(&paths.qemu_status_dir())
+        .iter()
+        .filter_map(|p| {
+            let text = read_xml(p)?;
+            parse_domain_xml(&text)
+                .map_err(|e| tracing::warn!("{}: {e}", p.display()))
+                .ok()
+        })
+        .collect()
+}
+
+/// Networks: live status first, then definitions of inactive networks. Networks whose
+/// status does not record libvirt's firewall backend get it from the kernel.
+pub fn read_networks(paths: &LibvirtPaths) -> Vec<NetworkFacts> {
+    let mut out: Vec<NetworkFacts> = Vec::new();
+    let mut unrecorded = Vec::new();
+    for p in xml_files(&paths.network_status_dir()) {
+        let Some(text) = read_xml(&p) else { continue };
+        match parse_network_xml(&text) {
+            Ok(mut n) => {
+                n.active = true;
+                if !recorded_firewall(&text) {
+                    unrecorded.push(out.len());
+                }
+                out.push(n);
+            }
+            Err(e) => tracing::warn!("{}: {e}", p.display()),
+        }
+    }
+    for p in xml_files(&paths.network_config_dir()) {
+        let Some(text) = read_xml(&p) else { continue };
+        if let Ok(n) = parse_network_xml(&text)
+            && !out.iter().any(|x| x.name == n.name)
+        {
+            out.push(n);
+        }
+    }
+    if !unrecorded.is_empty() {
+        let nft_bridges = crate::firewall::placement::libvirt_nft_bridges();
+        for i in unrecorded {
+            if nft_bridges.contains(&out[i].bridge) {
+                out[i].firewall = LibvirtFirewall::Nftables;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_status_xml() {
+        let x = r#"<domstatus state='running' reason='booted' pid='42'>
+  <domain type='qemu' id='1'>
+    <name>web "1"; $(x)</name>
+    <uuid>6F1D3B2A-0000-4000-8000-000000000001</uuid>
+    <devices>
+      <interface type='network'>
+        <mac address='52:54:00:AA:00:01'/>
+        <source network='default' portid='x' bridge='virbr0'/>
+        <target dev='vnet0'/>
+      </interface>
+      <interface type='bridge'><mac address='52:54:00:aa:00:02'/><source bridge='br9'/></interface>
+    </devices>
+  </domain>
+</domstatus>"#;
+        let d = parse_domain_xml(x).unwrap();
+        assert_eq!(d.name, "web \"1\"; $(x)");
+        assert_eq!(d.uuid.as_deref(), Some("6f1d3b2a-0000-4000-8000-000000000001"));
+        assert_eq!(d.nics[0].mac, "52:54:00:aa:00:01");
+        assert_eq!(d.nics[0].tap.as_deref(), Some("vnet0"));
+        assert_eq!(d.nics[1].bridge.as_deref(), Some("br9"));
+    }
+
+    #[test]
+    fn network_xml() {
+        let x = r#"<networkstatus><class_id bitmap='0-2'/><floor sum='0'/>
+<network>
+  <name>default</name>
+  <forward mode='nat'><nat ipv6='yes'><port start='1024' end='65535'/></nat></forward>
+  <bridge name='virbr0' stp='on' delay='0'/>
+  <ip address='192.168.122.1' netmask='255.255.255.0'>
+    <dhcp><range start='192.168.122.2' end='192.168.122.254'/>
+      <host mac='52:54:00:AA:00:01' name='a' ip='192.168.122.10'/></dhcp>
+  </ip>
+  <ip family='ipv6' address='fd00:122::1' prefix='64'/>
+</network>
+<fwRemoval><firewall backend='nftables'/></fwRemoval>
+</networkstatus>"#;
+        let n = parse_network_xml(x).unwrap();
+        assert_eq!(n.bridge, "virbr0");
+        assert_eq!(n.forward_mode, "nat");
+        assert!(n.ipv6_nat);
+        assert_eq!(n.firewall, LibvirtFirewall::Nftables);
+        assert_eq!(n.subnets().map(|s| s.to_string()).collect::<Vec<_>>(), ["192.168.122.0/24", "fd00:122::/64"]);
+        assert_eq!(n.reservations[0].ip.to_string(), "192.168.122.10");
+    }
+}

@@ -1,0 +1,199 @@
+//! Facts about the host and libvirt, gathered without calling libvirt: running domains and
+//! their NICs, networks, DHCP leases, the neighbour table and sysctls. The types here are
+//! plain data so the planner stays pure; the readers live in submodules.
+
+pub mod leases;
+pub mod libvirt;
+pub mod neigh;
+pub mod sysctl;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Which firewall form libvirt uses for a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LibvirtFirewall {
+    #[default]
+    Iptables,
+    Nftables,
+}
+
+/// One NIC of a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Nic {
+    pub mac: String,
+    pub network: Option<String>,
+    pub bridge: Option<String>,
+    pub tap: Option<String>,
+}
+
+/// A domain libvirt runs (or a hook said it started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DomainFacts {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub nics: Vec<Nic>,
+}
+
+/// A DHCP host reservation of a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub mac: String,
+    pub ip: IpAddr,
+}
+
+/// A libvirt network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetworkFacts {
+    pub name: String,
+    pub bridge: String,
+    /// `nat`, `route`, `open`, ... or empty for isolated.
+    pub forward_mode: String,
+    /// Host address with prefix, e.g. 192.168.122.1/24.
+    pub addresses: Vec<IpNet>,
+    pub reservations: Vec<Reservation>,
+    pub ipv6_nat: bool,
+    pub firewall: LibvirtFirewall,
+    /// Whether the network is running (its status file exists).
+    pub active: bool,
+}
+
+impl NetworkFacts {
+    /// The subnets (host address truncated to the prefix).
+    pub fn subnets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.addresses.iter().map(|a| a.trunc())
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.subnets().any(|s| s.contains(ip))
+    }
+}
+
+/// A DHCP lease from dnsmasq's status file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub bridge: String,
+    pub mac: String,
+    pub ip: IpAddr,
+    pub expiry: u64,
+}
+
+/// A kernel neighbour table entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Neighbour {
+    pub ifname: String,
+    pub mac: String,
+    pub ip: IpAddr,
+}
+
+/// Host settings virtgate depends on and only reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Sysctls {
+    pub ip_forward: Option<bool>,
+    pub ipv6_forwarding: Option<bool>,
+    /// route_localnet of `all` or per bridge.
+    pub route_localnet: Vec<(String, bool)>,
+    /// Whether br_netfilter is loaded with bridge-nf-call-iptables = 1.
+    pub bridge_nf_call_iptables: Option<bool>,
+}
+
+/// Everything the planner needs to know about the world.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Facts {
+    pub domains: Vec<DomainFacts>,
+    pub networks: Vec<NetworkFacts>,
+    pub leases: Vec<Lease>,
+    pub neighbours: Vec<Neighbour>,
+    pub default_route_v4: Option<Ipv4Addr>,
+    pub sysctls: Sysctls,
+    /// Seconds since the epoch, for lease expiry.
+    pub now: u64,
+}
+
+impl Facts {
+    pub fn domain(&self, name: &str, uuid: Option<&str>) -> Option<&DomainFacts> {
+        self.domains
+            .iter()
+            .find(|d| d.name == name || (uuid.is_some() && d.uuid.as_deref() == uuid))
+    }
+
+    pub fn network_by_name(&self, name: &str) -> Option<&NetworkFacts> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+
+    pub fn network_by_bridge(&self, bridge: &str) -> Option<&NetworkFacts> {
+        self.networks.iter().find(|n| n.bridge == bridge)
+    }
+}
+
+/// Paths of libvirt's files, under an optional root prefix (for tests).
+#[derive(Debug, Clone)]
+pub struct LibvirtPaths {
+    pub root: PathBuf,
+}
+
+impl LibvirtPaths {
+    pub fn new(root: &Path) -> LibvirtPaths {
+        LibvirtPaths {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn join(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn qemu_status_dir(&self) -> PathBuf {
+        self.join("run/libvirt/qemu")
+    }
+
+    pub fn network_status_dir(&self) -> PathBuf {
+        self.join("run/libvirt/network")
+    }
+
+    pub fn network_config_dir(&self) -> PathBuf {
+        self.join("etc/libvirt/qemu/networks")
+    }
+
+    pub fn dnsmasq_dir(&self) -> PathBuf {
+        self.join("var/lib/libvirt/dnsmasq")
+    }
+
+    pub fn hooks_dir(&self) -> PathBuf {
+        self.join("etc/libvirt/hooks")
+    }
+}
+
+/// Gathers all facts from libvirt's files, the kernel and /proc.
+pub fn gather(paths: &LibvirtPaths, extra_domains: &[DomainFacts]) -> Facts {
+    let mut domains = libvirt::read_running_domains(paths);
+    for d in extra_domains {
+        if !domains.iter().any(|x| x.name == d.name) {
+            domains.push(d.clone());
+        }
+    }
+    let networks = libvirt::read_networks(paths);
+    let leases = networks
+        .iter()
+        .flat_map(|n| leases::read_leases(&paths.dnsmasq_dir(), &n.bridge))
+        .collect();
+    Facts {
+        domains,
+        networks,
+        leases,
+        neighbours: neigh::read_neighbours().unwrap_or_else(|e| {
+            tracing::warn!("cannot read the neighbour table: {e}");
+            Vec::new()
+        }),
+        default_route_v4: neigh::default_route_v4().unwrap_or(None),
+        sysctls: sysctl::read(),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}

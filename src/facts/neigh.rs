@@ -1,0 +1,145 @@
+//! Kernel neighbour table and default route, read over rtnetlink (netlink-packet-route on a
+//! plain synchronous netlink socket: no async runtime is needed for two dumps).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::Neighbour;
+
+/// Sends one dump request and collects the answers.
+fn dump(req: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(req));
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut out = Vec::new();
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < data.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(io::Error::other(format!("netlink error: {e:?}")));
+                }
+                NetlinkPayload::InnerMessage(i) => out.push(i),
+                _ => {}
+            }
+            if len == 0 {
+                return Ok(out);
+            }
+            offset += len;
+        }
+    }
+}
+
+fn ifname(index: u32) -> String {
+    nix::net::if_::if_indextoname(index)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn format_mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The neighbour table (IPv4 and IPv6), usable entries only.
+pub fn read_neighbours() -> io::Result<Vec<Neighbour>> {
+    let msgs = dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()))?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let RouteNetlinkMessage::NewNeighbour(n) = m else {
+            continue;
+        };
+        if matches!(
+            n.header.state,
+            NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::Noarp
+        ) {
+            continue;
+        }
+        let mut ip = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                    ip = Some(IpAddr::V4(*v4))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                    ip = Some(IpAddr::V6(*v6))
+                }
+                NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                    mac = Some(format_mac(b))
+                }
+                _ => {}
+            }
+        }
+        if let (Some(ip), Some(mac)) = (ip, mac) {
+            out.push(Neighbour {
+                ifname: ifname(n.header.ifindex),
+                mac,
+                ip,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The first IPv4 address of the interface carrying the IPv4 default route.
+pub fn default_route_v4() -> io::Result<Option<Ipv4Addr>> {
+    let mut rm = RouteMessage::default();
+    rm.header.address_family = AddressFamily::Inet;
+    let routes = dump(RouteNetlinkMessage::GetRoute(rm))?;
+    let oif = routes.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewRoute(r)
+            if r.header.destination_prefix_length == 0
+                && r.header.address_family == AddressFamily::Inet
+                && r.header.table == 254 =>
+        {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        }
+        _ => None,
+    });
+    let Some(oif) = oif else { return Ok(None) };
+    let mut am = AddressMessage::default();
+    am.header.family = AddressFamily::Inet;
+    let addrs = dump(RouteNetlinkMessage::GetAddress(am))?;
+    Ok(addrs.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewAddress(a) if a.header.index == oif => {
+            a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(IpAddr::V4(v4)) => Some(*v4),
+                _ => None,
+            })
+        }
+        _ => None,
+    }))
+}
+
+#[allow(dead_code)]
+fn _route_address_is_used(_: RouteAddress) {}

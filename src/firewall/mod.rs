@@ -1,0 +1,121 @@
+//! Firewall backends. One trait, one module per backend (as netavark does). A backend
+//! renders the backend-neutral [`Ruleset`] into its own language, applies it in one atomic
+//! transaction, and reads the kernel back (fingerprint for drift, counters for status).
+//!
+//! Placement of the accept in libvirt's forward path is shared by both backends and lives
+//! in [`placement`]: it depends on libvirt's firewall form, not on virtgate's.
+
+pub mod iptables;
+pub mod nftables;
+pub mod placement;
+pub mod xtables;
+
+use std::collections::BTreeMap;
+
+use crate::config::BackendChoice;
+use crate::exec::ExecError;
+use crate::plan::Ruleset;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error("the kernel refused the change, nothing was changed: {0}")]
+    Rejected(String),
+    #[error("cannot read the ruleset back: {0}")]
+    Parse(String),
+}
+
+/// Packet and byte counters of one rule id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A firewall backend.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+
+    /// The exact text `apply` loads for virtgate's own rules (placement included as the
+    /// backend would write it), without touching the kernel.
+    fn render(&self, rs: &Ruleset) -> String;
+
+    /// Makes the kernel hold `rs`, atomically: the old state or the new, never half.
+    /// An empty ruleset removes everything virtgate owns.
+    fn apply(&self, rs: &Ruleset) -> Result<(), FirewallError>;
+
+    /// A fingerprint of what virtgate owns in the kernel now (counters excluded), to
+    /// detect drift; `None` if nothing of virtgate's is present.
+    fn fingerprint(&self) -> Result<Option<String>, FirewallError>;
+
+    /// Counters per rule id.
+    fn counters(&self) -> Result<BTreeMap<String, Counters>, FirewallError>;
+}
+
+/// The backend chosen by name; `auto` prefers nftables when `nft` is installed.
+pub fn backend_with_state(choice: BackendChoice, state_dir: &std::path::Path) -> Box<dyn Backend> {
+    match resolve(choice) {
+        BackendChoice::Iptables => Box::new(iptables::Iptables {
+            state_dir: Some(state_dir.to_path_buf()),
+        }),
+        _ => Box::new(nftables::Nftables),
+    }
+}
+
+pub fn resolve(choice: BackendChoice) -> BackendChoice {
+    match choice {
+        BackendChoice::Auto => {
+            if crate::exec::run(&["nft", "--version"], None).is_ok() {
+                BackendChoice::Nftables
+            } else {
+                BackendChoice::Iptables
+            }
+        }
+        c => c,
+    }
+}
+
+/// Hex SHA-256 of a text, for fingerprints.
+pub fn digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Removes `counter packets N bytes M` / `[N:M]` so fingerprints ignore traffic.
+pub fn strip_counters(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let mut l = line.to_string();
+        while let Some(p) = l.find("packets ") {
+            // nft: "packets 12 bytes 3400"
+            let rest = &l[p..];
+            let end = rest
+                .find("bytes ")
+                .map(|b| {
+                    let after = &rest[b + 6..];
+                    b + 6 + after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len())
+                })
+                .unwrap_or(rest.len());
+            l.replace_range(p..p + end, "");
+        }
+        if l.starts_with('[') && !l.starts_with("[0:0]") {
+            // iptables-save -c: "[12:3400] -A ..."
+            if let Some(e) = l.find(']') {
+                l.replace_range(..=e, "");
+            }
+        }
+        if let Some(p) = l.find(" [") {
+            // chain policy counters ":FORWARD ACCEPT [1:2]"
+            if l.starts_with(':') {
+                l.truncate(p);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    }
+    out
+}

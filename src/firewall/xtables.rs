@@ -1,0 +1,210 @@
+//! Shared iptables/ip6tables plumbing: reading `iptables-save`, and building one
+//! `iptables-restore --noflush` script per family that rewrites virtgate's own chains and
+//! keeps exactly one jump to each at the top of its built-in chain.
+
+use std::collections::BTreeMap;
+
+use super::FirewallError;
+use crate::exec;
+use crate::model::Family;
+
+/// Prefix of every chain virtgate owns.
+pub const CHAIN_PREFIX: &str = "VIRTGATE_";
+
+/// A jump from a built-in chain into one of virtgate's chains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jump {
+    pub builtin: &'static str,
+    /// Matches before `-j`, written as iptables-save prints them (may be empty).
+    pub matches: &'static str,
+    pub target: String,
+}
+
+impl Jump {
+    pub fn rule(&self) -> String {
+        if self.matches.is_empty() {
+            format!("-A {} -j {}", self.builtin, self.target)
+        } else {
+            format!("-A {} {} -j {}", self.builtin, self.matches, self.target)
+        }
+    }
+}
+
+/// What virtgate wants in one table: its chains with their rules, and the jumps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableSpec {
+    pub table: &'static str,
+    pub chains: Vec<(String, Vec<String>)>,
+    pub jumps: Vec<Jump>,
+}
+
+pub fn save_cmd(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "iptables-save",
+        Family::Ipv6 => "ip6tables-save",
+    }
+}
+
+pub fn restore_cmd(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "iptables-restore",
+        Family::Ipv6 => "ip6tables-restore",
+    }
+}
+
+/// `iptables-save -t TABLE` (empty if the table is absent or the tool missing).
+pub fn save(family: Family, table: &str, counters: bool) -> String {
+    let mut argv = vec![save_cmd(family), "-t", table];
+    if counters {
+        argv.push("-c");
+    }
+    match exec::run_raw(&argv, None, exec::DEFAULT_TIMEOUT) {
+        Ok(o) if o.success => o.stdout,
+        _ => String::new(),
+    }
+}
+
+/// Rules of each chain in an iptables-save dump, in order, without counters.
+pub fn parse_save(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let line = match line.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map(|x| x.1).unwrap_or(line),
+            None => line,
+        };
+        if let Some(decl) = line.strip_prefix(':') {
+            if let Some(name) = decl.split_whitespace().next() {
+                chains.entry(name.to_string()).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or_default().to_string();
+            chains.entry(chain).or_default().push(format!("-A {rule}"));
+        }
+    }
+    chains
+}
+
+/// The restore lines for one table, or nothing if virtgate has nothing there and wants
+/// nothing there.
+pub fn table_script(spec: &TableSpec, current: &str) -> Option<String> {
+    let cur = parse_save(current);
+    let owned: Vec<&String> = cur.keys().filter(|c| c.starts_with(CHAIN_PREFIX)).collect();
+    if spec.chains.is_empty() && owned.is_empty() {
+        return None;
+    }
+    let mut s = format!("*{}\n", spec.table);
+    // declaring a chain in --noflush mode creates it or flushes it
+    for (name, _) in &spec.chains {
+        s.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    for (name, rules) in &spec.chains {
+        for r in rules {
+            s.push_str(&format!("-A {name} {r}\n"));
+        }
+    }
+    // jumps: exactly one per wanted jump, at the top of its built-in chain
+    let mut builtins: Vec<&str> = cur
+        .keys()
+        .filter(|c| !c.starts_with(CHAIN_PREFIX))
+        .map(String::as_str)
+        .collect();
+    for j in &spec.jumps {
+        if !builtins.contains(&j.builtin) {
+            builtins.push(j.builtin);
+        }
+    }
+    for b in builtins {
+        let existing: Vec<&String> = cur
+            .get(b)
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter(|r| r.contains(&format!("-j {CHAIN_PREFIX}")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let wanted: Vec<String> = spec
+            .jumps
+            .iter()
+            .filter(|j| j.builtin == b)
+            .map(Jump::rule)
+            .collect();
+        let on_top: Vec<String> = cur
+            .get(b)
+            .map(|rules| rules.iter().take(wanted.len()).cloned().collect())
+            .unwrap_or_default();
+        if existing.len() == wanted.len() && on_top == wanted {
+            continue;
+        }
+        for r in existing {
+            s.push_str(&format!("-D{}\n", &r[2..]));
+        }
+        for r in wanted.iter().rev() {
+            s.push_str(&format!("-I {} 1{}\n", b, &r[3 + b.len()..]));
+        }
+    }
+    // chains virtgate no longer wants: flush and delete (their jumps are gone above)
+    for name in owned {
+        if !spec.chains.iter().any(|(n, _)| n == name) {
+            s.push_str(&format!(":{name} - [0:0]\n-X {name}\n"));
+        }
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// Runs one restore transaction per family.
+pub fn restore(family: Family, script: &str) -> Result<(), FirewallError> {
+    let out = exec::run_raw(
+        &[restore_cmd(family), "--noflush", "--wait"],
+        Some(script.as_bytes()),
+        exec::DEFAULT_TIMEOUT,
+    )?;
+    if !out.success {
+        return Err(FirewallError::Rejected(format!(
+            "{}: {}",
+            restore_cmd(family),
+            out.stderr.trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [5:300]\n:LIBVIRT_FWI - [0:0]\n:VIRTGATE_FORWARD - [0:0]\n[1:2] -A FORWARD -j LIBVIRT_FWX\n-A FORWARD -j VIRTGATE_FORWARD\n-A VIRTGATE_FORWARD -o virbr0 -j ACCEPT\nCOMMIT\n";
+
+    #[test]
+    fn buried_jump_is_moved_to_top() {
+        let spec = TableSpec {
+            table: "filter",
+            chains: vec![("VIRTGATE_FORWARD".into(), vec!["-o virbr1 -j ACCEPT".into()])],
+            jumps: vec![Jump {
+                builtin: "FORWARD",
+                matches: "",
+                target: "VIRTGATE_FORWARD".into(),
+            }],
+        };
+        let s = table_script(&spec, SAVE).unwrap();
+        assert_eq!(
+            s,
+            "*filter\n:VIRTGATE_FORWARD - [0:0]\n-A VIRTGATE_FORWARD -o virbr1 -j ACCEPT\n-D FORWARD -j VIRTGATE_FORWARD\n-I FORWARD 1 -j VIRTGATE_FORWARD\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn removal_deletes_jump_and_chain() {
+        let spec = TableSpec {
+            table: "filter",
+            ..Default::default()
+        };
+        let s = table_script(&spec, SAVE).unwrap();
+        assert_eq!(
+            s,
+            "*filter\n-D FORWARD -j VIRTGATE_FORWARD\n:VIRTGATE_FORWARD - [0:0]\n-X VIRTGATE_FORWARD\nCOMMIT\n"
+        );
+        assert_eq!(table_script(&spec, "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"), None);
+    }
+}

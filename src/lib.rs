@@ -1,0 +1,15 @@
+//! virtgate: publishes ports of libvirt guests on NAT-ed networks and keeps them working.
+//!
+//! Architecture: [`config`] + [`facts`] -> [`plan`] (pure) -> [`firewall`] backends,
+//! driven by one level-triggered [`reconcile`]. The [`cli`] (and the hook) are thin entry
+//! points over it.
+
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod facts;
+pub mod firewall;
+pub mod model;
+pub mod plan;
+pub mod reconcile;
+pub mod state;

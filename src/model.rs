@@ -1,0 +1,271 @@
+//! Core value types shared by config, planner and backends: protocols, port ranges,
+//! listen selectors and the validated forward specification.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            "sctp" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// IP address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn of_net(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::Ipv4,
+            IpNet::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+/// An inclusive range of ports, `start..=end`, never containing port 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange { start: 1, end: 1 }
+    }
+}
+
+impl PortRange {
+    /// Builds a range, refusing port 0 and reversed bounds.
+    pub fn new(start: u16, end: u16) -> Result<PortRange, String> {
+        if start == 0 || end == 0 {
+            return Err("port 0 is not a valid port".into());
+        }
+        if end < start {
+            return Err(format!("reversed port range {start}-{end}"));
+        }
+        Ok(PortRange { start, end })
+    }
+
+    pub fn single(port: u16) -> Result<PortRange, String> {
+        PortRange::new(port, port)
+    }
+
+    /// Number of ports in the range.
+    pub fn len(&self) -> u32 {
+        u32::from(self.end) - u32::from(self.start) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// Parses `N` or `N-M`; numbers must be 1..=65535.
+    pub fn parse(s: &str) -> Result<PortRange, String> {
+        let parse_port = |p: &str| -> Result<u16, String> {
+            let n: u32 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{p}' is not a port number"))?;
+            if n == 0 || n > 65535 {
+                return Err(format!("port {n} is out of range 1-65535"));
+            }
+            Ok(n as u16)
+        };
+        match s.split_once('-') {
+            Some((a, b)) => PortRange::new(parse_port(a)?, parse_port(b)?),
+            None => PortRange::single(parse_port(s)?),
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// Where a forward listens on the host.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "value")]
+pub enum Listen {
+    #[default]
+    /// Every local address of the host (like `docker run -p`).
+    Any,
+    /// One host address.
+    Address(IpAddr),
+    /// Traffic arriving on one host interface.
+    Interface(String),
+    /// The first IPv4 address of the interface carrying the default route (hooks.json's
+    /// default for `public_ip`); resolved from facts by the planner.
+    DefaultRoute,
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Any => f.write_str("*"),
+            Listen::Address(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            Listen::Address(a) => write!(f, "{a}"),
+            Listen::Interface(i) => write!(f, "%{i}"),
+            Listen::DefaultRoute => f.write_str("default-route"),
+        }
+    }
+}
+
+impl Listen {
+    /// Whether two listen selectors could receive the same packet. Two different
+    /// addresses or two different interfaces are disjoint; everything else may overlap.
+    pub fn overlaps(&self, other: &Listen) -> bool {
+        match (self, other) {
+            (Listen::Address(a), Listen::Address(b)) => a == b,
+            (Listen::Interface(a), Listen::Interface(b)) => a == b,
+            // an address and an interface: the address may live on that interface
+            _ => true,
+        }
+    }
+
+    pub fn family(&self) -> Option<Family> {
+        match self {
+            Listen::Address(a) => Some(Family::of(a)),
+            Listen::DefaultRoute => Some(Family::Ipv4),
+            _ => None,
+        }
+    }
+}
+
+/// Which guest NIC a forward targets.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "value")]
+pub enum NicSelector {
+    Mac(String),
+    Network(String),
+    /// The libvirt bridge the NIC is plugged into (hooks.json's `interface`).
+    Bridge(String),
+}
+
+/// A validated forward of one domain, before the guest address is known.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct ForwardSpec {
+    pub proto: Proto,
+    pub listen: Listen,
+    pub host_ports: PortRange,
+    pub guest_ports: PortRange,
+    /// Allowed client networks; empty = everyone.
+    pub sources: Vec<IpNet>,
+    pub nic: Option<NicSelector>,
+    /// Explicit guest addresses (at most one per family).
+    pub guest_addresses: Vec<IpAddr>,
+    pub localhost: bool,
+    pub description: Option<String>,
+}
+
+impl ForwardSpec {
+    /// The user-facing short form, `[LISTEN:]HOST[-END]:GUEST[-END]/proto`.
+    pub fn short(&self) -> String {
+        let listen = match &self.listen {
+            Listen::Any => String::new(),
+            other => format!("{other}:"),
+        };
+        format!(
+            "{listen}{}:{}/{}",
+            self.host_ports, self.guest_ports, self.proto
+        )
+    }
+
+    /// Whether the forward may apply to a family, given its listen address and sources.
+    pub fn allows_family(&self, family: Family) -> bool {
+        if let Some(f) = self.listen.family()
+            && f != family
+        {
+            return false;
+        }
+        self.sources.is_empty() || self.sources.iter().any(|s| Family::of_net(s) == family)
+    }
+}
+
+/// Everything the config says about one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DomainConfig {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub forwards: Vec<ForwardSpec>,
+    /// Refuse to start the domain if its forwards cannot be applied (hook).
+    pub fail_closed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_parsing() {
+        assert_eq!(PortRange::parse("80").unwrap(), PortRange { start: 80, end: 80 });
+        assert_eq!(PortRange::parse("9000-9002").unwrap().len(), 3);
+        assert!(PortRange::parse("0").is_err());
+        assert!(PortRange::parse("65536").is_err());
+        assert!(PortRange::parse("90-80").unwrap_err().contains("reversed"));
+        assert!(PortRange::parse("x").is_err());
+    }
+
+    #[test]
+    fn listen_overlap() {
+        let a = Listen::Address("203.0.113.1".parse().unwrap());
+        let b = Listen::Address("203.0.113.2".parse().unwrap());
+        assert!(!a.overlaps(&b));
+        assert!(a.overlaps(&Listen::Any));
+        assert!(Listen::Any.overlaps(&Listen::Interface("eth0".into())));
+    }
+}

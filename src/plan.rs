@@ -1,0 +1,547 @@
+//! The planner: a pure function from (config, facts) to a backend-neutral ruleset plus the
+//! status of every configured forward. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
+use crate::model::{DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto};
+
+/// Where a guest address came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddrSource {
+    Config,
+    Reservation,
+    Lease,
+    Neighbour,
+}
+
+/// The state of one configured forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardState {
+    Active,
+    Pending,
+    Stopped,
+    Conflict,
+    Drifted,
+    /// Its domain has a config error; whatever was installed before is kept.
+    Invalid,
+}
+
+/// A listen selector after resolution: no `DefaultRoute` left.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "value")]
+pub enum ListenOn {
+    Any,
+    Address(IpAddr),
+    Interface(String),
+}
+
+/// One forward of one family, ready to render.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Rule {
+    /// Stable identifier (hash of domain identity and listen key), used for chain names.
+    pub id: String,
+    pub domain: String,
+    pub family: Family,
+    pub proto: Proto,
+    pub listen: ListenOn,
+    pub host_ports: PortRange,
+    pub guest_ip: IpAddr,
+    pub guest_ports: PortRange,
+    /// Allowed sources of this family; empty = everyone.
+    pub sources: Vec<IpNet>,
+    pub localhost: bool,
+    /// The bridge the guest sits on.
+    pub bridge: String,
+    pub description: Option<String>,
+}
+
+impl Rule {
+    /// The key no two rules may share.
+    pub fn listen_key(&self) -> (Family, Proto, ListenOn, PortRange) {
+        (self.family, self.proto, self.listen.clone(), self.host_ports)
+    }
+
+    /// A human comment, safe to embed (no quotes, backslashes or control characters).
+    pub fn comment(&self) -> String {
+        let mut c = format!("virtgate {} {}", self.domain, self.proto);
+        if let Some(d) = &self.description {
+            c.push(' ');
+            c.push_str(d);
+        }
+        sanitize_comment(&c)
+    }
+}
+
+/// Makes text safe inside a quoted nft/iptables comment: printable, no quotes or
+/// backslashes, at most 200 bytes (the kernel's limit is 256).
+pub fn sanitize_comment(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let c = if c == '"' || c == '\'' || c == '\\' || c.is_control() || !c.is_ascii() {
+            '_'
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > 200 {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The one accept virtgate must place in libvirt's (or the host's) forward path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BridgeAccept {
+    pub bridge: String,
+    pub family: Family,
+    pub firewall: LibvirtFirewall,
+}
+
+/// Hairpin: DNAT'ed flows leaving `bridge` whose source is in `subnet` get masqueraded.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hairpin {
+    pub bridge: String,
+    pub subnet: IpNet,
+}
+
+/// The backend-neutral ruleset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Ruleset {
+    pub rules: Vec<Rule>,
+    pub accepts: Vec<BridgeAccept>,
+    pub hairpins: Vec<Hairpin>,
+}
+
+impl Ruleset {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Builds accepts and hairpins from the rules and the networks they use.
+    pub fn from_rules(mut rules: Vec<Rule>, networks: &[NetworkFacts]) -> Ruleset {
+        rules.sort();
+        rules.dedup();
+        let mut accepts = BTreeSet::new();
+        let mut hairpins = BTreeSet::new();
+        for r in &rules {
+            let net = networks.iter().find(|n| n.bridge == r.bridge);
+            accepts.insert(BridgeAccept {
+                bridge: r.bridge.clone(),
+                family: r.family,
+                firewall: net.map(|n| n.firewall).unwrap_or_default(),
+            });
+            match net {
+                Some(n) => {
+                    for s in n.subnets().filter(|s| Family::of_net(s) == r.family) {
+                        hairpins.insert(Hairpin {
+                            bridge: r.bridge.clone(),
+                            subnet: s,
+                        });
+                    }
+                }
+                None => {
+                    let host = match r.guest_ip {
+                        IpAddr::V4(_) => 32,
+                        IpAddr::V6(_) => 128,
+                    };
+                    if let Ok(n) = IpNet::new(r.guest_ip, host) {
+                        hairpins.insert(Hairpin {
+                            bridge: r.bridge.clone(),
+                            subnet: n,
+                        });
+                    }
+                }
+            }
+        }
+        Ruleset {
+            rules,
+            accepts: accepts.into_iter().collect(),
+            hairpins: hairpins.into_iter().collect(),
+        }
+    }
+}
+
+/// A guest address with its source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestAddr {
+    pub ip: IpAddr,
+    pub source: AddrSource,
+}
+
+/// The status of one configured forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    pub domain: String,
+    pub spec: ForwardSpec,
+    pub state: ForwardState,
+    pub guest: Vec<GuestAddr>,
+    pub bridge: Option<String>,
+    /// Why it is not active, or notes.
+    pub reason: Option<String>,
+    pub rule_ids: Vec<String>,
+}
+
+/// Planner output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Plan {
+    pub ruleset: Ruleset,
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// A conflict: forward `second` (domain index, forward index) collides with `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    pub first: (usize, usize),
+    pub second: (usize, usize),
+}
+
+fn families(spec: &ForwardSpec) -> Vec<Family> {
+    [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .filter(|f| spec.allows_family(*f))
+        .collect()
+}
+
+/// Finds forwards that claim the same listen address, protocol and port. The first in
+/// (domain, forward) order wins.
+pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
+    let all: Vec<((usize, usize), &ForwardSpec)> = domains
+        .iter()
+        .enumerate()
+        .flat_map(|(di, d)| d.forwards.iter().enumerate().map(move |(fi, f)| ((di, fi), f)))
+        .collect();
+    let mut out = Vec::new();
+    let mut losers = BTreeSet::new();
+    for (i, (a_idx, a)) in all.iter().enumerate() {
+        if losers.contains(a_idx) {
+            continue;
+        }
+        for (b_idx, b) in &all[i + 1..] {
+            if losers.contains(b_idx) {
+                continue;
+            }
+            let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
+            if a.proto == b.proto
+                && fam_overlap
+                && a.listen.overlaps(&b.listen)
+                && a.host_ports.overlaps(&b.host_ports)
+            {
+                out.push(Conflict {
+                    first: *a_idx,
+                    second: *b_idx,
+                });
+                losers.insert(*b_idx);
+            }
+        }
+    }
+    out
+}
+
+/// Stable rule identifier: domain identity (UUID if known, else name) + listen key.
+fn rule_id(domain: &DomainConfig, family: Family, spec: &ForwardSpec, listen: &ListenOn) -> String {
+    let mut h = Sha256::new();
+    h.update(domain.uuid.as_deref().unwrap_or(&domain.name).as_bytes());
+    h.update([0]);
+    h.update(
+        format!(
+            "{family:?}|{}|{listen:?}|{}",
+            spec.proto, spec.host_ports
+        )
+        .as_bytes(),
+    );
+    let d = h.finalize();
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Picks the NIC a forward targets.
+fn select_nic<'a>(dom: &'a DomainFacts, sel: Option<&NicSelector>, facts: &Facts) -> Option<&'a Nic> {
+    match sel {
+        Some(NicSelector::Mac(m)) => dom.nics.iter().find(|n| n.mac.eq_ignore_ascii_case(m)),
+        Some(NicSelector::Network(net)) => dom.nics.iter().find(|n| n.network.as_deref() == Some(net)),
+        Some(NicSelector::Bridge(b)) => dom.nics.iter().find(|n| nic_bridge(n, facts).as_deref() == Some(b)),
+        None => dom.nics.iter().find(|n| nic_network(n, facts).is_some()),
+    }
+}
+
+fn nic_network<'a>(nic: &Nic, facts: &'a Facts) -> Option<&'a NetworkFacts> {
+    nic.network
+        .as_deref()
+        .and_then(|n| facts.network_by_name(n))
+        .or_else(|| nic.bridge.as_deref().and_then(|b| facts.network_by_bridge(b)))
+}
+
+fn nic_bridge(nic: &Nic, facts: &Facts) -> Option<String> {
+    nic.bridge
+        .clone()
+        .or_else(|| nic_network(nic, facts).map(|n| n.bridge.clone()))
+}
+
+/// Addresses claimed by other domains' NICs (reservations and leases): a learned
+/// (neighbour) address that belongs to someone else is refused.
+fn claimed_by_others(facts: &Facts, own_macs: &[&str]) -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    for n in &facts.networks {
+        for r in &n.reservations {
+            if !own_macs.iter().any(|m| m.eq_ignore_ascii_case(&r.mac)) {
+                out.insert(r.ip);
+            }
+        }
+    }
+    for l in &facts.leases {
+        if l.expiry > facts.now && !own_macs.iter().any(|m| m.eq_ignore_ascii_case(&l.mac)) {
+            out.insert(l.ip);
+        }
+    }
+    out
+}
+
+/// Finds the guest address of one family for a NIC, in the documented order.
+fn resolve_address(
+    family: Family,
+    spec: &ForwardSpec,
+    nic: Option<&Nic>,
+    net: Option<&NetworkFacts>,
+    facts: &Facts,
+    dom: &DomainFacts,
+) -> Result<GuestAddr, String> {
+    let in_subnet = |ip: &IpAddr| net.is_none_or(|n| n.contains(ip));
+    if let Some(ip) = spec.guest_addresses.iter().find(|a| Family::of(a) == family) {
+        if !in_subnet(ip) {
+            return Err(format!(
+                "configured guest address {ip} is outside the subnet of network {}",
+                net.map(|n| n.name.as_str()).unwrap_or("?")
+            ));
+        }
+        return Ok(GuestAddr {
+            ip: *ip,
+            source: AddrSource::Config,
+        });
+    }
+    let (Some(nic), Some(net)) = (nic, net) else {
+        return Err("the domain has no NIC on a known libvirt network and no guest_address is configured".into());
+    };
+    let fam_ok = |ip: &IpAddr| Family::of(ip) == family && net.contains(ip);
+    if let Some(r) = net
+        .reservations
+        .iter()
+        .find(|r| r.mac.eq_ignore_ascii_case(&nic.mac) && fam_ok(&r.ip))
+    {
+        return Ok(GuestAddr {
+            ip: r.ip,
+            source: AddrSource::Reservation,
+        });
+    }
+    if let Some(l) = facts
+        .leases
+        .iter()
+        .filter(|l| l.bridge == net.bridge && l.mac.eq_ignore_ascii_case(&nic.mac))
+        .filter(|l| l.expiry > facts.now && fam_ok(&l.ip))
+        .max_by_key(|l| l.expiry)
+    {
+        return Ok(GuestAddr {
+            ip: l.ip,
+            source: AddrSource::Lease,
+        });
+    }
+    let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
+    let others = claimed_by_others(facts, &own);
+    if let Some(n) = facts.neighbours.iter().find(|n| {
+        n.ifname == net.bridge
+            && n.mac.eq_ignore_ascii_case(&nic.mac)
+            && fam_ok(&n.ip)
+            && !others.contains(&n.ip)
+            && !is_link_local(&n.ip)
+    }) {
+        return Ok(GuestAddr {
+            ip: n.ip,
+            source: AddrSource::Neighbour,
+        });
+    }
+    Err(format!(
+        "no {} address known for NIC {} yet (add a <dhcp><host mac='{}' ip=.../> reservation or guest_address, or wait for its DHCP lease)",
+        match family {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        },
+        nic.mac,
+        nic.mac
+    ))
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+fn resolve_listen(listen: &Listen, facts: &Facts) -> Result<ListenOn, String> {
+    Ok(match listen {
+        Listen::Any => ListenOn::Any,
+        Listen::Address(a) => ListenOn::Address(*a),
+        Listen::Interface(i) => ListenOn::Interface(i.clone()),
+        Listen::DefaultRoute => ListenOn::Address(IpAddr::V4(
+            facts
+                .default_route_v4
+                .ok_or("no public_ip given and the host has no IPv4 default route to take it from")?,
+        )),
+    })
+}
+
+/// Plans one forward of a running domain.
+fn plan_forward(
+    domain: &DomainConfig,
+    dom: &DomainFacts,
+    spec: &ForwardSpec,
+    facts: &Facts,
+) -> (ForwardStatus, Vec<Rule>) {
+    let mut st = ForwardStatus {
+        domain: domain.name.clone(),
+        spec: spec.clone(),
+        state: ForwardState::Pending,
+        guest: vec![],
+        bridge: None,
+        reason: None,
+        rule_ids: vec![],
+    };
+    let listen = match resolve_listen(&spec.listen, facts) {
+        Ok(l) => l,
+        Err(e) => {
+            st.reason = Some(e);
+            return (st, vec![]);
+        }
+    };
+    let nic = select_nic(dom, spec.nic.as_ref(), facts);
+    if spec.nic.is_some() && nic.is_none() {
+        st.reason = Some("the domain has no NIC matching 'nic'".into());
+        return (st, vec![]);
+    }
+    let mut net = nic.and_then(|n| nic_network(n, facts));
+    // an explicit address picks its network by subnet when the NIC does not say
+    if net.is_none()
+        && let Some(ip) = spec.guest_addresses.first()
+    {
+        net = facts.networks.iter().find(|n| n.contains(ip));
+    }
+    let bridge = nic
+        .and_then(|n| nic_bridge(n, facts))
+        .or_else(|| net.map(|n| n.bridge.clone()));
+    let Some(bridge) = bridge else {
+        st.reason = Some("cannot tell which bridge the guest is on".into());
+        return (st, vec![]);
+    };
+    st.bridge = Some(bridge.clone());
+    let mut rules = Vec::new();
+    let mut reasons = Vec::new();
+    for family in families(spec) {
+        if let ListenOn::Address(a) = &listen
+            && Family::of(a) != family
+        {
+            continue;
+        }
+        match resolve_address(family, spec, nic, net, facts, dom) {
+            Ok(ga) => {
+                let id = rule_id(domain, family, spec, &listen);
+                st.rule_ids.push(id.clone());
+                rules.push(Rule {
+                    id,
+                    domain: domain.name.clone(),
+                    family,
+                    proto: spec.proto,
+                    listen: listen.clone(),
+                    host_ports: spec.host_ports,
+                    guest_ip: ga.ip,
+                    guest_ports: spec.guest_ports,
+                    sources: spec
+                        .sources
+                        .iter()
+                        .filter(|s| Family::of_net(s) == family)
+                        .copied()
+                        .collect(),
+                    localhost: spec.localhost && family == Family::Ipv4,
+                    bridge: bridge.clone(),
+                    description: spec.description.clone(),
+                });
+                st.guest.push(ga);
+            }
+            Err(e) => reasons.push(e),
+        }
+    }
+    if !rules.is_empty() {
+        st.state = ForwardState::Active;
+        // a missing second family is normal (most guests have no IPv6)
+        if spec.guest_addresses.iter().any(|a| !st.guest.iter().any(|g| g.ip == *a)) {
+            st.reason = reasons.into_iter().next();
+        }
+    } else {
+        st.reason = reasons.into_iter().next();
+    }
+    (st, rules)
+}
+
+/// The planner. `carried` are rules installed before for domains whose config is now
+/// invalid: they are kept as they are.
+pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
+    let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(domains)
+        .into_iter()
+        .map(|c| (c.second, c))
+        .collect();
+    let mut rules: Vec<Rule> = carried.to_vec();
+    let mut statuses = Vec::new();
+    let mut taken: BTreeSet<(Family, Proto, ListenOn, PortRange)> =
+        carried.iter().map(Rule::listen_key).collect();
+    for (di, d) in domains.iter().enumerate() {
+        let running = facts.domain(&d.name, d.uuid.as_deref());
+        for (fi, spec) in d.forwards.iter().enumerate() {
+            if let Some(c) = conflicts.get(&(di, fi)) {
+                statuses.push(ForwardStatus {
+                    domain: d.name.clone(),
+                    spec: spec.clone(),
+                    state: ForwardState::Conflict,
+                    guest: vec![],
+                    bridge: None,
+                    reason: Some(format!(
+                        "conflicts with {} of domain {:?}",
+                        domains[c.first.0].forwards[c.first.1].short(),
+                        domains[c.first.0].name
+                    )),
+                    rule_ids: vec![],
+                });
+                continue;
+            }
+            let Some(dom) = running else {
+                statuses.push(ForwardStatus {
+                    domain: d.name.clone(),
+                    spec: spec.clone(),
+                    state: ForwardState::Stopped,
+                    guest: vec![],
+                    bridge: None,
+                    reason: None,
+                    rule_ids: vec![],
+                });
+                continue;
+            };
+            let (st, rs) = plan_forward(d, dom, spec, facts);
+            for r in rs {
+                // the same port claimed by a rule carried over from an invalid domain
+                if taken.insert(r.listen_key()) {
+                    rules.push(r);
+                }
+            }
+            statuses.push(st);
+        }
+    }
+    Plan {
+        ruleset: Ruleset::from_rules(rules, &facts.networks),
+        forwards: statuses,
+    }
+}

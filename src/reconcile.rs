@@ -1,0 +1,106 @@
+//! The one level-triggered reconcile: desired state (config + facts) -> plan -> compare
+//! with what is installed (state + kernel fingerprint) -> at most one atomic change.
+//! CLI `apply`, the libvirt hook and (later) the daemon all call this.
+
+use std::path::PathBuf;
+
+use crate::config::{BackendChoice, Config};
+use crate::facts::{Facts, LibvirtPaths};
+use crate::firewall::{self, Backend, FirewallError};
+use crate::plan::{self, Plan, Rule};
+use crate::state::{State, StateDir, StateError};
+
+/// Where things are, from the global options.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub backend: BackendChoice,
+    pub libvirt: LibvirtPaths,
+}
+
+impl Context {
+    /// The backend: the command line wins over the config file.
+    pub fn backend_for(&self, config: &Config) -> Box<dyn Backend> {
+        let choice = match (self.backend, config.backend) {
+            (BackendChoice::Auto, Some(c)) => c,
+            (c, _) => c,
+        };
+        firewall::backend_with_state(choice, &self.state_dir)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
+/// What a reconcile did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub changed: bool,
+    pub backend: &'static str,
+}
+
+/// Rules installed before for domains whose config is invalid now: kept unchanged.
+pub fn carried_rules(config: &Config, state: &State) -> Vec<Rule> {
+    state
+        .ruleset
+        .rules
+        .iter()
+        .filter(|r| config.invalid_domains.contains(&r.domain))
+        .cloned()
+        .collect()
+}
+
+/// Plans without touching anything.
+pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
+    plan::plan(&config.domain_configs(), facts, &carried_rules(config, state))
+}
+
+/// Reconciles under the state lock. `update` may edit the state first (a hook records
+/// a started or stopped domain), given the facts it then reconciles with.
+pub fn reconcile(
+    ctx: &Context,
+    config: &Config,
+    gather: impl FnOnce(&State) -> Facts,
+    update: impl FnOnce(&mut State),
+) -> Result<Outcome, ReconcileError> {
+    let dir = StateDir::lock(&ctx.state_dir)?;
+    let mut state = dir.load()?;
+    update(&mut state);
+    let facts = gather(&state);
+    let plan = plan_only(config, &facts, &state);
+    let backend = ctx.backend_for(config);
+    // switching backends: the old one removes what it installed
+    if let Some(old) = state.backend.clone()
+        && old != backend.name()
+        && !state.ruleset.is_empty()
+    {
+        let choice = BackendChoice::parse(&old).unwrap_or_default();
+        firewall::backend_with_state(choice, &ctx.state_dir).apply(&Default::default())?;
+        state.ruleset = Default::default();
+        state.fingerprint = None;
+    }
+    let now = backend.fingerprint()?;
+    let unchanged = plan.ruleset == state.ruleset && now == state.fingerprint;
+    let changed = if unchanged {
+        false
+    } else {
+        backend.apply(&plan.ruleset)?;
+        state.ruleset = plan.ruleset.clone();
+        state.fingerprint = backend.fingerprint()?;
+        true
+    };
+    state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
+    dir.save(&state)?;
+    Ok(Outcome {
+        plan,
+        changed,
+        backend: backend.name(),
+    })
+}
