@@ -4,6 +4,7 @@
 //! driven by one level-triggered [`reconcile`]. The [`cli`] (and the hook) are thin entry
 //! points over it.
 
+pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod exec;

@@ -60,6 +60,8 @@ pub struct Rule {
     pub localhost: bool,
     /// The bridge the guest sits on.
     pub bridge: String,
+    /// The guest's bridge port (tap), if known.
+    pub tap: Option<String>,
     pub description: Option<String>,
 }
 
@@ -119,6 +121,11 @@ pub struct Ruleset {
     pub rules: Vec<Rule>,
     pub accepts: Vec<BridgeAccept>,
     pub hairpins: Vec<Hairpin>,
+    /// Bridge ports that need hairpin mode: with br_netfilter active, a guest reaching its
+    /// own forward through the public address gets its reply back through the port it
+    /// came in on.
+    #[serde(default)]
+    pub hairpin_ports: Vec<String>,
 }
 
 impl Ruleset {
@@ -166,6 +173,7 @@ impl Ruleset {
             rules,
             accepts: accepts.into_iter().collect(),
             hairpins: hairpins.into_iter().collect(),
+            hairpin_ports: Vec::new(),
         }
     }
 }
@@ -469,6 +477,7 @@ fn plan_forward(
                         .collect(),
                     localhost: spec.localhost && family == Family::Ipv4,
                     bridge: bridge.clone(),
+                    tap: nic.and_then(|n| n.tap.clone()),
                     description: spec.description.clone(),
                 });
                 st.guest.push(ga);
@@ -540,8 +549,13 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
             statuses.push(st);
         }
     }
+    let mut ruleset = Ruleset::from_rules(rules, &facts.networks);
+    if facts.sysctls.bridge_nf_call_iptables == Some(true) {
+        let ports: BTreeSet<String> = ruleset.rules.iter().filter_map(|r| r.tap.clone()).collect();
+        ruleset.hairpin_ports = ports.into_iter().collect();
+    }
     Plan {
-        ruleset: Ruleset::from_rules(rules, &facts.networks),
+        ruleset,
         forwards: statuses,
     }
 }

@@ -96,6 +96,7 @@ pub fn reconcile(
         state.fingerprint = backend.fingerprint()?;
         true
     };
+    crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved);
     state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
     dir.save(&state)?;
     Ok(Outcome {

@@ -39,6 +39,9 @@ pub struct State {
     pub fingerprint: Option<String>,
     /// Domains a hook reported as started (name -> facts from its XML).
     pub started: BTreeMap<String, DomainFacts>,
+    /// Bridge ports virtgate put in hairpin mode, with their previous value.
+    #[serde(default)]
+    pub hairpin_saved: BTreeMap<String, bool>,
 }
 
 /// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.

@@ -204,27 +204,27 @@ pub fn render_table(rs: &Ruleset) -> String {
         }
     }
     out.push_str(
-        "\tchain dnat {
+        "\tchain forwards {
 \t\tip daddr . meta l4proto . th dport vmap @listen_addr4
 \t\tip6 daddr . meta l4proto . th dport vmap @listen_addr6
 \t\tiifname . meta nfproto . meta l4proto . th dport vmap @listen_if
 \t\tmeta nfproto . meta l4proto . th dport vmap @listen_any
 \t}
-\tchain dnat_host {
+\tchain forwards_host {
 \t\tip daddr . meta l4proto . th dport vmap @listen_addr4
 \t\tip6 daddr . meta l4proto . th dport vmap @listen_addr6
 \t\tmeta nfproto . meta l4proto . th dport vmap @listen_any
 \t}
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tfib daddr type local jump dnat
+\t\tfib daddr type local jump forwards
 \t}
 \tchain output {
-\t\ttype nat hook output priority dstnat; policy accept;
+\t\ttype nat hook output priority -100; policy accept;
 \t\tip daddr 127.0.0.0/8 meta l4proto . th dport vmap @localhost4
 \t\tip daddr 127.0.0.0/8 return
 \t\tip6 daddr ::1 return
-\t\tfib daddr type local jump dnat_host
+\t\tfib daddr type local jump forwards_host
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;

@@ -1,0 +1,168 @@
+//! Real packets through real namespaces: every path of SPEC part 4, for virtgate's two
+//! backends against libvirt's two firewall forms.
+
+mod common;
+
+use common::{Lab, LibvirtForm, PUBLIC, diff, libvirt_rules, sa};
+
+const CONFIG: &str = r#"
+[domain.g1]
+# IPv4 from the DHCP reservation, IPv6 given here
+guest_address = "fd00:122::10"
+forwards = ["8080:80", "5353:53535/udp", "9000-9002:9100-9102"]
+
+[domain.g2]
+[[domain.g2.forward]]
+host_port = 8081
+guest_port = 80
+source = ["203.0.113.0/24", "2001:db8::/32"]
+description = "only from 203.0.113.0/24"
+[[domain.g2.forward]]
+host_port = 8082
+guest_port = 80
+localhost = true
+
+[domain.g3]
+forwards = ["8083:80"]
+"#;
+
+fn expect_ok(what: &str, r: Result<String, String>, want_prefix: &str) -> String {
+    match r {
+        Ok(s) if s.starts_with(want_prefix) => s,
+        other => panic!("{what}: expected an answer starting {want_prefix:?}, got {other:?}"),
+    }
+}
+
+fn expect_refused(what: &str, r: Result<String, String>) {
+    if let Ok(s) = r
+        && s.starts_with('g')
+    {
+        panic!("{what}: must not reach a guest, but got {s:?}");
+    }
+}
+
+fn scenario(form: LibvirtForm, backend: &str) {
+    let lab = Lab::new(form);
+    lab.ping_from_host("192.168.100.10"); // g3's address is learned from the neighbour table
+    let before = lab.ruleset();
+    let (c, d) = (&lab.client, &lab.client2);
+    let pubv = |p: u16| sa(&format!("{PUBLIC}:{p}"));
+
+    // nothing is forwarded before apply
+    expect_refused("before apply", c.tcp(pubv(8080)));
+
+    lab.write_config(CONFIG);
+    let (ok, out, err) = lab.virtgate(backend, &["check"]);
+    assert!(ok, "check: {out}{err}");
+    lab.apply(backend);
+    if let Ok(secs) = std::env::var("VG_DEBUG_PAUSE") {
+        eprintln!("host netns: {} client: {} g1: {}", lab.host.name, lab.client.name, lab.guest("g1").ns.name);
+        std::thread::sleep(std::time::Duration::from_secs(secs.parse().unwrap_or(300)));
+    }
+
+    // outside -> forward, TCP and UDP, the guest sees the client's own address
+    expect_ok("outside tcp", c.tcp(pubv(8080)), "g1 port 80 from 203.0.113.2");
+    expect_ok("outside udp", c.udp(pubv(5353)), "g1: ping");
+    // range with offset remap
+    expect_ok("range remap", c.tcp(pubv(9001)), "g1 port 9101");
+    expect_ok("range end", c.tcp(pubv(9002)), "g1 port 9102");
+    // IPv6 (routed subnet, DNAT alone)
+    expect_ok("outside tcp6", c.tcp(sa("[2001:db8:1::1]:8080")), "g1 port 80 from 2001:db8:1::2");
+    // address from a lease (g2) and from the neighbour table (g3, other network)
+    expect_ok("source allowed", c.tcp(pubv(8081)), "g2 port 80");
+    expect_refused("source refused", d.tcp(sa("198.51.100.1:8081")));
+    expect_ok("unrestricted from client2", d.tcp(sa("198.51.100.1:8080")), "g1 port 80");
+    expect_ok("other network guest", c.tcp(pubv(8083)), "g3 port 80");
+    // the host itself, through its public address
+    expect_ok("host -> public", lab.host.tcp(pubv(8080)), "g1 port 80");
+    // localhost only where opted in (route_localnet is the admin's switch; set it in the lab)
+    expect_refused("localhost not opted in", lab.host.tcp(sa("127.0.0.1:8080")));
+    lab.host.sysctl("net.ipv4.conf.virbr0.route_localnet", "1");
+    expect_ok("localhost opted in", lab.host.tcp(sa("127.0.0.1:8082")), "g2 port 80");
+    expect_refused("localhost ::1 not forwarded", lab.host.tcp(sa("[::1]:8080")));
+    // hairpin: the same guest, another guest of the network, a guest of another network
+    let g1 = &lab.guest("g1").ns;
+    let g2 = &lab.guest("g2").ns;
+    let g3 = &lab.guest("g3").ns;
+    expect_ok("same guest via public", g1.tcp(pubv(8080)), "g1 port 80");
+    expect_ok("other guest via public", g2.tcp(pubv(8080)), "g1 port 80");
+    expect_ok("other network via public", g3.tcp(pubv(8080)), "g1 port 80");
+    expect_ok("other guest udp via public", g2.udp(pubv(5353)), "g1: ping");
+    // routed traffic straight to the private address stays refused
+    expect_refused("routed bypass", c.tcp(sa("192.168.122.10:80")));
+    // an unconfigured port is not opened
+    expect_refused("unconfigured port", c.tcp(pubv(8099)));
+
+    // status shows addresses, their sources, and counters that moved
+    let (ok, out, err) = lab.virtgate(backend, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["forwards"].as_array().unwrap();
+    let find = |dom: &str, port: &str| rows.iter().find(|r| r["domain"] == dom && r["host_ports"] == port).unwrap();
+    assert_eq!(find("g1", "8080")["state"], "active", "{out}");
+    assert_eq!(find("g1", "8080")["guest"][0]["source"], "reservation", "{out}");
+    assert_eq!(find("g1", "8080")["guest"][1]["source"], "config", "{out}");
+    assert_eq!(find("g2", "8081")["guest"][0]["source"], "lease", "{out}");
+    assert_eq!(find("g3", "8083")["guest"][0]["source"], "neighbour", "{out}");
+    assert!(find("g1", "8080")["packets"].as_u64().unwrap() > 0, "{out}");
+
+    // libvirt reloads its rules
+    match form {
+        LibvirtForm::Iptables => {
+            libvirt_rules::reload_iptables(&lab.host);
+            expect_ok("after libvirt reload (iptables form), at once", c.tcp(pubv(8080)), "g1 port 80");
+        }
+        LibvirtForm::Nftables => {
+            libvirt_rules::reload_nft(&lab.host);
+            expect_refused("after libvirt reload (nft form), buried", c.tcp(pubv(8080)));
+            let (ok, out, _) = lab.virtgate(backend, &["status"]);
+            assert!(ok && out.contains("drifted"), "status must show drift:\n{out}");
+            lab.apply(backend);
+            expect_ok("after libvirt reload (nft form) + apply", c.tcp(pubv(8080)), "g1 port 80");
+        }
+    }
+    // apply again is a no-op
+    let (ok, out, _) = lab.virtgate(backend, &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}");
+
+    // a stopped domain loses its forwards, the others keep theirs
+    lab.remove_domain_status("g3");
+    lab.apply(backend);
+    expect_refused("g3 stopped", c.tcp(pubv(8083)));
+    expect_ok("g1 still", c.tcp(pubv(8080)), "g1 port 80");
+
+    // removal: an empty config leaves the ruleset as it was before virtgate
+    lab.write_config("");
+    lab.apply(backend);
+    expect_refused("after removal", c.tcp(pubv(8080)));
+    let after = lab.ruleset();
+    assert!(before == after, "ruleset differs after removal:\n{}", diff(&before, &after));
+}
+
+#[test]
+fn nftables_backend_with_libvirt_iptables() {
+    if common::can_run_netns("nftables_backend_with_libvirt_iptables") {
+        scenario(LibvirtForm::Iptables, "nftables");
+    }
+}
+
+#[test]
+fn nftables_backend_with_libvirt_nftables() {
+    if common::can_run_netns("nftables_backend_with_libvirt_nftables") {
+        scenario(LibvirtForm::Nftables, "nftables");
+    }
+}
+
+#[test]
+fn iptables_backend_with_libvirt_iptables() {
+    if common::can_run_netns("iptables_backend_with_libvirt_iptables") {
+        scenario(LibvirtForm::Iptables, "iptables");
+    }
+}
+
+#[test]
+fn iptables_backend_with_libvirt_nftables() {
+    if common::can_run_netns("iptables_backend_with_libvirt_nftables") {
+        scenario(LibvirtForm::Nftables, "iptables");
+    }
+}
