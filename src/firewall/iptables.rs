@@ -171,16 +171,28 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
     vec![nat, filter]
 }
 
-/// The tables and built-in chains present now, as `family table chain`.
-fn present_chains(family: Family) -> BTreeSet<String> {
+/// Tables and chains of iptables-nft present now, as `family table [chain]` (from nft:
+/// iptables-nft-save prints built-in chains even when they do not exist yet).
+fn present_chains() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for t in ["nat", "filter"] {
-        let save = xtables::save(family, t, false);
-        if save.contains(&format!("*{t}")) {
-            out.insert(format!("{family:?} {t}"));
+    let Ok(o) = exec::run_raw(&["nft", "-j", "list", "chains"], None, exec::DEFAULT_TIMEOUT) else {
+        return out;
+    };
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let c = &item["chain"];
+        if let (Some(f), Some(t), Some(n)) = (c["family"].as_str(), c["table"].as_str(), c["name"].as_str()) {
+            out.insert(format!("{f} {t}"));
+            out.insert(format!("{f} {t} {n}"));
         }
-        for c in xtables::parse_save(&save).keys() {
-            out.insert(format!("{family:?} {t} {c}"));
+    }
+    if let Ok(o) = exec::run_raw(&["nft", "-j", "list", "tables"], None, exec::DEFAULT_TIMEOUT) {
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let t = &item["table"];
+            if let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str()) {
+                out.insert(format!("{f} {n}"));
+            }
         }
     }
     out
@@ -201,10 +213,10 @@ impl Iptables {
         if p.exists() {
             return;
         }
-        let mut pre: BTreeSet<String> = BTreeSet::new();
-        for f in [Family::Ipv4, Family::Ipv6] {
-            pre.extend(present_chains(f));
+        if !is_nft_variant() {
+            return;
         }
+        let pre = present_chains();
         if let Ok(text) = serde_json::to_string(&pre) {
             let _ = crate::state::write_atomic(&p, text.as_bytes());
         }
@@ -216,30 +228,34 @@ impl Iptables {
         let Some(p) = self.created_path() else { return Ok(()) };
         let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
         let pre: BTreeSet<String> = serde_json::from_str(&text).unwrap_or_default();
-        if is_nft_variant() {
-            let mut batch = String::new();
-            for f in [Family::Ipv4, Family::Ipv6] {
-                let fam = placement::nft_family(f);
-                for t in ["nat", "filter"] {
-                    let save = xtables::save(f, t, false);
-                    let chains = xtables::parse_save(&save);
-                    let mut all_gone = true;
-                    for (c, rules) in &chains {
-                        let key = format!("{f:?} {t} {c}");
-                        if !pre.contains(&key) && rules.is_empty() {
-                            let _ = writeln!(batch, "delete chain {fam} {t} {c}");
-                        } else {
-                            all_gone = false;
-                        }
-                    }
-                    if save.contains(&format!("*{t}")) && all_gone && !pre.contains(&format!("{f:?} {t}")) {
-                        let _ = writeln!(batch, "delete table {fam} {t}");
+        let now = present_chains();
+        let mut batch = String::new();
+        for f in [Family::Ipv4, Family::Ipv6] {
+            let fam = placement::nft_family(f);
+            for t in ["nat", "filter"] {
+                let table = format!("{fam} {t}");
+                if !now.contains(&table) {
+                    continue;
+                }
+                let rules = xtables::parse_save(&xtables::save(f, t, false));
+                let chains: Vec<&String> = now.iter().filter(|c| c.starts_with(&format!("{table} "))).collect();
+                let mut remaining = 0;
+                for c in &chains {
+                    let name = &c[table.len() + 1..];
+                    let empty = rules.get(name).is_none_or(|r| r.is_empty());
+                    if !pre.contains(*c) && empty {
+                        let _ = writeln!(batch, "delete chain {fam} {t} {name}");
+                    } else {
+                        remaining += 1;
                     }
                 }
+                if remaining == 0 && !pre.contains(&table) {
+                    let _ = writeln!(batch, "delete table {fam} {t}");
+                }
             }
-            if !batch.is_empty() {
-                nftables::nft_apply(&batch)?;
-            }
+        }
+        if !batch.is_empty() {
+            nftables::nft_apply(&batch)?;
         }
         let _ = std::fs::remove_file(p);
         Ok(())

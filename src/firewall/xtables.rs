@@ -144,10 +144,16 @@ pub fn table_script(spec: &TableSpec, current: &str) -> Option<String> {
         }
     }
     // chains virtgate no longer wants: flush and delete (their jumps are gone above)
-    for name in owned {
-        if !spec.chains.iter().any(|(n, _)| n == name) {
-            s.push_str(&format!(":{name} - [0:0]\n-X {name}\n"));
-        }
+    // (all flushed first: they may jump to each other)
+    let unwanted: Vec<&String> = owned
+        .into_iter()
+        .filter(|name| !spec.chains.iter().any(|(n, _)| n == *name))
+        .collect();
+    for name in &unwanted {
+        s.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    for name in &unwanted {
+        s.push_str(&format!("-X {name}\n"));
     }
     s.push_str("COMMIT\n");
     Some(s)
