@@ -13,7 +13,9 @@ fn path(port: &str) -> Option<String> {
 }
 
 pub fn get(port: &str) -> Option<bool> {
-    fs::read_to_string(path(port)?).ok().map(|s| s.trim() == "1")
+    fs::read_to_string(path(port)?)
+        .ok()
+        .map(|s| s.trim() == "1")
 }
 
 pub fn set(port: &str, on: bool) -> std::io::Result<()> {
@@ -42,7 +44,11 @@ pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>) {
             None => tracing::debug!("{port} is not a bridge port here; hairpin mode not set"),
         }
     }
-    let gone: Vec<String> = saved.keys().filter(|p| !wanted.contains(p)).cloned().collect();
+    let gone: Vec<String> = saved
+        .keys()
+        .filter(|p| !wanted.contains(p))
+        .cloned()
+        .collect();
     for port in gone {
         if let Some(before) = saved.remove(&port)
             && get(&port).is_some()

@@ -36,7 +36,11 @@ pub struct Output {
 }
 
 /// Runs `argv` with `stdin`, returning its output whatever the exit status.
-pub fn run_raw(argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Output, ExecError> {
+pub fn run_raw(
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output, ExecError> {
     let program = argv.first().copied().unwrap_or_default().to_string();
     let mut child = Command::new(&program)
         .args(&argv[1..])

@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Transport protocol of a forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     #[default]
@@ -252,7 +254,10 @@ mod tests {
 
     #[test]
     fn port_range_parsing() {
-        assert_eq!(PortRange::parse("80").unwrap(), PortRange { start: 80, end: 80 });
+        assert_eq!(
+            PortRange::parse("80").unwrap(),
+            PortRange { start: 80, end: 80 }
+        );
         assert_eq!(PortRange::parse("9000-9002").unwrap().len(), 3);
         assert!(PortRange::parse("0").is_err());
         assert!(PortRange::parse("65536").is_err());

@@ -68,7 +68,12 @@ pub struct Rule {
 impl Rule {
     /// The key no two rules may share.
     pub fn listen_key(&self) -> (Family, Proto, ListenOn, PortRange) {
-        (self.family, self.proto, self.listen.clone(), self.host_ports)
+        (
+            self.family,
+            self.proto,
+            self.listen.clone(),
+            self.host_ports,
+        )
     }
 
     /// A human comment, safe to embed (no quotes, backslashes or control characters).
@@ -225,7 +230,12 @@ pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
     let all: Vec<((usize, usize), &ForwardSpec)> = domains
         .iter()
         .enumerate()
-        .flat_map(|(di, d)| d.forwards.iter().enumerate().map(move |(fi, f)| ((di, fi), f)))
+        .flat_map(|(di, d)| {
+            d.forwards
+                .iter()
+                .enumerate()
+                .map(move |(fi, f)| ((di, fi), f))
+        })
         .collect();
     let mut out = Vec::new();
     let mut losers = BTreeSet::new();
@@ -259,23 +269,26 @@ fn rule_id(domain: &DomainConfig, family: Family, spec: &ForwardSpec, listen: &L
     let mut h = Sha256::new();
     h.update(domain.uuid.as_deref().unwrap_or(&domain.name).as_bytes());
     h.update([0]);
-    h.update(
-        format!(
-            "{family:?}|{}|{listen:?}|{}",
-            spec.proto, spec.host_ports
-        )
-        .as_bytes(),
-    );
+    h.update(format!("{family:?}|{}|{listen:?}|{}", spec.proto, spec.host_ports).as_bytes());
     let d = h.finalize();
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Picks the NIC a forward targets.
-fn select_nic<'a>(dom: &'a DomainFacts, sel: Option<&NicSelector>, facts: &Facts) -> Option<&'a Nic> {
+fn select_nic<'a>(
+    dom: &'a DomainFacts,
+    sel: Option<&NicSelector>,
+    facts: &Facts,
+) -> Option<&'a Nic> {
     match sel {
         Some(NicSelector::Mac(m)) => dom.nics.iter().find(|n| n.mac.eq_ignore_ascii_case(m)),
-        Some(NicSelector::Network(net)) => dom.nics.iter().find(|n| n.network.as_deref() == Some(net)),
-        Some(NicSelector::Bridge(b)) => dom.nics.iter().find(|n| nic_bridge(n, facts).as_deref() == Some(b)),
+        Some(NicSelector::Network(net)) => {
+            dom.nics.iter().find(|n| n.network.as_deref() == Some(net))
+        }
+        Some(NicSelector::Bridge(b)) => dom
+            .nics
+            .iter()
+            .find(|n| nic_bridge(n, facts).as_deref() == Some(b)),
         None => dom.nics.iter().find(|n| nic_network(n, facts).is_some()),
     }
 }
@@ -284,7 +297,11 @@ fn nic_network<'a>(nic: &Nic, facts: &'a Facts) -> Option<&'a NetworkFacts> {
     nic.network
         .as_deref()
         .and_then(|n| facts.network_by_name(n))
-        .or_else(|| nic.bridge.as_deref().and_then(|b| facts.network_by_bridge(b)))
+        .or_else(|| {
+            nic.bridge
+                .as_deref()
+                .and_then(|b| facts.network_by_bridge(b))
+        })
 }
 
 fn nic_bridge(nic: &Nic, facts: &Facts) -> Option<String> {
@@ -322,7 +339,11 @@ fn resolve_address(
     dom: &DomainFacts,
 ) -> Result<GuestAddr, String> {
     let in_subnet = |ip: &IpAddr| net.is_none_or(|n| n.contains(ip));
-    if let Some(ip) = spec.guest_addresses.iter().find(|a| Family::of(a) == family) {
+    if let Some(ip) = spec
+        .guest_addresses
+        .iter()
+        .find(|a| Family::of(a) == family)
+    {
         if !in_subnet(ip) {
             return Err(format!(
                 "configured guest address {ip} is outside the subnet of network {}",
@@ -335,7 +356,10 @@ fn resolve_address(
         });
     }
     let (Some(nic), Some(net)) = (nic, net) else {
-        return Err("the domain has no NIC on a known libvirt network and no guest_address is configured".into());
+        return Err(
+            "the domain has no NIC on a known libvirt network and no guest_address is configured"
+                .into(),
+        );
     };
     let fam_ok = |ip: &IpAddr| Family::of(ip) == family && net.contains(ip);
     if let Some(r) = net
@@ -397,11 +421,11 @@ fn resolve_listen(listen: &Listen, facts: &Facts) -> Result<ListenOn, String> {
         Listen::Any => ListenOn::Any,
         Listen::Address(a) => ListenOn::Address(*a),
         Listen::Interface(i) => ListenOn::Interface(i.clone()),
-        Listen::DefaultRoute => ListenOn::Address(IpAddr::V4(
-            facts
-                .default_route_v4
-                .ok_or("no public_ip given and the host has no IPv4 default route to take it from")?,
-        )),
+        Listen::DefaultRoute => {
+            ListenOn::Address(IpAddr::V4(facts.default_route_v4.ok_or(
+                "no public_ip given and the host has no IPv4 default route to take it from",
+            )?))
+        }
     })
 }
 
@@ -488,7 +512,11 @@ fn plan_forward(
     if !rules.is_empty() {
         st.state = ForwardState::Active;
         // a missing second family is normal (most guests have no IPv6)
-        if spec.guest_addresses.iter().any(|a| !st.guest.iter().any(|g| g.ip == *a)) {
+        if spec
+            .guest_addresses
+            .iter()
+            .any(|a| !st.guest.iter().any(|g| g.ip == *a))
+        {
             st.reason = reasons.into_iter().next();
         }
     } else {

@@ -59,7 +59,11 @@ pub fn carried_rules(config: &Config, state: &State) -> Vec<Rule> {
 
 /// Plans without touching anything.
 pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
-    plan::plan(&config.domain_configs(), facts, &carried_rules(config, state))
+    plan::plan(
+        &config.domain_configs(),
+        facts,
+        &carried_rules(config, state),
+    )
 }
 
 /// Reconciles under the state lock. `update` may edit the state first (a hook records

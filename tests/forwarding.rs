@@ -56,30 +56,54 @@ fn scenario(form: LibvirtForm, backend: &str) {
     assert!(ok, "check: {out}{err}");
     lab.apply(backend);
     if let Ok(secs) = std::env::var("VG_DEBUG_PAUSE") {
-        eprintln!("host netns: {} client: {} g1: {}", lab.host.name, lab.client.name, lab.guest("g1").ns.name);
+        eprintln!(
+            "host netns: {} client: {} g1: {}",
+            lab.host.name,
+            lab.client.name,
+            lab.guest("g1").ns.name
+        );
         std::thread::sleep(std::time::Duration::from_secs(secs.parse().unwrap_or(300)));
     }
 
     // outside -> forward, TCP and UDP, the guest sees the client's own address
-    expect_ok("outside tcp", c.tcp(pubv(8080)), "g1 port 80 from 203.0.113.2");
+    expect_ok(
+        "outside tcp",
+        c.tcp(pubv(8080)),
+        "g1 port 80 from 203.0.113.2",
+    );
     expect_ok("outside udp", c.udp(pubv(5353)), "g1: ping");
     // range with offset remap
     expect_ok("range remap", c.tcp(pubv(9001)), "g1 port 9101");
     expect_ok("range end", c.tcp(pubv(9002)), "g1 port 9102");
     // IPv6 (routed subnet, DNAT alone)
-    expect_ok("outside tcp6", c.tcp(sa("[2001:db8:1::1]:8080")), "g1 port 80 from 2001:db8:1::2");
+    expect_ok(
+        "outside tcp6",
+        c.tcp(sa("[2001:db8:1::1]:8080")),
+        "g1 port 80 from 2001:db8:1::2",
+    );
     // address from a lease (g2) and from the neighbour table (g3, other network)
     expect_ok("source allowed", c.tcp(pubv(8081)), "g2 port 80");
     expect_refused("source refused", d.tcp(sa("198.51.100.1:8081")));
-    expect_ok("unrestricted from client2", d.tcp(sa("198.51.100.1:8080")), "g1 port 80");
+    expect_ok(
+        "unrestricted from client2",
+        d.tcp(sa("198.51.100.1:8080")),
+        "g1 port 80",
+    );
     expect_ok("other network guest", c.tcp(pubv(8083)), "g3 port 80");
     // the host itself, through its public address
     expect_ok("host -> public", lab.host.tcp(pubv(8080)), "g1 port 80");
     // localhost only where opted in (route_localnet is the admin's switch; set it in the lab)
     expect_refused("localhost not opted in", lab.host.tcp(sa("127.0.0.1:8080")));
     lab.host.sysctl("net.ipv4.conf.virbr0.route_localnet", "1");
-    expect_ok("localhost opted in", lab.host.tcp(sa("127.0.0.1:8082")), "g2 port 80");
-    expect_refused("localhost ::1 not forwarded", lab.host.tcp(sa("[::1]:8080")));
+    expect_ok(
+        "localhost opted in",
+        lab.host.tcp(sa("127.0.0.1:8082")),
+        "g2 port 80",
+    );
+    expect_refused(
+        "localhost ::1 not forwarded",
+        lab.host.tcp(sa("[::1]:8080")),
+    );
     // hairpin: the same guest, another guest of the network, a guest of another network
     let g1 = &lab.guest("g1").ns;
     let g2 = &lab.guest("g2").ns;
@@ -98,27 +122,50 @@ fn scenario(form: LibvirtForm, backend: &str) {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = v["forwards"].as_array().unwrap();
-    let find = |dom: &str, port: &str| rows.iter().find(|r| r["domain"] == dom && r["host_ports"] == port).unwrap();
+    let find = |dom: &str, port: &str| {
+        rows.iter()
+            .find(|r| r["domain"] == dom && r["host_ports"] == port)
+            .unwrap()
+    };
     assert_eq!(find("g1", "8080")["state"], "active", "{out}");
-    assert_eq!(find("g1", "8080")["guest"][0]["source"], "reservation", "{out}");
+    assert_eq!(
+        find("g1", "8080")["guest"][0]["source"],
+        "reservation",
+        "{out}"
+    );
     assert_eq!(find("g1", "8080")["guest"][1]["source"], "config", "{out}");
     assert_eq!(find("g2", "8081")["guest"][0]["source"], "lease", "{out}");
-    assert_eq!(find("g3", "8083")["guest"][0]["source"], "neighbour", "{out}");
+    assert_eq!(
+        find("g3", "8083")["guest"][0]["source"],
+        "neighbour",
+        "{out}"
+    );
     assert!(find("g1", "8080")["packets"].as_u64().unwrap() > 0, "{out}");
 
     // libvirt reloads its rules
     match form {
         LibvirtForm::Iptables => {
             libvirt_rules::reload_iptables(&lab.host);
-            expect_ok("after libvirt reload (iptables form), at once", c.tcp(pubv(8080)), "g1 port 80");
+            expect_ok(
+                "after libvirt reload (iptables form), at once",
+                c.tcp(pubv(8080)),
+                "g1 port 80",
+            );
         }
         LibvirtForm::Nftables => {
             libvirt_rules::reload_nft(&lab.host);
             expect_refused("after libvirt reload (nft form), buried", c.tcp(pubv(8080)));
             let (ok, out, _) = lab.virtgate(backend, &["status"]);
-            assert!(ok && out.contains("drifted"), "status must show drift:\n{out}");
+            assert!(
+                ok && out.contains("drifted"),
+                "status must show drift:\n{out}"
+            );
             lab.apply(backend);
-            expect_ok("after libvirt reload (nft form) + apply", c.tcp(pubv(8080)), "g1 port 80");
+            expect_ok(
+                "after libvirt reload (nft form) + apply",
+                c.tcp(pubv(8080)),
+                "g1 port 80",
+            );
         }
     }
     // apply again is a no-op
@@ -136,7 +183,11 @@ fn scenario(form: LibvirtForm, backend: &str) {
     lab.apply(backend);
     expect_refused("after removal", c.tcp(pubv(8080)));
     let after = lab.ruleset();
-    assert!(before == after, "ruleset differs after removal:\n{}", diff(&before, &after));
+    assert!(
+        before == after,
+        "ruleset differs after removal:\n{}",
+        diff(&before, &after)
+    );
 }
 
 #[test]

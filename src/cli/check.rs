@@ -17,13 +17,18 @@ pub fn run(ctx: &Context) -> Result<bool, String> {
                 && let Listen::Address(a) = &f.listen
                 && a.is_ipv6()
             {
-                println!("{o}: warning: domain {:?}: localhost forwarding exists for 127.0.0.1 only; the kernel never routes ::1 to another host", d.domain.name);
+                println!(
+                    "{o}: warning: domain {:?}: localhost forwarding exists for 127.0.0.1 only; the kernel never routes ::1 to another host",
+                    d.domain.name
+                );
             }
         }
     }
     let sys = facts::sysctl::read();
     if sys.ip_forward == Some(false) {
-        println!("warning: net.ipv4.ip_forward is 0: forwards cannot reach guests (libvirt turns it on when it starts a NAT network)");
+        println!(
+            "warning: net.ipv4.ip_forward is 0: forwards cannot reach guests (libvirt turns it on when it starts a NAT network)"
+        );
     }
     let errors = cfg.errors().count();
     println!(

@@ -40,7 +40,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "VIRTGATE_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Prefix for libvirt's /etc, /var/lib and /run files (for tests)
-    #[arg(long, global = true, env = "VIRTGATE_LIBVIRT_ROOT", default_value = "/")]
+    #[arg(
+        long,
+        global = true,
+        env = "VIRTGATE_LIBVIRT_ROOT",
+        default_value = "/"
+    )]
     pub libvirt_root: PathBuf,
     /// More log output (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -52,7 +57,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the config; errors name file:line:col; exit 1 on any error
-    #[command(after_help = "Example:\n  virtgate check\n  virtgate --config /etc/libvirt/hooks/hooks.json check")]
+    #[command(
+        after_help = "Example:\n  virtgate check\n  virtgate --config /etc/libvirt/hooks/hooks.json check"
+    )]
     Check,
     /// Print the exact ruleset apply would load, changing nothing
     #[command(after_help = "Example:\n  virtgate render --backend iptables")]
@@ -61,14 +68,18 @@ pub enum Command {
     #[command(after_help = "Example:\n  virtgate apply")]
     Apply,
     /// Show every forward: guest address and its source, state, counters
-    #[command(after_help = "Example:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'")]
+    #[command(
+        after_help = "Example:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'"
+    )]
     Status {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
     },
     /// Print a shell completion script
-    #[command(after_help = "Example:\n  virtgate completions bash > /etc/bash_completion.d/virtgate")]
+    #[command(
+        after_help = "Example:\n  virtgate completions bash > /etc/bash_completion.d/virtgate"
+    )]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -116,7 +127,8 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-fn apply(ctx: &Context) -> Result<(), String> {
+/// Applies what is valid; Ok(false) (exit 1) if the config had errors.
+fn apply(ctx: &Context) -> Result<bool, String> {
     let cfg = load_config(ctx)?;
     for d in &cfg.diagnostics {
         eprintln!("{d}");
@@ -134,7 +146,13 @@ fn apply(ctx: &Context) -> Result<(), String> {
             .filter(|f| f.state == crate::plan::ForwardState::Active)
             .count()
     );
-    Ok(())
+    let errors = cfg.errors().count();
+    if errors > 0 {
+        eprintln!(
+            "virtgate: {errors} config error(s): the domains concerned were left as they were"
+        );
+    }
+    Ok(errors == 0)
 }
 
 /// Runs the parsed command line.
@@ -144,7 +162,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Check => check::run(&ctx),
         Command::Render => render::run(&ctx),
-        Command::Apply => apply(&ctx).map(|_| true),
+        Command::Apply => apply(&ctx),
         Command::Status { json } => status::run(&ctx, *json).map(|_| true),
         Command::Completions { shell } => docs::completions(*shell).map(|_| true),
         Command::Man => docs::man().map(|_| true),

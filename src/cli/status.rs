@@ -32,11 +32,19 @@ struct Report<'a> {
     warnings: Vec<String>,
 }
 
-fn row<'a>(f: &'a ForwardStatus, counters: &std::collections::BTreeMap<String, Counters>, drifted: bool) -> Row<'a> {
-    let c = f.rule_ids.iter().filter_map(|id| counters.get(id)).fold(Counters::default(), |a, b| Counters {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
-    });
+fn row<'a>(
+    f: &'a ForwardStatus,
+    counters: &std::collections::BTreeMap<String, Counters>,
+    drifted: bool,
+) -> Row<'a> {
+    let c =
+        f.rule_ids
+            .iter()
+            .filter_map(|id| counters.get(id))
+            .fold(Counters::default(), |a, b| Counters {
+                packets: a.packets + b.packets,
+                bytes: a.bytes + b.bytes,
+            });
     let state = if drifted && f.state == ForwardState::Active {
         ForwardState::Drifted
     } else {
@@ -84,16 +92,28 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         }
     }
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
-        warnings.push("br_netfilter is loaded with bridge-nf-call-iptables=1: a guest reaching its own forward through the public address needs hairpin mode on its bridge port".into());
+        for r in plan.ruleset.rules.iter().filter(|r| r.tap.is_none()) {
+            warnings.push(format!(
+                "domain {:?}: br_netfilter is active and the guest's bridge port is unknown, so hairpin mode cannot be set: the guest cannot reach its own forward through the public address",
+                r.domain
+            ));
+        }
     }
-    let rows: Vec<Row> = plan.forwards.iter().map(|f| row(f, &counters, drifted)).collect();
+    let rows: Vec<Row> = plan
+        .forwards
+        .iter()
+        .map(|f| row(f, &counters, drifted))
+        .collect();
     if json {
         let rep = Report {
             backend: backend.name(),
             forwards: rows,
             warnings,
         };
-        println!("{}", serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
+        );
         return Ok(());
     }
     println!(

@@ -247,10 +247,14 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
         let pm = pm.as_object().ok_or("'port_map' must be an object")?;
         for (proto, items) in pm {
             let proto = match proto.as_str() {
-                "icmp" => return Err("port_map: 'icmp' has no ports and cannot be forwarded".into()),
+                "icmp" => {
+                    return Err("port_map: 'icmp' has no ports and cannot be forwarded".into());
+                }
                 p => Proto::parse(p)
                     .filter(|p| *p != Proto::Sctp)
-                    .ok_or_else(|| format!("port_map: unknown protocol '{p}' (expected tcp or udp)"))?,
+                    .ok_or_else(|| {
+                        format!("port_map: unknown protocol '{p}' (expected tcp or udp)")
+                    })?,
             };
             let items = items
                 .as_array()
@@ -262,7 +266,9 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
                         port_of(&pair[1], "port_map")?,
                     ),
                     Value::Array(_) => {
-                        return Err(format!("port_map.{proto}: a pair must be [public, private]"));
+                        return Err(format!(
+                            "port_map.{proto}: a pair must be [public, private]"
+                        ));
                     }
                     other => {
                         let p = port_of(other, "port_map")?;
@@ -284,16 +290,20 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
             notes.push("source_ip now also restricts port_range (the original hook applied it to port_map only)".into());
         }
         for r in pr {
-            let r = r
-                .as_object()
-                .ok_or("port_range entries must be objects")?;
-            let init = port_of(r.get("init_port").ok_or("port_range: missing 'init_port'")?, "init_port")?;
+            let r = r.as_object().ok_or("port_range entries must be objects")?;
+            let init = port_of(
+                r.get("init_port")
+                    .ok_or("port_range: missing 'init_port'")?,
+                "init_port",
+            )?;
             let num = r
                 .get("ports_num")
                 .and_then(Value::as_u64)
                 .ok_or("port_range: 'ports_num' must be a positive number")?;
             if num == 0 || u64::from(init) + num - 1 > 65535 {
-                return Err(format!("port_range: {init} + {num} ports exceeds 65535 or is empty"));
+                return Err(format!(
+                    "port_range: {init} + {num} ports exceeds 65535 or is empty"
+                ));
             }
             let proto = r
                 .get("protocol")
@@ -358,7 +368,13 @@ mod tests {
     fn upstream_example_parses() {
         let p = parse(Path::new("hooks.json"), UPSTREAM_EXAMPLE).unwrap();
         assert_eq!(p.invalid_domains, Vec::<String>::new());
-        let vm = &p.domains.iter().find(|d| d.0.0.name == "vmname").unwrap().0.1;
+        let vm = &p
+            .domains
+            .iter()
+            .find(|d| d.0.0.name == "vmname")
+            .unwrap()
+            .0
+            .1;
         let shorts: Vec<String> = vm.iter().map(|f| f.spec.short()).collect();
         assert_eq!(
             shorts,
@@ -370,11 +386,21 @@ mod tests {
             ]
         );
         assert!(vm.iter().all(|f| f.spec.listen == Listen::DefaultRoute));
-        let other = &p.domains.iter().find(|d| d.0.0.name == "othervm").unwrap().0.1;
+        let other = &p
+            .domains
+            .iter()
+            .find(|d| d.0.0.name == "othervm")
+            .unwrap()
+            .0
+            .1;
         assert_eq!(other.len(), 2);
         assert_eq!(other[0].spec.sources[0].to_string(), "198.51.100.0/24");
         assert_eq!(other[1].spec.host_ports.len(), 3);
-        assert!(p.diagnostics.iter().any(|d| d.message.contains("trailing comma")));
+        assert!(
+            p.diagnostics
+                .iter()
+                .any(|d| d.message.contains("trailing comma"))
+        );
         assert_eq!(p.diagnostics[0].origin.line, 33);
     }
 
@@ -399,6 +425,9 @@ mod tests {
     fn range_without_port_map() {
         let text = r#"{"x": {"private_ip": "192.168.122.9", "port_range": [{"init_port": 100, "ports_num": 1, "protocol": "udp"}]}}"#;
         let p = parse(Path::new("h.json"), text).unwrap();
-        assert_eq!(p.domains[0].0.1[0].spec.short(), "default-route:100:100/udp");
+        assert_eq!(
+            p.domains[0].0.1[0].spec.short(),
+            "default-route:100:100/udp"
+        );
     }
 }

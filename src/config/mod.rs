@@ -90,7 +90,9 @@ pub enum ConfigError {
     },
     #[error("{path}: larger than {MAX_CONFIG_BYTES} bytes, refused")]
     TooLarge { path: PathBuf },
-    #[error("{path}: writable by a user other than root (mode {mode:o}, owner uid {uid}); refused, fix with: chown root: {path} && chmod go-w {path}")]
+    #[error(
+        "{path}: writable by a user other than root (mode {mode:o}, owner uid {uid}); refused, fix with: chown root: {path} && chmod go-w {path}"
+    )]
     Insecure { path: PathBuf, mode: u32, uid: u32 },
     #[error("{0}")]
     Syntax(Diagnostic),
@@ -269,7 +271,10 @@ description = "internal API"
         assert!(c.invalid_domains.contains("bad"));
         let e = c.errors().next().unwrap();
         assert_eq!((e.origin.line, e.origin.col), (4, 24), "{e}");
-        assert!(e.to_string().starts_with("v.toml:4:24: error: domain \"bad\": \"0:80\": port 0"));
+        assert!(
+            e.to_string()
+                .starts_with("v.toml:4:24: error: domain \"bad\": \"0:80\": port 0")
+        );
     }
 
     #[test]
@@ -278,13 +283,19 @@ description = "internal API"
             ("host_port = 65536", "out of range"),
             ("host_port = \"90-80\"", "reversed"),
             ("host_port = \"90-92\"\nguest_port = 80", "differ in length"),
-            ("host_port = 80\nsource = \"10.0.0.0/33\"", "not an address or CIDR"),
+            (
+                "host_port = 80\nsource = \"10.0.0.0/33\"",
+                "not an address or CIDR",
+            ),
             ("host_port = 80\nbogus = 1", "unknown key 'bogus'"),
             ("guest_port = 80", "missing 'host_port'"),
             ("host_port = 80\nnic = \"\"", "neither a MAC"),
         ] {
             let c = parse_toml(&format!("[[domain.x.forward]]\n{body}\n"));
-            let e = c.errors().next().unwrap_or_else(|| panic!("no error for {body}"));
+            let e = c
+                .errors()
+                .next()
+                .unwrap_or_else(|| panic!("no error for {body}"));
             assert!(e.message.contains(want), "{body}: {e}");
             assert!(e.origin.line >= 1);
         }
@@ -297,7 +308,10 @@ description = "internal API"
         );
         let e: Vec<_> = c.errors().collect();
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].message.contains("conflicts with forward 8080:80/tcp of domain \"a\""));
+        assert!(
+            e[0].message
+                .contains("conflicts with forward 8080:80/tcp of domain \"a\"")
+        );
         assert_eq!(e[0].origin.line, 4);
     }
 

@@ -99,7 +99,10 @@ mod tests {
     fn forms() {
         let f = ok("8080:80");
         assert_eq!(f.listen, Listen::Any);
-        assert_eq!((f.host_ports.start, f.guest_ports.start, f.proto), (8080, 80, Proto::Tcp));
+        assert_eq!(
+            (f.host_ports.start, f.guest_ports.start, f.proto),
+            (8080, 80, Proto::Tcp)
+        );
         let f = ok("203.0.113.1:5353:53535/udp");
         assert_eq!(f.listen, Listen::Address("203.0.113.1".parse().unwrap()));
         assert_eq!(f.proto, Proto::Udp);

@@ -14,7 +14,13 @@ use super::short::{check_lengths, parse_short};
 use super::{BackendChoice, ConfiguredForward, ParsedFile};
 use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto};
 
-const DOMAIN_KEYS: &[&str] = &["forwards", "forward", "uuid", "fail_closed", "guest_address"];
+const DOMAIN_KEYS: &[&str] = &[
+    "forwards",
+    "forward",
+    "uuid",
+    "fail_closed",
+    "guest_address",
+];
 const FORWARD_KEYS: &[&str] = &[
     "host_port",
     "guest_port",
@@ -77,7 +83,11 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
 
 fn parse_settings(ctx: &Ctx, item: &Item, out: &mut ParsedFile) {
     let Some(t) = item.as_table_like() else {
-        out.diagnostics.push(err(ctx.origin(item.span()), None, "'settings' must be a table"));
+        out.diagnostics.push(err(
+            ctx.origin(item.span()),
+            None,
+            "'settings' must be a table",
+        ));
         return;
     };
     for (k, v) in t.iter() {
@@ -152,7 +162,8 @@ fn parse_domain(
                     let text = s.as_str().ok_or_else(|| {
                         (so.clone(), "'forwards' entries must be strings".to_string())
                     })?;
-                    let sf = parse_short(text).map_err(|e| (so.clone(), format!("{text:?}: {e}")))?;
+                    let sf =
+                        parse_short(text).map_err(|e| (so.clone(), format!("{text:?}: {e}")))?;
                     forwards.push(ConfiguredForward {
                         spec: ForwardSpec {
                             proto: sf.proto,
@@ -167,7 +178,10 @@ fn parse_domain(
             }
             "forward" => {
                 let aot = v.as_array_of_tables().ok_or_else(|| {
-                    (o.clone(), "'forward' must be written as [[domain.NAME.forward]]".into())
+                    (
+                        o.clone(),
+                        "'forward' must be written as [[domain.NAME.forward]]".into(),
+                    )
                 })?;
                 for ft in aot.iter() {
                     forwards.extend(parse_long(ctx, ft)?);
@@ -176,7 +190,10 @@ fn parse_domain(
             other => {
                 return Err((
                     ctx.origin(t.key(other).and_then(|k| k.span()).or(v.span())),
-                    format!("unknown key '{other}' (expected one of: {})", DOMAIN_KEYS.join(", ")),
+                    format!(
+                        "unknown key '{other}' (expected one of: {})",
+                        DOMAIN_KEYS.join(", ")
+                    ),
                 ));
             }
         }
@@ -209,7 +226,10 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
                     .as_str()
                     .ok_or_else(|| (o.clone(), "'proto' must be a string".to_string()))?;
                 f.proto = Proto::parse(s).ok_or_else(|| {
-                    (o.clone(), format!("unknown protocol '{s}' (expected tcp, udp or sctp)"))
+                    (
+                        o.clone(),
+                        format!("unknown protocol '{s}' (expected tcp, udp or sctp)"),
+                    )
                 })?;
             }
             "listen" => {
@@ -264,7 +284,10 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
     f.host_ports = host;
     f.guest_ports = guest;
     if interface.is_some() && !listens.is_empty() {
-        return Err((origin, "give either 'listen' or 'interface', not both".into()));
+        return Err((
+            origin,
+            "give either 'listen' or 'interface', not both".into(),
+        ));
     }
     if let Some(i) = interface {
         listens.push(Listen::Interface(i));
@@ -288,8 +311,9 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
 pub fn validate_ifname(s: &str) -> Result<(), String> {
     if s.is_empty()
         || s.len() > 15
-        || s.chars()
-            .any(|c| c == '/' || c == '"' || c == '\'' || c == '\\' || c.is_whitespace() || c.is_control())
+        || s.chars().any(|c| {
+            c == '/' || c == '"' || c == '\'' || c == '\\' || c.is_whitespace() || c.is_control()
+        })
     {
         return Err(format!("'{s}' is not a valid interface name"));
     }
@@ -309,12 +333,15 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 pub fn parse_nic(s: &str) -> Result<NicSelector, String> {
     let is_mac = s.len() == 17
         && s.split(':').count() == 6
-        && s.split(':').all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+        && s.split(':')
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
     if is_mac {
         return Ok(NicSelector::Mac(s.to_ascii_lowercase()));
     }
     if s.is_empty() || s.chars().any(|c| c.is_control()) {
-        return Err(format!("nic '{s}' is neither a MAC address nor a network name"));
+        return Err(format!(
+            "nic '{s}' is neither a MAC address nor a network name"
+        ));
     }
     Ok(NicSelector::Network(s.to_string()))
 }
@@ -333,9 +360,12 @@ fn str_or_array(v: &Value, o: &Origin, k: &str) -> DomainResult<Vec<String>> {
     if let Some(s) = v.as_str() {
         return Ok(vec![s.to_string()]);
     }
-    let arr = v
-        .as_array()
-        .ok_or_else(|| (o.clone(), format!("'{k}' must be a string or an array of strings")))?;
+    let arr = v.as_array().ok_or_else(|| {
+        (
+            o.clone(),
+            format!("'{k}' must be a string or an array of strings"),
+        )
+    })?;
     arr.iter()
         .map(|x| {
             x.as_str()
@@ -346,17 +376,26 @@ fn str_or_array(v: &Value, o: &Origin, k: &str) -> DomainResult<Vec<String>> {
 }
 
 fn parse_addresses(item: &Item, o: &Origin) -> DomainResult<Vec<IpAddr>> {
-    let v = item
-        .as_value()
-        .ok_or_else(|| (o.clone(), "'guest_address' must be a string or array".to_string()))?;
+    let v = item.as_value().ok_or_else(|| {
+        (
+            o.clone(),
+            "'guest_address' must be a string or array".to_string(),
+        )
+    })?;
     let list = str_or_array(v, o, "guest_address")?;
     let mut out: Vec<IpAddr> = Vec::new();
     for s in list {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| (o.clone(), format!("guest_address: '{s}' is not an IP address")))?;
+        let ip: IpAddr = s.parse().map_err(|_| {
+            (
+                o.clone(),
+                format!("guest_address: '{s}' is not an IP address"),
+            )
+        })?;
         if out.iter().any(|x| x.is_ipv4() == ip.is_ipv4()) {
-            return Err((o.clone(), "guest_address: at most one address per family".into()));
+            return Err((
+                o.clone(),
+                "guest_address: at most one address per family".into(),
+            ));
         }
         out.push(ip);
     }
@@ -373,5 +412,8 @@ fn parse_port_value(v: &Value, o: &Origin, k: &str) -> DomainResult<PortRange> {
     if let Some(s) = v.as_str() {
         return PortRange::parse(s).map_err(|e| (o.clone(), format!("{k}: {e}")));
     }
-    Err((o.clone(), format!("'{k}' must be a port number or a \"START-END\" string")))
+    Err((
+        o.clone(),
+        format!("'{k}' must be a port number or a \"START-END\" string"),
+    ))
 }

@@ -75,7 +75,10 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
     let mut addresses = Vec::new();
     let mut reservations = Vec::new();
     for ip in net.children().filter(|c| c.has_tag_name("ip")) {
-        let Some(addr) = ip.attribute("address").and_then(|a| a.parse::<IpAddr>().ok()) else {
+        let Some(addr) = ip
+            .attribute("address")
+            .and_then(|a| a.parse::<IpAddr>().ok())
+        else {
             continue;
         };
         let prefix = ip
@@ -136,7 +139,10 @@ pub fn recorded_firewall(text: &str) -> bool {
 pub fn read_xml(path: &Path) -> Option<String> {
     let meta = fs::metadata(path).ok()?;
     if meta.len() > MAX_XML_BYTES {
-        tracing::warn!("{}: larger than {MAX_XML_BYTES} bytes, ignored", path.display());
+        tracing::warn!(
+            "{}: larger than {MAX_XML_BYTES} bytes, ignored",
+            path.display()
+        );
         return None;
     }
     fs::read_to_string(path).ok()
@@ -227,7 +233,10 @@ mod tests {
 </domstatus>"#;
         let d = parse_domain_xml(x).unwrap();
         assert_eq!(d.name, "web \"1\"; $(x)");
-        assert_eq!(d.uuid.as_deref(), Some("6f1d3b2a-0000-4000-8000-000000000001"));
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("6f1d3b2a-0000-4000-8000-000000000001")
+        );
         assert_eq!(d.nics[0].mac, "52:54:00:aa:00:01");
         assert_eq!(d.nics[0].tap.as_deref(), Some("vnet0"));
         assert_eq!(d.nics[1].bridge.as_deref(), Some("br9"));
@@ -253,7 +262,10 @@ mod tests {
         assert_eq!(n.forward_mode, "nat");
         assert!(n.ipv6_nat);
         assert_eq!(n.firewall, LibvirtFirewall::Nftables);
-        assert_eq!(n.subnets().map(|s| s.to_string()).collect::<Vec<_>>(), ["192.168.122.0/24", "fd00:122::/64"]);
+        assert_eq!(
+            n.subnets().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["192.168.122.0/24", "fd00:122::/64"]
+        );
         assert_eq!(n.reservations[0].ip.to_string(), "192.168.122.10");
     }
 }

@@ -14,7 +14,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Which firewall form libvirt uses for a network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LibvirtFirewall {
     #[default]

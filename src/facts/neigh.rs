@@ -11,7 +11,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -69,7 +69,9 @@ fn format_mac(b: &[u8]) -> String {
 
 /// The neighbour table (IPv4 and IPv6), usable entries only.
 pub fn read_neighbours() -> io::Result<Vec<Neighbour>> {
-    let msgs = dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()))?;
+    let msgs = dump(RouteNetlinkMessage::GetNeighbour(
+        NeighbourMessage::default(),
+    ))?;
     let mut out = Vec::new();
     for m in msgs {
         let RouteNetlinkMessage::NewNeighbour(n) = m else {
@@ -141,5 +143,3 @@ pub fn default_route_v4() -> io::Result<Option<Ipv4Addr>> {
     }))
 }
 
-#[allow(dead_code)]
-fn _route_address_is_used(_: RouteAddress) {}

@@ -102,7 +102,11 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
                     proto_match(r, &r.guest_ports)
                 ));
             }
-            for h in rs.hairpins.iter().filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip)) {
+            for h in rs
+                .hairpins
+                .iter()
+                .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
+            {
                 post.push(format!(
                     "-s {} -d {} -o {} {} -m conntrack --ctstate DNAT -j MASQUERADE",
                     h.subnet,
@@ -148,7 +152,9 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             .iter()
             .filter(|r| {
                 rs.accepts.iter().any(|a| {
-                    a.bridge == r.bridge && a.family == family && a.firewall == crate::facts::LibvirtFirewall::Iptables
+                    a.bridge == r.bridge
+                        && a.family == family
+                        && a.firewall == crate::facts::LibvirtFirewall::Iptables
                 })
             })
             .map(|r| {
@@ -175,18 +181,30 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
 /// iptables-nft-save prints built-in chains even when they do not exist yet).
 fn present_chains() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let Ok(o) = exec::run_raw(&["nft", "-j", "list", "chains"], None, exec::DEFAULT_TIMEOUT) else {
+    let Ok(o) = exec::run_raw(
+        &["nft", "-j", "list", "chains"],
+        None,
+        exec::DEFAULT_TIMEOUT,
+    ) else {
         return out;
     };
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
     for item in v["nftables"].as_array().into_iter().flatten() {
         let c = &item["chain"];
-        if let (Some(f), Some(t), Some(n)) = (c["family"].as_str(), c["table"].as_str(), c["name"].as_str()) {
+        if let (Some(f), Some(t), Some(n)) = (
+            c["family"].as_str(),
+            c["table"].as_str(),
+            c["name"].as_str(),
+        ) {
             out.insert(format!("{f} {t}"));
             out.insert(format!("{f} {t} {n}"));
         }
     }
-    if let Ok(o) = exec::run_raw(&["nft", "-j", "list", "tables"], None, exec::DEFAULT_TIMEOUT) {
+    if let Ok(o) = exec::run_raw(
+        &["nft", "-j", "list", "tables"],
+        None,
+        exec::DEFAULT_TIMEOUT,
+    ) {
         let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
         for item in v["nftables"].as_array().into_iter().flatten() {
             let t = &item["table"];
@@ -204,7 +222,9 @@ fn is_nft_variant() -> bool {
 
 impl Iptables {
     fn created_path(&self) -> Option<PathBuf> {
-        self.state_dir.as_ref().map(|d| d.join("iptables-created.json"))
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join("iptables-created.json"))
     }
 
     /// Remembers, before virtgate first adds anything, what already existed.
@@ -225,8 +245,12 @@ impl Iptables {
     /// After removing everything: iptables-nft created tables and built-in chains lazily;
     /// delete the empty ones that did not exist before virtgate.
     fn cleanup_created(&self) -> Result<(), FirewallError> {
-        let Some(p) = self.created_path() else { return Ok(()) };
-        let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+        let Some(p) = self.created_path() else {
+            return Ok(());
+        };
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            return Ok(());
+        };
         let pre: BTreeSet<String> = serde_json::from_str(&text).unwrap_or_default();
         let now = present_chains();
         let mut batch = String::new();
@@ -238,7 +262,10 @@ impl Iptables {
                     continue;
                 }
                 let rules = xtables::parse_save(&xtables::save(f, t, false));
-                let chains: Vec<&String> = now.iter().filter(|c| c.starts_with(&format!("{table} "))).collect();
+                let chains: Vec<&String> = now
+                    .iter()
+                    .filter(|c| c.starts_with(&format!("{table} ")))
+                    .collect();
                 let mut remaining = 0;
                 for c in &chains {
                     let name = &c[table.len() + 1..];
@@ -325,14 +352,23 @@ impl Backend for Iptables {
             for t in ["nat", "filter"] {
                 for (chain, rules) in xtables::parse_save(&xtables::save(f, t, false)) {
                     for (i, r) in rules.iter().enumerate() {
-                        if chain.starts_with(xtables::CHAIN_PREFIX) || r.contains(xtables::CHAIN_PREFIX) {
+                        if chain.starts_with(xtables::CHAIN_PREFIX)
+                            || r.contains(xtables::CHAIN_PREFIX)
+                        {
                             let _ = writeln!(text, "{f:?} {t} {i}: {r}");
                         }
                     }
                 }
             }
             if let Ok(out) = exec::run_raw(
-                &["nft", "list", "chain", placement::nft_family(f), "libvirt_network", "guest_input"],
+                &[
+                    "nft",
+                    "list",
+                    "chain",
+                    placement::nft_family(f),
+                    "libvirt_network",
+                    "guest_input",
+                ],
                 None,
                 exec::DEFAULT_TIMEOUT,
             ) && out.success
@@ -356,10 +392,19 @@ impl Backend for Iptables {
         for f in [Family::Ipv4, Family::Ipv6] {
             for (t, map) in [("filter", &mut forward), ("nat", &mut dnat)] {
                 for line in xtables::save(f, t, true).lines() {
-                    let Some(rest) = line.strip_prefix('[') else { continue };
-                    let Some((nums, rule)) = rest.split_once("] ") else { continue };
-                    let Some(p) = rule.find("\"vg:") else { continue };
-                    let id: String = rule[p + 4..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+                    let Some(rest) = line.strip_prefix('[') else {
+                        continue;
+                    };
+                    let Some((nums, rule)) = rest.split_once("] ") else {
+                        continue;
+                    };
+                    let Some(p) = rule.find("\"vg:") else {
+                        continue;
+                    };
+                    let id: String = rule[p + 4..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_hexdigit())
+                        .collect();
                     let (pk, by) = nums.split_once(':').unwrap_or(("0", "0"));
                     let c = map.entry(id).or_default();
                     c.packets += pk.parse::<u64>().unwrap_or(0);

@@ -97,7 +97,10 @@ pub fn strip_counters(text: &str) -> String {
                 .find("bytes ")
                 .map(|b| {
                     let after = &rest[b + 6..];
-                    b + 6 + after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len())
+                    b + 6
+                        + after
+                            .find(|c: char| !c.is_ascii_digit())
+                            .unwrap_or(after.len())
                 })
                 .unwrap_or(rest.len());
             l.replace_range(p..p + end, "");

@@ -61,7 +61,10 @@ fn dnat_stmt(r: &Rule) -> String {
     let g = &r.guest_ports;
     let h = &r.host_ports;
     if h.start == h.end {
-        format!("meta l4proto {p} dnat {fam} to {}", with_port(&r.guest_ip, g.start))
+        format!(
+            "meta l4proto {p} dnat {fam} to {}",
+            with_port(&r.guest_ip, g.start)
+        )
     } else if h == g {
         format!("meta l4proto {p} dnat {fam} to {}", addr(&r.guest_ip))
     } else {
@@ -88,7 +91,9 @@ fn set_decl(out: &mut String, kind: &str, name: &str, ty: &str, elems: &[String]
 fn merged_targets(rules: &[&Rule]) -> Vec<(IpAddr, Proto, PortRange)> {
     let mut by: BTreeMap<(IpAddr, Proto), Vec<PortRange>> = BTreeMap::new();
     for r in rules {
-        by.entry((r.guest_ip, r.proto)).or_default().push(r.guest_ports);
+        by.entry((r.guest_ip, r.proto))
+            .or_default()
+            .push(r.guest_ports);
     }
     let mut out = Vec::new();
     for ((ip, p), mut ranges) in by {
@@ -129,9 +134,10 @@ pub fn render_table(rs: &Ruleset) -> String {
                 .entry(r.family)
                 .or_default()
                 .push(format!("{} . {key} : {verdict}", addr(a))),
-            ListenOn::Interface(i) => {
-                if_elems.push(format!("\"{i}\" . {} . {key} : {verdict}", nfproto(r.family)))
-            }
+            ListenOn::Interface(i) => if_elems.push(format!(
+                "\"{i}\" . {} . {key} : {verdict}",
+                nfproto(r.family)
+            )),
             ListenOn::Any => any_elems.push(format!("{} . {key} : {verdict}", nfproto(r.family))),
         }
         if r.localhost {
@@ -143,9 +149,27 @@ pub fn render_table(rs: &Ruleset) -> String {
         let e = addr_elems.remove(&f).unwrap_or_default();
         set_decl(&mut out, "map", &format!("listen_addr{}", fam4(f)), &ty, &e);
     }
-    set_decl(&mut out, "map", "listen_if", "ifname . nf_proto . inet_proto . inet_service : verdict", &if_elems);
-    set_decl(&mut out, "map", "listen_any", "nf_proto . inet_proto . inet_service : verdict", &any_elems);
-    set_decl(&mut out, "map", "localhost4", "inet_proto . inet_service : verdict", &lo_elems);
+    set_decl(
+        &mut out,
+        "map",
+        "listen_if",
+        "ifname . nf_proto . inet_proto . inet_service : verdict",
+        &if_elems,
+    );
+    set_decl(
+        &mut out,
+        "map",
+        "listen_any",
+        "nf_proto . inet_proto . inet_service : verdict",
+        &any_elems,
+    );
+    set_decl(
+        &mut out,
+        "map",
+        "localhost4",
+        "inet_proto . inet_service : verdict",
+        &lo_elems,
+    );
     for f in [Family::Ipv4, Family::Ipv6] {
         let hp: Vec<String> = rs
             .hairpins
@@ -153,31 +177,62 @@ pub fn render_table(rs: &Ruleset) -> String {
             .filter(|h| Family::of_net(&h.subnet) == f)
             .map(|h| format!("\"{}\" . {}", h.bridge, h.subnet))
             .collect();
-        set_decl(&mut out, "set", &format!("hairpin{}", fam4(f)), &format!("ifname . {}_addr", nfproto(f)), &hp);
+        set_decl(
+            &mut out,
+            "set",
+            &format!("hairpin{}", fam4(f)),
+            &format!("ifname . {}_addr", nfproto(f)),
+            &hp,
+        );
         let fam_rules: Vec<&Rule> = rs.rules.iter().filter(|r| r.family == f).collect();
         let targets: Vec<String> = merged_targets(&fam_rules)
             .iter()
             .map(|(ip, p, r)| format!("{ip} . {p} . {r}"))
             .collect();
-        set_decl(&mut out, "set", &format!("targets{}", fam4(f)), &format!("{}_addr . inet_proto . inet_service", nfproto(f)), &targets);
+        set_decl(
+            &mut out,
+            "set",
+            &format!("targets{}", fam4(f)),
+            &format!("{}_addr . inet_proto . inet_service", nfproto(f)),
+            &targets,
+        );
         // counters: one per rule; a target shared by two rules counts for the first
         let mut seen: Vec<&Rule> = Vec::new();
         let mut cnt = Vec::new();
         for r in &fam_rules {
-            if seen.iter().any(|s| s.guest_ip == r.guest_ip && s.proto == r.proto && s.guest_ports.overlaps(&r.guest_ports)) {
+            if seen.iter().any(|s| {
+                s.guest_ip == r.guest_ip
+                    && s.proto == r.proto
+                    && s.guest_ports.overlaps(&r.guest_ports)
+            }) {
                 continue;
             }
             seen.push(r);
-            cnt.push(format!("{} . {} . {} : \"c_{}\"", r.guest_ip, r.proto, r.guest_ports, r.id));
+            cnt.push(format!(
+                "{} . {} . {} : \"c_{}\"",
+                r.guest_ip, r.proto, r.guest_ports, r.id
+            ));
         }
-        set_decl(&mut out, "map", &format!("counters{}", fam4(f)), &format!("{}_addr . inet_proto . inet_service : counter", nfproto(f)), &cnt);
+        set_decl(
+            &mut out,
+            "map",
+            &format!("counters{}", fam4(f)),
+            &format!("{}_addr . inet_proto . inet_service : counter", nfproto(f)),
+            &cnt,
+        );
         let lo_targets: Vec<&Rule> = fam_rules.iter().copied().filter(|r| r.localhost).collect();
         if f == Family::Ipv4 {
             let lt: Vec<String> = merged_targets(&lo_targets)
                 .iter()
                 .map(|(ip, p, r)| format!("{ip} . {p} . {r}"))
                 .collect();
-            set_decl(&mut out, "set", "localhost_targets4", "ipv4_addr . inet_proto . inet_service", &lt);
+            set_decl(
+                &mut out,
+                "set",
+                "localhost_targets4",
+                "ipv4_addr . inet_proto . inet_service",
+                &lt,
+            );
         }
     }
     for r in &rs.rules {
@@ -186,7 +241,13 @@ pub fn render_table(rs: &Ruleset) -> String {
     for r in &rs.rules {
         if !r.sources.is_empty() {
             let elems: Vec<String> = r.sources.iter().map(IpNet::to_string).collect();
-            set_decl(&mut out, "set", &format!("s_{}", r.id), &format!("{}_addr", nfproto(r.family)), &elems);
+            set_decl(
+                &mut out,
+                "set",
+                &format!("s_{}", r.id),
+                &format!("{}_addr", nfproto(r.family)),
+                &elems,
+            );
         }
     }
     for r in &rs.rules {
@@ -194,13 +255,22 @@ pub fn render_table(rs: &Ruleset) -> String {
         let comment = r.comment();
         let _ = writeln!(out, "\tchain f_{} {{", r.id);
         if !r.sources.is_empty() {
-            let lo = if r.localhost { " ip saddr != 127.0.0.0/8" } else { "" };
+            let lo = if r.localhost {
+                " ip saddr != 127.0.0.0/8"
+            } else {
+                ""
+            };
             let _ = writeln!(out, "\t\t{fam} saddr != @s_{}{lo} return", r.id);
         }
         let _ = writeln!(out, "\t\t{} comment \"{comment}\"", dnat_stmt(r));
         out.push_str("\t}\n");
         if r.localhost {
-            let _ = writeln!(out, "\tchain l_{} {{\n\t\t{} comment \"{comment}\"\n\t}}", r.id, dnat_stmt(r));
+            let _ = writeln!(
+                out,
+                "\tchain l_{} {{\n\t\t{} comment \"{comment}\"\n\t}}",
+                r.id,
+                dnat_stmt(r)
+            );
         }
     }
     out.push_str(
@@ -256,9 +326,16 @@ pub fn table_batch(rs: &Ruleset) -> String {
 
 /// Runs one `nft -f -` transaction.
 pub fn nft_apply(batch: &str) -> Result<(), FirewallError> {
-    let out = exec::run_raw(&["nft", "-f", "-"], Some(batch.as_bytes()), exec::DEFAULT_TIMEOUT)?;
+    let out = exec::run_raw(
+        &["nft", "-f", "-"],
+        Some(batch.as_bytes()),
+        exec::DEFAULT_TIMEOUT,
+    )?;
     if !out.success {
-        return Err(FirewallError::Rejected(format!("nft: {}", out.stderr.trim())));
+        return Err(FirewallError::Rejected(format!(
+            "nft: {}",
+            out.stderr.trim()
+        )));
     }
     Ok(())
 }
@@ -274,7 +351,10 @@ fn xt_specs(rs: &Ruleset) -> Vec<(Family, xtables::TableSpec)> {
                 ..Default::default()
             };
             if placement::needs_xt(&rs.accepts, f) {
-                spec.chains.push((placement::XT_FORWARD.to_string(), placement::xt_bridge_rules(&rs.accepts, f)));
+                spec.chains.push((
+                    placement::XT_FORWARD.to_string(),
+                    placement::xt_bridge_rules(&rs.accepts, f),
+                ));
                 spec.jumps.push(xtables::Jump {
                     builtin: "FORWARD",
                     matches: "",
@@ -334,11 +414,26 @@ impl Backend for Nftables {
     }
 
     fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
-        let table = exec::run_raw(&["nft", "list", "table", "inet", TABLE], None, exec::DEFAULT_TIMEOUT)?;
-        let mut text = if table.success { table.stdout } else { String::new() };
+        let table = exec::run_raw(
+            &["nft", "list", "table", "inet", TABLE],
+            None,
+            exec::DEFAULT_TIMEOUT,
+        )?;
+        let mut text = if table.success {
+            table.stdout
+        } else {
+            String::new()
+        };
         for f in [Family::Ipv4, Family::Ipv6] {
             let out = exec::run_raw(
-                &["nft", "list", "chain", placement::nft_family(f), "libvirt_network", "guest_input"],
+                &[
+                    "nft",
+                    "list",
+                    "chain",
+                    placement::nft_family(f),
+                    "libvirt_network",
+                    "guest_input",
+                ],
                 None,
                 exec::DEFAULT_TIMEOUT,
             )?;
@@ -353,7 +448,8 @@ impl Backend for Nftables {
             let save = xtables::parse_save(&xtables::save(f, "filter", false));
             for (chain, rules) in &save {
                 for (i, r) in rules.iter().enumerate() {
-                    if chain.starts_with(xtables::CHAIN_PREFIX) || r.contains(xtables::CHAIN_PREFIX) {
+                    if chain.starts_with(xtables::CHAIN_PREFIX) || r.contains(xtables::CHAIN_PREFIX)
+                    {
                         let _ = writeln!(text, "xt {f:?} {i}: {r}");
                     }
                 }

@@ -34,7 +34,15 @@ pub fn nft_family(f: Family) -> &'static str {
 /// `nft -a list chain FAMILY libvirt_network guest_input`, or None if absent.
 fn list_guest_input(family: Family) -> Option<String> {
     let out = exec::run_raw(
-        &["nft", "-a", "list", "chain", nft_family(family), "libvirt_network", "guest_input"],
+        &[
+            "nft",
+            "-a",
+            "list",
+            "chain",
+            nft_family(family),
+            "libvirt_network",
+            "guest_input",
+        ],
         None,
         exec::DEFAULT_TIMEOUT,
     )
@@ -113,10 +121,14 @@ pub fn nft_batch(accepts: &[BridgeAccept]) -> Result<String, FirewallError> {
         }
         let f = nft_family(fam);
         for (_, h) in ours {
-            batch.push_str(&format!("delete rule {f} libvirt_network guest_input handle {h}\n"));
+            batch.push_str(&format!(
+                "delete rule {f} libvirt_network guest_input handle {h}\n"
+            ));
         }
         for r in wanted.iter().rev() {
-            batch.push_str(&format!("insert rule {f} libvirt_network guest_input {r}\n"));
+            batch.push_str(&format!(
+                "insert rule {f} libvirt_network guest_input {r}\n"
+            ));
         }
     }
     Ok(batch)
@@ -125,7 +137,10 @@ pub fn nft_batch(accepts: &[BridgeAccept]) -> Result<String, FirewallError> {
 /// The rendered form of the nft placement, for `render` (no kernel access).
 pub fn nft_render(accepts: &[BridgeAccept]) -> String {
     let mut s = String::new();
-    for a in accepts.iter().filter(|a| a.firewall == LibvirtFirewall::Nftables) {
+    for a in accepts
+        .iter()
+        .filter(|a| a.firewall == LibvirtFirewall::Nftables)
+    {
         s.push_str(&format!(
             "insert rule {} libvirt_network guest_input {}\n",
             nft_family(a.family),

@@ -77,7 +77,11 @@ pub fn parse_save(text: &str) -> BTreeMap<String, Vec<String>> {
                 chains.entry(name.to_string()).or_default();
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
-            let chain = rule.split_whitespace().next().unwrap_or_default().to_string();
+            let chain = rule
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
             chains.entry(chain).or_default().push(format!("-A {rule}"));
         }
     }
@@ -186,7 +190,10 @@ mod tests {
     fn buried_jump_is_moved_to_top() {
         let spec = TableSpec {
             table: "filter",
-            chains: vec![("VIRTGATE_FORWARD".into(), vec!["-o virbr1 -j ACCEPT".into()])],
+            chains: vec![(
+                "VIRTGATE_FORWARD".into(),
+                vec!["-o virbr1 -j ACCEPT".into()],
+            )],
             jumps: vec![Jump {
                 builtin: "FORWARD",
                 matches: "",
@@ -211,6 +218,9 @@ mod tests {
             s,
             "*filter\n-D FORWARD -j VIRTGATE_FORWARD\n:VIRTGATE_FORWARD - [0:0]\n-X VIRTGATE_FORWARD\nCOMMIT\n"
         );
-        assert_eq!(table_script(&spec, "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"), None);
+        assert_eq!(
+            table_script(&spec, "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"),
+            None
+        );
     }
 }

@@ -4,7 +4,10 @@
 use super::Netns;
 
 /// (bridge, IPv4 subnet)
-pub const NETS: [(&str, &str); 2] = [("virbr1", "192.168.100.0/24"), ("virbr0", "192.168.122.0/24")];
+pub const NETS: [(&str, &str); 2] = [
+    ("virbr1", "192.168.100.0/24"),
+    ("virbr0", "192.168.122.0/24"),
+];
 /// virbr0 also has a routed IPv6 subnet (no `<nat ipv6='yes'/>`).
 pub const NET6: (&str, &str) = ("virbr0", "fd00:122::/64");
 
@@ -42,7 +45,9 @@ pub fn iptables_v4() -> String {
 
 fn filter_rules_v6() -> String {
     let (br6, net6) = NET6;
-    let mut s = format!("-A LIBVIRT_FWI -d {net6} -o {br6} -j ACCEPT\n-A LIBVIRT_FWO -s {net6} -i {br6} -j ACCEPT\n");
+    let mut s = format!(
+        "-A LIBVIRT_FWI -d {net6} -o {br6} -j ACCEPT\n-A LIBVIRT_FWO -s {net6} -i {br6} -j ACCEPT\n"
+    );
     for (br, _) in NETS {
         s.push_str(&format!(
             "-A LIBVIRT_FWI -o {br} -j REJECT --reject-with icmp6-port-unreachable\n-A LIBVIRT_FWO -i {br} -j REJECT --reject-with icmp6-port-unreachable\n-A LIBVIRT_FWX -i {br} -o {br} -j ACCEPT\n"
@@ -52,7 +57,10 @@ fn filter_rules_v6() -> String {
 }
 
 pub fn iptables_v6() -> String {
-    format!("*filter\n{FILTER_CHAINS}{FILTER_JUMPS}{}COMMIT\n", filter_rules_v6())
+    format!(
+        "*filter\n{FILTER_CHAINS}{FILTER_JUMPS}{}COMMIT\n",
+        filter_rules_v6()
+    )
 }
 
 /// libvirt's reload on the iptables form: its chains are flushed and refilled, its jumps
@@ -60,9 +68,16 @@ pub fn iptables_v6() -> String {
 pub fn reload_iptables(host: &Netns) {
     host.exec_stdin(
         &["iptables-restore", "--noflush"],
-        &format!("*nat\n:LIBVIRT_PRT - [0:0]\n{}COMMIT\n*filter\n{FILTER_CHAINS}{}COMMIT\n", nat_rules_v4(), filter_rules_v4()),
+        &format!(
+            "*nat\n:LIBVIRT_PRT - [0:0]\n{}COMMIT\n*filter\n{FILTER_CHAINS}{}COMMIT\n",
+            nat_rules_v4(),
+            filter_rules_v4()
+        ),
     );
-    host.exec_stdin(&["ip6tables-restore", "--noflush"], &format!("*filter\n{FILTER_CHAINS}{}COMMIT\n", filter_rules_v6()));
+    host.exec_stdin(
+        &["ip6tables-restore", "--noflush"],
+        &format!("*filter\n{FILTER_CHAINS}{}COMMIT\n", filter_rules_v6()),
+    );
 }
 
 /// Rules of libvirt's nftables chains, in list order.
@@ -73,16 +88,24 @@ fn nft_chain_rules(fam: &str) -> Vec<(&'static str, Vec<String>)> {
     let mut nat = Vec::new();
     if fam == "ip" {
         for (br, net) in NETS {
-            input.push(format!("oif \"{br}\" ip daddr {net} ct state related,established counter accept"));
+            input.push(format!(
+                "oif \"{br}\" ip daddr {net} ct state related,established counter accept"
+            ));
             input.push(format!("oif \"{br}\" counter reject"));
             output.push(format!("ip saddr {net} iif \"{br}\" counter accept"));
             output.push(format!("iif \"{br}\" counter reject"));
             cross.push(format!("iif \"{br}\" oif \"{br}\" counter accept"));
-            nat.push(format!("ip saddr {net} ip daddr 224.0.0.0/24 counter return"));
-            nat.push(format!("ip saddr {net} ip daddr 255.255.255.255 counter return"));
+            nat.push(format!(
+                "ip saddr {net} ip daddr 224.0.0.0/24 counter return"
+            ));
+            nat.push(format!(
+                "ip saddr {net} ip daddr 255.255.255.255 counter return"
+            ));
             nat.push(format!("meta l4proto tcp ip saddr {net} ip daddr != {net} counter masquerade to :1024-65535"));
             nat.push(format!("meta l4proto udp ip saddr {net} ip daddr != {net} counter masquerade to :1024-65535"));
-            nat.push(format!("ip saddr {net} ip daddr != {net} counter masquerade"));
+            nat.push(format!(
+                "ip saddr {net} ip daddr != {net} counter masquerade"
+            ));
         }
     } else {
         let (br6, net6) = NET6;
@@ -94,7 +117,12 @@ fn nft_chain_rules(fam: &str) -> Vec<(&'static str, Vec<String>)> {
             cross.push(format!("iif \"{br}\" oif \"{br}\" counter accept"));
         }
     }
-    vec![("guest_input", input), ("guest_output", output), ("guest_cross", cross), ("guest_nat", nat)]
+    vec![
+        ("guest_input", input),
+        ("guest_output", output),
+        ("guest_cross", cross),
+        ("guest_nat", nat),
+    ]
 }
 
 /// `table ip/ip6 libvirt_network` as libvirt >= 10.4 creates them.
@@ -127,11 +155,18 @@ pub fn reload_nft(host: &Netns) {
         for (chain, rules) in nft_chain_rules(fam) {
             let listing = host.exec(&["nft", "-a", "list", "chain", fam, "libvirt_network", chain]);
             for line in listing.lines() {
-                let Some((rule, handle)) = line.trim().rsplit_once(" # handle ") else { continue };
-                if rule.starts_with("chain ") || rule.starts_with("type ") || rule.contains("virtgate") {
+                let Some((rule, handle)) = line.trim().rsplit_once(" # handle ") else {
+                    continue;
+                };
+                if rule.starts_with("chain ")
+                    || rule.starts_with("type ")
+                    || rule.contains("virtgate")
+                {
                     continue;
                 }
-                batch.push_str(&format!("delete rule {fam} libvirt_network {chain} handle {handle}\n"));
+                batch.push_str(&format!(
+                    "delete rule {fam} libvirt_network {chain} handle {handle}\n"
+                ));
             }
             for r in rules.iter().rev() {
                 batch.push_str(&format!("insert rule {fam} libvirt_network {chain} {r}\n"));

@@ -54,7 +54,12 @@ pub fn run_stdin(argv: &[&str], input: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -71,7 +76,12 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        let name = format!("vgt{}{}{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst), tag);
+        let name = format!(
+            "vgt{}{}{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            tag
+        );
         run(&["ip", "netns", "add", &name]);
         run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         Netns { name }
@@ -114,7 +124,10 @@ impl Netns {
     }
 
     /// Runs `f` on a thread inside this namespace.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let fd = File::open(format!("/run/netns/{}", self.name)).unwrap();
         std::thread::spawn(move || {
             nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -129,7 +142,8 @@ impl Netns {
     /// TCP request to `addr`: Ok(answer) or Err(reason).
     pub fn tcp(&self, addr: SocketAddr) -> Result<String, String> {
         self.in_ns(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).map_err(|e| e.to_string())?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))
+                .map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_millis(1500))).ok();
             let mut out = String::new();
             s.read_to_string(&mut out).map_err(|e| e.to_string())?;
@@ -143,7 +157,13 @@ impl Netns {
     /// UDP echo request: Ok(answer) or Err(reason).
     pub fn udp(&self, addr: SocketAddr) -> Result<String, String> {
         self.in_ns(move || {
-            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
             let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_millis(700))).ok();
             for _ in 0..2 {
@@ -160,7 +180,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -175,7 +197,11 @@ pub fn serve(ns: &Netns, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) {
             for c in l.incoming() {
                 let Ok(mut c) = c else { continue };
                 let peer = c.peer_addr().map(|a| a.ip().to_canonical()).ok();
-                let _ = write!(c, "{n} port {p} from {}", peer.map(|x| x.to_string()).unwrap_or_default());
+                let _ = write!(
+                    c,
+                    "{n} port {p} from {}",
+                    peer.map(|x| x.to_string()).unwrap_or_default()
+                );
             }
         });
         rx.recv().unwrap();
@@ -246,14 +272,39 @@ impl Lab {
         let client2 = Netns::new("d");
         host.sysctl("net.ipv4.ip_forward", "1");
         host.sysctl("net.ipv6.conf.all.forwarding", "1");
-        host.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &client.name]);
-        host.ip(&["link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &client2.name]);
+        host.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ]);
+        host.ip(&[
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client2.name,
+        ]);
         host.ip(&["addr", "add", "203.0.113.1/24", "dev", "eth0"]);
         host.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad"]);
         host.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth1"]);
         host.ip(&["link", "set", "eth0", "up"]);
         host.ip(&["link", "set", "eth1", "up"]);
-        for (c, a, gw) in [(&client, "203.0.113.2/24", "203.0.113.1"), (&client2, "198.51.100.2/24", "198.51.100.1")] {
+        for (c, a, gw) in [
+            (&client, "203.0.113.2/24", "203.0.113.1"),
+            (&client2, "198.51.100.2/24", "198.51.100.1"),
+        ] {
             c.ip(&["addr", "add", a, "dev", "eth0"]);
             c.ip(&["link", "set", "eth0", "up"]);
             c.ip(&["route", "add", "default", "via", gw]);
@@ -262,7 +313,10 @@ impl Lab {
         client.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
         // the client may try to reach the guests' private addresses directly (routed bypass)
         client.ip(&["route", "add", "192.168.122.0/24", "via", "203.0.113.1"]);
-        for (br, a4, a6) in [("virbr0", "192.168.122.1/24", Some("fd00:122::1/64")), ("virbr1", "192.168.100.1/24", None)] {
+        for (br, a4, a6) in [
+            ("virbr0", "192.168.122.1/24", Some("fd00:122::1/64")),
+            ("virbr1", "192.168.100.1/24", None),
+        ] {
             host.ip(&["link", "add", br, "type", "bridge"]);
             host.ip(&["addr", "add", a4, "dev", br]);
             if let Some(a6) = a6 {
@@ -272,7 +326,13 @@ impl Lab {
         }
         let mut guests = Vec::new();
         for (i, (name, br, net, ip4, ip6)) in [
-            ("g1", "virbr0", "default", "192.168.122.10", Some("fd00:122::10")),
+            (
+                "g1",
+                "virbr0",
+                "default",
+                "192.168.122.10",
+                Some("fd00:122::10"),
+            ),
             ("g2", "virbr0", "default", "192.168.122.11", None),
             ("g3", "virbr1", "net1", "192.168.100.10", None),
         ]
@@ -282,12 +342,18 @@ impl Lab {
             let ns = Netns::new(name);
             let tap = format!("vnet{i}");
             let mac = format!("52:54:00:00:00:{:02x}", i + 10);
-            host.ip(&["link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+            host.ip(&[
+                "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ]);
             host.ip(&["link", "set", &tap, "master", br, "up"]);
             ns.ip(&["link", "set", "eth0", "address", &mac]);
             ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
-            let gw = if br == "virbr0" { "192.168.122.1" } else { "192.168.100.1" };
+            let gw = if br == "virbr0" {
+                "192.168.122.1"
+            } else {
+                "192.168.100.1"
+            };
             ns.ip(&["route", "add", "default", "via", gw]);
             if let Some(ip6) = ip6 {
                 ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
@@ -307,8 +373,14 @@ impl Lab {
         }
         match form {
             LibvirtForm::Iptables => {
-                host.exec_stdin(&["iptables-restore", "--noflush"], &libvirt_rules::iptables_v4());
-                host.exec_stdin(&["ip6tables-restore", "--noflush"], &libvirt_rules::iptables_v6());
+                host.exec_stdin(
+                    &["iptables-restore", "--noflush"],
+                    &libvirt_rules::iptables_v4(),
+                );
+                host.exec_stdin(
+                    &["ip6tables-restore", "--noflush"],
+                    &libvirt_rules::iptables_v6(),
+                );
             }
             LibvirtForm::Nftables => {
                 host.exec_stdin(&["nft", "-f", "-"], &libvirt_rules::nft_ruleset());
@@ -332,7 +404,9 @@ impl Lab {
     fn wait_ipv6(&self) {
         for target in ["fd00:122::10", "2001:db8:1::2"] {
             let ok = (0..40).any(|_| {
-                let (ok, _, _) = self.host.try_exec(&["ping", "-6", "-c", "1", "-W", "1", target]);
+                let (ok, _, _) = self
+                    .host
+                    .try_exec(&["ping", "-6", "-c", "1", "-W", "1", target]);
                 if !ok {
                     std::thread::sleep(std::time::Duration::from_millis(250));
                 }
@@ -363,7 +437,12 @@ impl Lab {
     /// found in the neighbour table).
     pub fn write_libvirt_files(&self) {
         let root = self.root();
-        for d in ["run/libvirt/qemu", "run/libvirt/network", "etc/libvirt/qemu/networks", "var/lib/libvirt/dnsmasq"] {
+        for d in [
+            "run/libvirt/qemu",
+            "run/libvirt/network",
+            "etc/libvirt/qemu/networks",
+            "var/lib/libvirt/dnsmasq",
+        ] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         for g in &self.guests {
@@ -376,12 +455,22 @@ impl Lab {
         );
         let net1 = "<network>\n  <name>net1</name>\n  <forward mode='nat'/>\n  <bridge name='virbr1'/>\n  <ip address='192.168.100.1' prefix='24'>\n    <dhcp><range start='192.168.100.2' end='192.168.100.254'/></dhcp>\n  </ip>\n</network>\n";
         for (name, xml) in [("default", default.as_str()), ("net1", net1)] {
-            std::fs::write(root.join(format!("etc/libvirt/qemu/networks/{name}.xml")), xml).unwrap();
-            let status = format!("<networkstatus>\n  <class_id bitmap='0-2'/>\n  <floor sum='0'/>\n{xml}</networkstatus>\n");
+            std::fs::write(
+                root.join(format!("etc/libvirt/qemu/networks/{name}.xml")),
+                xml,
+            )
+            .unwrap();
+            let status = format!(
+                "<networkstatus>\n  <class_id bitmap='0-2'/>\n  <floor sum='0'/>\n{xml}</networkstatus>\n"
+            );
             std::fs::write(root.join(format!("run/libvirt/network/{name}.xml")), status).unwrap();
         }
         let g2 = self.guest("g2");
-        let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
         std::fs::write(
             root.join("var/lib/libvirt/dnsmasq/virbr0.status"),
             format!(
@@ -394,12 +483,19 @@ impl Lab {
 
     pub fn write_domain_status(&self, name: &str) {
         let g = self.guest(name);
-        let uuid = format!("6f1d3b2a-0000-4000-8000-0000000000{:02x}", g.mac.as_bytes()[16]);
+        let uuid = format!(
+            "6f1d3b2a-0000-4000-8000-0000000000{:02x}",
+            g.mac.as_bytes()[16]
+        );
         let xml = format!(
             "<domstatus state='running' reason='booted' pid='1'>\n  <domain type='qemu' id='1'>\n    <name>{}</name>\n    <uuid>{uuid}</uuid>\n    <devices>\n      <interface type='network'>\n        <mac address='{}'/>\n        <source network='{}' portid='00000000-0000-0000-0000-000000000000' bridge='{}'/>\n        <target dev='{}'/>\n        <model type='virtio'/>\n      </interface>\n    </devices>\n  </domain>\n</domstatus>\n",
             g.name, g.mac, g.network, g.bridge, g.tap
         );
-        std::fs::write(self.root().join(format!("run/libvirt/qemu/{name}.xml")), xml).unwrap();
+        std::fs::write(
+            self.root().join(format!("run/libvirt/qemu/{name}.xml")),
+            xml,
+        )
+        .unwrap();
     }
 
     pub fn remove_domain_status(&self, name: &str) {
@@ -439,23 +535,9 @@ impl Lab {
     }
 
     /// The host's whole ruleset (nftables view, which includes iptables-nft), counters
-    /// removed, plus ip(6)tables-save for legacy setups.
+    /// removed.
     pub fn ruleset(&self) -> String {
-        let nft = self.host.exec(&["nft", "list", "ruleset"]);
-        let mut out = String::new();
-        for line in nft.lines() {
-            let l = match line.find("counter packets") {
-                Some(p) => {
-                    let rest = &line[p..];
-                    let end = rest.find("bytes ").map(|b| b + 6 + rest[b + 6..].find(' ').unwrap_or(rest.len() - b - 6)).unwrap_or(rest.len());
-                    format!("{}counter{}", &line[..p], &rest[end..])
-                }
-                None => line.to_string(),
-            };
-            out.push_str(&l);
-            out.push('\n');
-        }
-        out
+        virtgate::firewall::strip_counters(&self.host.exec(&["nft", "list", "ruleset"]))
     }
 
     /// Ping from the host so its neighbour table learns a guest.
