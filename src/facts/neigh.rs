@@ -142,4 +142,3 @@ pub fn default_route_v4() -> io::Result<Option<Ipv4Addr>> {
         _ => None,
     }))
 }
-

@@ -1,0 +1,201 @@
+//! Property tests of the planner: it is pure and deterministic, never emits two rules for
+//! one listen key, only targets addresses inside the guest's network, and planning with
+//! nothing configured yields nothing to install.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use virtgate::facts::{DomainFacts, Facts, NetworkFacts, Nic, Reservation};
+use virtgate::model::{DomainConfig, ForwardSpec, Listen, PortRange, Proto};
+use virtgate::plan::{self, ListenOn};
+
+fn facts(n: usize) -> Facts {
+    let mut net = NetworkFacts {
+        name: "default".into(),
+        bridge: "virbr0".into(),
+        forward_mode: "nat".into(),
+        addresses: vec![
+            "192.168.122.1/24".parse().unwrap(),
+            "fd00::1/64".parse().unwrap(),
+        ],
+        active: true,
+        ..Default::default()
+    };
+    let mut domains = Vec::new();
+    for i in 0..n {
+        let mac = format!("52:54:00:00:01:{i:02x}");
+        net.reservations.push(Reservation {
+            mac: mac.clone(),
+            ip: format!("192.168.122.{}", 10 + i).parse().unwrap(),
+        });
+        domains.push(DomainFacts {
+            name: format!("d{i}"),
+            uuid: None,
+            nics: vec![Nic {
+                mac,
+                network: Some("default".into()),
+                bridge: Some("virbr0".into()),
+                tap: Some(format!("vnet{i}")),
+            }],
+        });
+    }
+    Facts {
+        domains,
+        networks: vec![net],
+        ..Default::default()
+    }
+}
+
+fn forward() -> impl Strategy<Value = ForwardSpec> {
+    (
+        prop_oneof![Just(Proto::Tcp), Just(Proto::Udp), Just(Proto::Sctp)],
+        prop_oneof![
+            Just(Listen::Any),
+            Just(Listen::Address("203.0.113.1".parse().unwrap())),
+            Just(Listen::Address("203.0.113.2".parse().unwrap())),
+            Just(Listen::Address("2001:db8::1".parse().unwrap())),
+        ],
+        8000u16..8012,
+        0u16..3,
+        1u16..1000,
+        any::<bool>(),
+        prop_oneof![
+            Just(vec![]),
+            Just(vec!["203.0.113.0/24".parse::<IpNet>().unwrap()])
+        ],
+    )
+        .prop_map(
+            |(proto, listen, start, extra, guest, localhost, sources)| ForwardSpec {
+                proto,
+                listen,
+                host_ports: PortRange::new(start, start + extra).unwrap(),
+                guest_ports: PortRange::new(guest, guest + extra).unwrap(),
+                sources,
+                localhost,
+                guest_addresses: if guest % 2 == 0 {
+                    vec!["fd00::99".parse().unwrap()]
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            },
+        )
+}
+
+fn domains() -> impl Strategy<Value = Vec<DomainConfig>> {
+    prop::collection::vec(prop::collection::vec(forward(), 0..5), 1..5).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, forwards)| DomainConfig {
+                name: format!("d{i}"),
+                forwards,
+                ..Default::default()
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn planner_invariants(doms in domains()) {
+        let f = facts(doms.len());
+        let p = plan::plan(&doms, &f, &[]);
+        // deterministic
+        prop_assert_eq!(&p, &plan::plan(&doms, &f, &[]));
+        // no two rules can receive the same packet
+        let rules = &p.ruleset.rules;
+        for (i, a) in rules.iter().enumerate() {
+            for b in &rules[i + 1..] {
+                let listen_overlap = match (&a.listen, &b.listen) {
+                    (ListenOn::Address(x), ListenOn::Address(y)) => x == y,
+                    (ListenOn::Interface(x), ListenOn::Interface(y)) => x == y,
+                    _ => true,
+                };
+                prop_assert!(
+                    !(a.family == b.family && a.proto == b.proto && listen_overlap && a.host_ports.overlaps(&b.host_ports)),
+                    "overlapping rules {:?} and {:?}", a, b
+                );
+            }
+        }
+        // every target lies in the guest's network, ranges keep their length
+        for r in rules {
+            prop_assert!(f.networks[0].contains(&r.guest_ip), "{:?}", r);
+            prop_assert_eq!(r.host_ports.len(), r.guest_ports.len());
+            prop_assert!(!r.localhost || matches!(r.guest_ip, IpAddr::V4(_)));
+        }
+        // every forward got a status; a conflict is never active
+        let n: usize = doms.iter().map(|d| d.forwards.len()).sum();
+        prop_assert_eq!(p.forwards.len(), n);
+        // nothing configured: nothing to install (removal is complete)
+        let empty = plan::plan(&[], &f, &[]);
+        prop_assert!(empty.ruleset.is_empty() && empty.ruleset.accepts.is_empty() && empty.ruleset.hairpins.is_empty());
+        // removing one domain removes exactly its rules
+        let rest = plan::plan(&doms[1..], &f, &[]);
+        prop_assert!(rest.ruleset.rules.iter().all(|r| r.domain != "d0"));
+    }
+
+    #[test]
+    fn stopped_domains_get_no_rules(doms in domains()) {
+        let mut f = facts(doms.len());
+        f.domains.clear();
+        let p = plan::plan(&doms, &f, &[]);
+        prop_assert!(p.ruleset.is_empty());
+        prop_assert!(p.forwards.iter().all(|s| matches!(s.state, plan::ForwardState::Stopped | plan::ForwardState::Conflict)));
+    }
+}
+
+#[test]
+fn hostile_names_never_collide() {
+    let names = [
+        "a b".to_string(),
+        "a\"b".to_string(),
+        "a;b".to_string(),
+        "$(reboot)".to_string(),
+        "line\nbreak".to_string(),
+        "ünïcødé".to_string(),
+        "x".repeat(200),
+        format!("{}y", "x".repeat(199)),
+    ];
+    let mut f = facts(0);
+    let mut doms = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let mac = format!("52:54:00:00:02:{i:02x}");
+        f.networks[0].reservations.push(Reservation {
+            mac: mac.clone(),
+            ip: format!("192.168.122.{}", 50 + i).parse().unwrap(),
+        });
+        f.domains.push(DomainFacts {
+            name: n.clone(),
+            uuid: None,
+            nics: vec![Nic {
+                mac,
+                network: Some("default".into()),
+                ..Default::default()
+            }],
+        });
+        doms.push(DomainConfig {
+            name: n.clone(),
+            forwards: vec![ForwardSpec {
+                host_ports: PortRange::single(9000 + i as u16).unwrap(),
+                guest_ports: PortRange::single(80).unwrap(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    let p = plan::plan(&doms, &f, &[]);
+    let mut ids: Vec<&str> = p.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), names.len() * 2 - names.len()); // IPv4 only (no IPv6 address known)
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), names.len());
+    for r in &p.ruleset.rules {
+        let c = r.comment();
+        assert!(
+            !c.contains('"') && !c.contains('\n') && c.len() <= 200,
+            "{c:?}"
+        );
+        assert!(r.id.chars().all(|c| c.is_ascii_hexdigit()) && r.id.len() == 16);
+    }
+}
