@@ -10,6 +10,8 @@ pub mod config;
 pub mod exec;
 pub mod facts;
 pub mod firewall;
+pub mod hook;
+pub mod logging;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

@@ -87,8 +87,8 @@ impl Rule {
     }
 }
 
-/// Makes text safe inside a quoted nft/iptables comment: printable, no quotes or
-/// backslashes, at most 200 bytes (the kernel's limit is 256).
+/// Makes text safe inside a quoted nft/iptables comment: printable ASCII, no quotes or
+/// backslashes, at most 100 bytes (nft allows 128, iptables 256).
 pub fn sanitize_comment(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
@@ -97,7 +97,7 @@ pub fn sanitize_comment(s: &str) -> String {
         } else {
             c
         };
-        if out.len() + c.len_utf8() > 200 {
+        if out.len() + c.len_utf8() > 100 {
             break;
         }
         out.push(c);

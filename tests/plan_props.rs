@@ -193,7 +193,7 @@ fn hostile_names_never_collide() {
     for r in &p.ruleset.rules {
         let c = r.comment();
         assert!(
-            !c.contains('"') && !c.contains('\n') && c.len() <= 200,
+            !c.contains('"') && !c.contains('\n') && c.len() <= 100,
             "{c:?}"
         );
         assert!(r.id.chars().all(|c| c.is_ascii_hexdigit()) && r.id.len() == 16);

@@ -3,6 +3,7 @@
 
 mod check;
 mod docs;
+mod install;
 mod render;
 mod status;
 
@@ -76,6 +77,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// libvirt hook entry point: `hook qemu|network|daemon OBJECT OP SUBOP EXTRA`, XML on stdin
+    #[command(
+        after_help = "libvirt runs it as /etc/libvirt/hooks/qemu.d/virtgate NAME OP SUBOP EXTRA.\nExample (by hand):\n  virsh dumpxml web | virtgate hook qemu web started begin -"
+    )]
+    Hook {
+        /// qemu, network or daemon
+        driver: String,
+        /// OBJECT OP SUBOP EXTRA, as libvirt passes them
+        #[arg(num_args = 0.., allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install the libvirt hooks (qemu.d, network.d, daemon.d); never touches foreign hooks
+    #[command(after_help = "Example:\n  virtgate install && systemctl reload libvirtd")]
+    Install,
+    /// Remove virtgate's hook files and all its rules; keep the config
+    #[command(after_help = "Example:\n  virtgate uninstall")]
+    Uninstall,
     /// Print a shell completion script
     #[command(
         after_help = "Example:\n  virtgate completions bash > /etc/bash_completion.d/virtgate"
@@ -111,22 +129,6 @@ pub(crate) fn gather_facts(ctx: &Context, st: &State) -> Facts {
     facts::gather(&ctx.libvirt, &extra)
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIRTGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .try_init();
-}
-
 /// Applies what is valid; Ok(false) (exit 1) if the config had errors.
 fn apply(ctx: &Context) -> Result<bool, String> {
     let cfg = load_config(ctx)?;
@@ -155,11 +157,52 @@ fn apply(ctx: &Context) -> Result<bool, String> {
     Ok(errors == 0)
 }
 
+/// If this binary was started by libvirt as `<hooks>/<driver>.d/virtgate`, the command
+/// line for the hook: settings from the file `virtgate install` wrote.
+pub fn hook_invocation(argv: &[std::ffi::OsString]) -> Option<(Context, String, Vec<String>)> {
+    let p = std::path::Path::new(argv.first()?);
+    let driver_dir = p.parent()?;
+    let driver = driver_dir.file_name()?.to_str()?.strip_suffix(".d")?;
+    if p.file_name()? != "virtgate" || !install::DRIVERS.contains(&driver) {
+        return None;
+    }
+    let hooks = driver_dir.parent()?;
+    let default = Cli::parse_from(["virtgate", "check"]).context();
+    let ctx = crate::hook::settings::load(hooks, default);
+    let args = argv[1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    Some((ctx, driver.to_string(), args))
+}
+
+/// Runs a hook invocation found by [`hook_invocation`].
+pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
+    crate::logging::init(0, true);
+    ExitCode::from(crate::hook::run(
+        &ctx,
+        driver,
+        args,
+        std::io::stdin().lock(),
+    ))
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.verbose);
+    let hook = matches!(cli.command, Command::Hook { .. });
+    crate::logging::init(cli.verbose, hook);
     let ctx = cli.context();
     let result = match &cli.command {
+        Command::Hook { driver, args } => {
+            return ExitCode::from(crate::hook::run(
+                &ctx,
+                driver,
+                args,
+                std::io::stdin().lock(),
+            ));
+        }
+        Command::Install => install::install(&ctx),
+        Command::Uninstall => install::uninstall(&ctx),
         Command::Check => check::run(&ctx),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),

@@ -56,6 +56,8 @@ pub struct ConfiguredForward {
 pub struct ParsedFile {
     pub domains: Vec<((DomainConfig, Vec<ConfiguredForward>), Origin)>,
     pub invalid_domains: Vec<String>,
+    /// Domains that ask for `fail_closed`, valid or not.
+    pub fail_closed: Vec<String>,
     pub diagnostics: Vec<Diagnostic>,
     pub backend: Option<BackendChoice>,
 }
@@ -75,6 +77,8 @@ pub struct Config {
     /// Domains with an error: they are skipped, and whatever virtgate installed for them
     /// before is kept unchanged.
     pub invalid_domains: BTreeSet<String>,
+    /// Domains that ask for `fail_closed` (also when their entry is invalid).
+    pub fail_closed: BTreeSet<String>,
     pub diagnostics: Vec<Diagnostic>,
     pub backend: Option<BackendChoice>,
     pub files: Vec<PathBuf>,
@@ -177,6 +181,7 @@ pub fn merge(parsed: Vec<ParsedFile>) -> Config {
     for p in parsed {
         cfg.diagnostics.extend(p.diagnostics);
         cfg.invalid_domains.extend(p.invalid_domains);
+        cfg.fail_closed.extend(p.fail_closed);
         if p.backend.is_some() {
             cfg.backend = p.backend;
         }

@@ -122,6 +122,14 @@ fn err(origin: Origin, domain: Option<&str>, msg: &str) -> Diagnostic {
 fn parse_domains(ctx: &Ctx, domains: &Table, out: &mut ParsedFile) {
     for (name, item) in domains.iter() {
         let origin = ctx.origin(domains.key(name).and_then(|k| k.span()));
+        if item
+            .as_table_like()
+            .and_then(|t| t.get("fail_closed"))
+            .and_then(|v| v.as_bool())
+            == Some(true)
+        {
+            out.fail_closed.push(name.to_string());
+        }
         match parse_domain(ctx, name, item) {
             Ok(dc) => out.domains.push((dc, origin)),
             Err((o, msg)) => {

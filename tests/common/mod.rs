@@ -481,15 +481,16 @@ impl Lab {
         .unwrap();
     }
 
-    pub fn write_domain_status(&self, name: &str) {
+    /// The live domain XML libvirt would pass to the qemu hook.
+    pub fn domain_xml(&self, name: &str) -> String {
         let g = self.guest(name);
-        let uuid = format!(
-            "6f1d3b2a-0000-4000-8000-0000000000{:02x}",
-            g.mac.as_bytes()[16]
-        );
+        domain_xml(g.name, &g.mac, g.network, g.bridge, &g.tap)
+    }
+
+    pub fn write_domain_status(&self, name: &str) {
         let xml = format!(
-            "<domstatus state='running' reason='booted' pid='1'>\n  <domain type='qemu' id='1'>\n    <name>{}</name>\n    <uuid>{uuid}</uuid>\n    <devices>\n      <interface type='network'>\n        <mac address='{}'/>\n        <source network='{}' portid='00000000-0000-0000-0000-000000000000' bridge='{}'/>\n        <target dev='{}'/>\n        <model type='virtio'/>\n      </interface>\n    </devices>\n  </domain>\n</domstatus>\n",
-            g.name, g.mac, g.network, g.bridge, g.tap
+            "<domstatus state='running' reason='booted' pid='1'>\n{}</domstatus>\n",
+            self.domain_xml(name)
         );
         std::fs::write(
             self.root().join(format!("run/libvirt/qemu/{name}.xml")),
@@ -506,6 +507,38 @@ impl Lab {
         let p = self.config_path();
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, text).unwrap();
+    }
+
+    /// Runs `virtgate hook ARGS` in the host namespace with `stdin`: (exit code, stdout, stderr).
+    pub fn hook(&self, backend: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
+        let bin = env!("CARGO_BIN_EXE_virtgate");
+        let (config, state, root) = (self.config_path(), self.state_dir(), self.root());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.host.name, bin])
+            .args([
+                "--config",
+                path_str(&config),
+                "--state-dir",
+                path_str(&state),
+                "--libvirt-root",
+                path_str(&root),
+                "--backend",
+                backend,
+                "hook",
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Runs virtgate in the host namespace: (success, stdout, stderr).
@@ -544,6 +577,23 @@ impl Lab {
     pub fn ping_from_host(&self, ip: &str) {
         self.host.exec(&["ping", "-c", "1", "-W", "2", ip]);
     }
+}
+
+/// A domain XML as libvirt writes it (name escaped for XML).
+pub fn domain_xml(name: &str, mac: &str, network: &str, bridge: &str, tap: &str) -> String {
+    let esc = name
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;");
+    let mut h: u32 = 0;
+    for b in name.bytes() {
+        h = h.wrapping_mul(31).wrapping_add(u32::from(b));
+    }
+    format!(
+        "  <domain type='qemu' id='1'>\n    <name>{esc}</name>\n    <uuid>6f1d3b2a-0000-4000-8000-0000{h:08x}</uuid>\n    <metadata/>\n    <devices>\n      <interface type='network'>\n        <mac address='{mac}'/>\n        <source network='{network}' portid='00000000-0000-0000-0000-000000000000' bridge='{bridge}'/>\n        <target dev='{tap}'/>\n        <model type='virtio'/>\n      </interface>\n    </devices>\n  </domain>\n"
+    )
 }
 
 /// A line diff for assertion messages.

@@ -1,0 +1,116 @@
+//! `virtgate install` / `uninstall`: the hook files in libvirt's `.d` directories, never a
+//! foreign file; uninstall also removes every rule virtgate installed and keeps the config.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::Context;
+use crate::firewall;
+use crate::hook::settings;
+use crate::state::{StateDir, write_atomic};
+
+pub const DRIVERS: [&str; 3] = ["qemu", "network", "daemon"];
+pub const HOOK_NAME: &str = "virtgate";
+
+const EXAMPLE: &str = r#"# virtgate config: publish guest ports (see `man virtgate`, `virtgate check`).
+#
+# [domain.web]                       # libvirt domain name
+# forwards = ["8080:80", "5353:53/udp", "9000-9002:9100-9102"]
+#
+# [[domain.api.forward]]
+# host_port = 8081
+# guest_port = 80
+# source = ["203.0.113.0/24"]
+# description = "internal API"
+"#;
+
+fn hook_path(hooks: &Path, driver: &str) -> PathBuf {
+    hooks.join(format!("{driver}.d")).join(HOOK_NAME)
+}
+
+pub fn install(ctx: &Context) -> Result<bool, String> {
+    let hooks = ctx.libvirt.hooks_dir();
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    let mut new_dirs = Vec::new();
+    for d in DRIVERS {
+        let dir = hooks.join(format!("{d}.d"));
+        let existed_with_hooks = fs::read_dir(&dir).is_ok_and(|mut rd| rd.next().is_some());
+        if !existed_with_hooks {
+            new_dirs.push(dir.display().to_string());
+        }
+        let p = hook_path(&hooks, d);
+        write_atomic(&p, &bin).map_err(|e| format!("{}: {e}", p.display()))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        println!("installed {}", p.display());
+    }
+    let sp = settings::path(&hooks);
+    write_atomic(&sp, settings::render(ctx).as_bytes())
+        .map_err(|e| format!("{}: {e}", sp.display()))?;
+    fs::set_permissions(&sp, fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("{}: {e}", sp.display()))?;
+    for d in DRIVERS {
+        let foreign = hooks.join(d);
+        if foreign.exists() {
+            println!(
+                "kept your own {} (virtgate runs after it)",
+                foreign.display()
+            );
+        }
+    }
+    if !ctx.config_path.exists() {
+        write_atomic(&ctx.config_path, EXAMPLE.as_bytes())
+            .map_err(|e| format!("{}: {e}", ctx.config_path.display()))?;
+        fs::set_permissions(&ctx.config_path, fs::Permissions::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
+        println!("created an example config: {}", ctx.config_path.display());
+    }
+    if new_dirs.is_empty() {
+        println!("libvirtd already watches these hook directories: nothing else to do");
+    } else {
+        println!(
+            "libvirtd looks for new hook directories only when it starts or gets SIGHUP: run `systemctl reload libvirtd` (or `kill -HUP $(pidof libvirtd)`) once; new: {}",
+            new_dirs.join(", ")
+        );
+    }
+    Ok(true)
+}
+
+pub fn uninstall(ctx: &Context) -> Result<bool, String> {
+    let hooks = ctx.libvirt.hooks_dir();
+    for d in DRIVERS {
+        let p = hook_path(&hooks, d);
+        match fs::remove_file(&p) {
+            Ok(()) => println!("removed {}", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        }
+        // the directory only if nothing else is in it
+        let _ = fs::remove_dir(hooks.join(format!("{d}.d")));
+    }
+    let _ = fs::remove_file(settings::path(&hooks));
+    // every rule virtgate installed, with the backend that installed it
+    let dir = StateDir::lock(&ctx.state_dir).map_err(|e| e.to_string())?;
+    let mut st = dir.load().map_err(|e| e.to_string())?;
+    let backend = st
+        .backend
+        .as_deref()
+        .and_then(crate::config::BackendChoice::parse)
+        .unwrap_or(ctx.backend);
+    firewall::backend_with_state(backend, &ctx.state_dir)
+        .apply(&Default::default())
+        .map_err(|e| format!("removing rules: {e}"))?;
+    crate::bridge::sync(&[], &mut st.hairpin_saved);
+    st.ruleset = Default::default();
+    st.fingerprint = None;
+    st.backend = None;
+    st.started.clear();
+    dir.save(&st).map_err(|e| e.to_string())?;
+    println!(
+        "removed all of virtgate's rules; kept the config {}",
+        ctx.config_path.display()
+    );
+    Ok(true)
+}

@@ -1,0 +1,220 @@
+//! `virtgate hook qemu|network|daemon ARGS...`: libvirt's hook entry point (SPEC part 6).
+//!
+//! libvirt calls it with `OBJECT OP SUBOP EXTRA` and the domain or network XML on stdin,
+//! waits for it to exit and for its stdout/stderr to close, and for several operations
+//! aborts (or kills the guest) on a non-zero exit. So the hook:
+//! * never calls back into libvirt, and prints nothing on stdout;
+//! * exits non-zero only when the domain being started has forwards that cannot be
+//!   applied AND that domain says `fail_closed = true` (never for `reconnect`);
+//! * bounds its own run time (`alarm`), the size of stdin, and every child process;
+//! * serializes with other hooks through the state lock (libvirt starts guests in
+//!   parallel at boot).
+//!
+//! | call | effect |
+//! |---|---|
+//! | qemu `prepare` | validate the domain's forwards (config errors, conflicts) |
+//! | qemu `start`, `started`, `reconnect` | record the domain as running, reconcile |
+//! | qemu `stopped`, `release` | forget the domain, reconcile: its rules go, from state |
+//! | qemu `migrate`, `restore` | nothing (stdout untouched: the XML stays as it is) |
+//! | network `started`, `updated`, `port-created`, `stopped`, `port-deleted` | reconcile (re-assert the accept placement) |
+//! | daemon `start`, `reload` | reconcile |
+//! | daemon `shutdown` | nothing: forwards stay while guests may keep running |
+
+pub mod settings;
+
+use std::io::Read;
+
+use crate::config::{self, Config};
+use crate::facts::{self, DomainFacts, libvirt};
+use crate::plan::ForwardState;
+use crate::reconcile::{self, Context};
+
+/// Largest stdin accepted.
+pub const MAX_STDIN: u64 = libvirt::MAX_XML_BYTES;
+/// The hook's whole run is bounded by this.
+pub const DEADLINE_SECS: u32 = 90;
+
+/// Reads stdin up to the bound (the rest is drained so libvirt's writer never blocks).
+fn read_stdin(mut input: impl Read) -> Result<String, String> {
+    let mut buf = Vec::new();
+    (&mut input)
+        .take(MAX_STDIN + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("reading stdin: {e}"))?;
+    if buf.len() as u64 > MAX_STDIN {
+        let _ = std::io::copy(&mut input, &mut std::io::sink());
+        return Err(format!("stdin larger than {MAX_STDIN} bytes, ignored"));
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Runs a hook call; returns the exit status for libvirt.
+pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8 {
+    // a hook that hangs hangs libvirt: SIGALRM ends this process whatever happens
+    nix::unistd::alarm::set(DEADLINE_SECS);
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("-");
+    let (object, op) = (arg(0), arg(1));
+    let input = match read_stdin(stdin) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{driver} {object:?} {op}: {e}");
+            String::new()
+        }
+    };
+    match driver {
+        "qemu" => qemu(ctx, object, op, &input),
+        "network" => {
+            match op {
+                "started" | "updated" | "port-created" | "stopped" | "port-deleted" => {
+                    reassert(ctx, &format!("network {object:?} {op}"))
+                }
+                _ => {}
+            }
+            0
+        }
+        "daemon" => {
+            if matches!(op, "start" | "reload") {
+                reassert(ctx, &format!("daemon {op}"));
+            }
+            0
+        }
+        other => {
+            tracing::warn!("unknown hook driver {other:?}; ignored");
+            0
+        }
+    }
+}
+
+fn load_config(ctx: &Context, what: &str) -> Option<Config> {
+    match config::load(&ctx.config_path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!("{what}: {e}; nothing changed");
+            None
+        }
+    }
+}
+
+/// A plain reconcile with the current facts.
+fn reassert(ctx: &Context, what: &str) {
+    let Some(cfg) = load_config(ctx, what) else {
+        return;
+    };
+    match reconcile::reconcile(ctx, &cfg, |st| gather(ctx, st, None), |_| {}) {
+        Ok(o) if o.changed => tracing::info!(
+            "{what}: ruleset re-applied ({} rules)",
+            o.plan.ruleset.rules.len()
+        ),
+        Ok(_) => tracing::debug!("{what}: ruleset unchanged"),
+        Err(e) => tracing::error!("{what}: {e}"),
+    }
+}
+
+fn gather(ctx: &Context, st: &crate::state::State, exclude: Option<&str>) -> facts::Facts {
+    let extra: Vec<DomainFacts> = st.started.values().cloned().collect();
+    let mut f = facts::gather(&ctx.libvirt, &extra);
+    if let Some(name) = exclude {
+        f.domains.retain(|d| d.name != name);
+    }
+    f
+}
+
+fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
+    let what = format!("domain {name:?} {op}");
+    match op {
+        "migrate" | "restore" => return 0,
+        "prepare" | "start" | "started" | "reconnect" | "stopped" | "release" => {}
+        _ => return 0,
+    }
+    let Some(cfg) = load_config(ctx, &what) else {
+        return 0;
+    };
+    let fail_closed = cfg.fail_closed.contains(name);
+    let starting = matches!(op, "prepare" | "start" | "started");
+    let fail = |msg: String| -> u8 {
+        if fail_closed && starting {
+            tracing::error!("{what}: {msg}; refusing to start (fail_closed = true)");
+            1
+        } else {
+            tracing::warn!("{what}: {msg}");
+            0
+        }
+    };
+    let own_errors: Vec<String> = cfg
+        .errors()
+        .filter(|d| d.domain.as_deref() == Some(name))
+        .map(|d| d.to_string())
+        .collect();
+    if op == "prepare" {
+        return if own_errors.is_empty() {
+            0
+        } else {
+            fail(own_errors.join("; "))
+        };
+    }
+    let domain = match libvirt::parse_domain_xml(xml) {
+        Ok(d) => Some(d),
+        Err(e) if matches!(op, "stopped" | "release") => {
+            tracing::debug!("{what}: {e}");
+            None
+        }
+        Err(e) => return fail(format!("cannot read the domain XML on stdin: {e}")),
+    };
+    let stopping = matches!(op, "stopped" | "release");
+    let result = reconcile::reconcile(
+        ctx,
+        &cfg,
+        |st| gather(ctx, st, stopping.then_some(name)),
+        |st| {
+            if stopping {
+                st.started.remove(name);
+            } else if let Some(d) = domain {
+                st.started.insert(name.to_string(), d);
+            }
+        },
+    );
+    match result {
+        Err(e) => fail(format!("cannot apply forwards: {e}")),
+        Ok(out) => {
+            let mine: Vec<_> = out
+                .plan
+                .forwards
+                .iter()
+                .filter(|f| f.domain == name)
+                .collect();
+            let bad: Vec<String> = mine
+                .iter()
+                .filter(|f| !matches!(f.state, ForwardState::Active | ForwardState::Stopped))
+                .map(|f| {
+                    format!(
+                        "{} is {:?}: {}",
+                        f.spec.short(),
+                        f.state,
+                        f.reason.clone().unwrap_or_default()
+                    )
+                    .to_lowercase()
+                })
+                .collect();
+            let active = mine
+                .iter()
+                .filter(|f| f.state == ForwardState::Active)
+                .count();
+            if !stopping && !mine.is_empty() {
+                tracing::info!("{what}: {active} of {} forward(s) active", mine.len());
+            } else if stopping && out.changed {
+                tracing::info!("{what}: forwards removed");
+            }
+            if !own_errors.is_empty() {
+                return fail(own_errors.join("; "));
+            }
+            if bad.is_empty() || stopping {
+                0
+            } else {
+                fail(format!(
+                    "{} (add a <dhcp><host> reservation or guest_address, or run the virtgate daemon to learn addresses)",
+                    bad.join("; ")
+                ))
+            }
+        }
+    }
+}
