@@ -36,6 +36,7 @@ fn row<'a>(
     f: &'a ForwardStatus,
     counters: &std::collections::BTreeMap<String, Counters>,
     drifted: bool,
+    installed: &std::collections::BTreeSet<&str>,
 ) -> Row<'a> {
     let c =
         f.rule_ids
@@ -45,7 +46,12 @@ fn row<'a>(
                 packets: a.packets + b.packets,
                 bytes: a.bytes + b.bytes,
             });
-    let state = if drifted && f.state == ForwardState::Active {
+    // planned but not installed yet (e.g. its address appeared after the last apply)
+    let not_applied = f.state == ForwardState::Active
+        && f.rule_ids.iter().any(|id| !installed.contains(id.as_str()));
+    let state = if not_applied {
+        ForwardState::Pending
+    } else if drifted && f.state == ForwardState::Active {
         ForwardState::Drifted
     } else {
         f.state
@@ -64,6 +70,8 @@ fn row<'a>(
         description: f.spec.description.as_deref(),
         note: if state == ForwardState::Drifted {
             Some("the kernel no longer holds what virtgate applied; run `virtgate apply`".into())
+        } else if not_applied {
+            Some("the guest address is known now but not applied yet; run `virtgate apply` (the daemon does it by itself)".into())
         } else {
             f.reason.clone()
         },
@@ -78,7 +86,9 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let backend = ctx.backend_for(&cfg);
     let counters = backend.counters().unwrap_or_default();
     let fp = backend.fingerprint().map_err(|e| e.to_string())?;
-    let drifted = fp != st.fingerprint || plan.ruleset != st.ruleset;
+    let drifted = fp != st.fingerprint;
+    let installed: std::collections::BTreeSet<&str> =
+        st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
     let mut warnings = Vec::new();
     if facts.sysctls.ip_forward == Some(false) {
         warnings.push("net.ipv4.ip_forward is 0: no forward can reach a guest".to_string());
@@ -102,7 +112,7 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let rows: Vec<Row> = plan
         .forwards
         .iter()
-        .map(|f| row(f, &counters, drifted))
+        .map(|f| row(f, &counters, drifted, &installed))
         .collect();
     if json {
         let rep = Report {

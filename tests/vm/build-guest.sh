@@ -5,7 +5,8 @@
 # Usage: build-guest.sh OUTDIR     (cached: does nothing if OUTDIR is complete)
 set -euo pipefail
 OUT=$1
-[ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.gz" ] && exit 0
+STAMP=$(sha256sum "$0" | cut -c1-16)
+[ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.gz" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$STAMP" ] && exit 0
 WORK=$OUT/work
 export SOURCE_DATE_EPOCH=1700000000
 mkdir -p "$OUT" "$WORK/debs"
@@ -71,12 +72,20 @@ echo "vm-guest-ok ${NAME} ${IP%/*}" > /www/index.html
 httpd -p 80 -h /www
 udpecho 53535 &
 echo "GUEST READY ${NAME} ${IP}"
-while :; do sleep 3600; done
+# vgprobe=HOST:PORT: fetch that URL every second and report on the console, so a test can
+# see what this guest reaches (e.g. another guest's forward through the public address)
+PROBE=$(cat /proc/cmdline | tr ' ' '\n' | sed -n 's/^vgprobe=//p')
+while :; do
+  # (busybox-static's wget crashes; nc does the same job)
+  if [ -n "$PROBE" ]; then echo "PROBE $(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 ${PROBE%:*} ${PROBE#*:} 2>&1 | tail -n 1)"; fi
+  sleep 1
+done
 S
 chmod 0755 "$R/init"
 find "$R" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 (cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9 -n > "$OUT/initrd.gz.tmp"
 install -m 0644 "$WORK/kx/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 mv "$OUT/initrd.gz.tmp" "$OUT/initrd.gz"
+echo "$STAMP" > "$OUT/stamp"
 rm -rf "$WORK/kx" "$R"
 echo "guest: $KPKG, modules: ${ORDER[*]}"

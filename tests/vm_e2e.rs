@@ -1,0 +1,446 @@
+//! End to end with a REAL libvirtd and REAL VMs (TESTBED.md): libvirtd runs inside a
+//! network namespace the test creates, boots two tiny guests (Debian's cloud kernel and a
+//! busybox initramfs, built by tests/vm/build-guest.sh) that get their addresses from
+//! libvirt's dnsmasq, and virtgate, installed as libvirt's hook, publishes their ports.
+//! Traffic comes from a client namespace. Nothing in the root namespace changes.
+//!
+//! Skips (with the reason) where libvirtd cannot run; under CI=true it fails instead.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Netns, diff, sa};
+
+const PUBLIC: &str = "203.0.113.1";
+const MAC_A: &str = "52:54:00:7b:00:0a";
+const MAC_B: &str = "52:54:00:7b:00:0b";
+const IP_A: &str = "192.168.122.50";
+
+fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("virsh");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn must_virsh(args: &[&str]) -> String {
+    let (ok, out) = virsh(args);
+    assert!(ok, "virsh {args:?}: {out}");
+    out
+}
+
+fn pid_alive(pidfile: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    (nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()).then_some(pid)
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn blocker() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root".into());
+    }
+    for b in [
+        "/usr/sbin/libvirtd",
+        "/usr/sbin/virtlogd",
+        "/usr/bin/virsh",
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/sbin/dnsmasq",
+    ] {
+        if !Path::new(b).exists() {
+            return Some(format!("{b} is not installed (run scripts/deps --vm)"));
+        }
+    }
+    if let Some(pid) = pid_alive("/run/libvirtd.pid") {
+        return Some(format!(
+            "a libvirtd (pid {pid}) already runs on this machine; only one can"
+        ));
+    }
+    None
+}
+
+fn accel() -> &'static str {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpu.split_whitespace().any(|w| w == "vmx" || w == "svm");
+    if hw && Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String, String> {
+    ns.in_ns(move || {
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        out.split("\r\n\r\n")
+            .nth(1)
+            .map(|b| b.trim().to_string())
+            .ok_or(format!("bad answer {out:?}"))
+    })
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if f() {
+            eprintln!("[{:>5.1}s] {what}", t.elapsed().as_secs_f32());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!("timed out after {secs} s waiting for: {what}");
+}
+
+struct Env {
+    host: Netns,
+    client: Netns,
+    dir: tempfile::TempDir,
+    logdir: PathBuf,
+}
+
+impl Env {
+    fn virtgate(&self, args: &[&str]) -> String {
+        let cfg = self.dir.path().join("virtgate.toml");
+        let state = self.dir.path().join("state");
+        let mut a = vec![
+            env!("CARGO_BIN_EXE_virtgate"),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "nftables",
+        ];
+        a.extend_from_slice(args);
+        self.host.exec(&a)
+    }
+
+    fn start_libvirtd(&self) {
+        let log = format!("3:file:{}/libvirtd.log", self.logdir.display());
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.host.name,
+                "env",
+                &format!("LIBVIRT_LOG_OUTPUTS={log}"),
+                "/usr/sbin/libvirtd",
+                "-d",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "libvirtd -d failed");
+        wait_for("libvirtd answers", 30, || {
+            pid_alive("/run/libvirtd.pid").is_some() && virsh(&["version"]).0
+        });
+    }
+
+    fn stop_libvirtd(&self) {
+        if let Some(pid) = pid_alive("/run/libvirtd.pid") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let t = Instant::now();
+            while pid_alive("/run/libvirtd.pid") == Some(pid)
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn domain_xml(&self, name: &str, mac: &str, probe: &str) -> String {
+        let g = repo().join("target/vm-guest");
+        format!(
+            "<domain type='{}'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    <kernel>{}/vmlinuz</kernel>\n    <initrd>{}/initrd.gz</initrd>\n    <cmdline>console=ttyS0 vgname={name} vgprobe={probe}</cmdline>\n  </os>\n  <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\n  <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n    <interface type='network'><mac address='{mac}'/><source network='default'/><model type='virtio'/></interface>\n    <serial type='file'><source path='{}/{name}.serial'/><target port='0'/></serial>\n    <console type='file'><source path='{}/{name}.serial'/><target type='serial' port='0'/></console>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+            accel(),
+            g.display(),
+            g.display(),
+            self.logdir.display(),
+            self.logdir.display()
+        )
+    }
+
+    fn serial(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logdir.join(format!("{name}.serial"))).unwrap_or_default()
+    }
+}
+
+fn cleanup(env: Option<&Env>) {
+    for d in ["vgA", "vgB"] {
+        let _ = virsh(&["destroy", d]);
+        let _ = virsh(&["undefine", d]);
+    }
+    if let Some(env) = env {
+        let _ = virsh(&["net-destroy", "default"]);
+        env.stop_libvirtd();
+        if let Some(pid) = pid_alive("/run/virtlogd.pid") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        // our hook files, if the test died before uninstall
+        for d in ["qemu", "network", "daemon"] {
+            let _ = std::fs::remove_file(format!("/etc/libvirt/hooks/{d}.d/virtgate"));
+            let _ = std::fs::remove_dir(format!("/etc/libvirt/hooks/{d}.d"));
+        }
+        let _ = std::fs::remove_file("/etc/libvirt/hooks/virtgate-hook.toml");
+    }
+}
+
+struct Guard<'a>(&'a Env);
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- logs in {} (kept)", self.0.logdir.display());
+            for n in ["vgA", "vgB"] {
+                eprintln!(
+                    "--- {n} serial (tail):\n{}",
+                    self.0
+                        .serial(n)
+                        .lines()
+                        .rev()
+                        .take(8)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+        }
+        cleanup(Some(self.0));
+    }
+}
+
+#[test]
+fn real_libvirtd_real_vms() {
+    if let Some(why) = blocker() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the real-VM test cannot run here: {why}");
+        }
+        eprintln!("SKIPPED real_libvirtd_real_vms: {why}");
+        return;
+    }
+    let t0 = Instant::now();
+    common::run(&[repo().join("tests/vm/setup-host.sh").to_str().unwrap()]);
+    common::run(&[
+        repo().join("tests/vm/build-guest.sh").to_str().unwrap(),
+        repo().join("target/vm-guest").to_str().unwrap(),
+    ]);
+    eprintln!(
+        "[{:>5.1}s] host set up, guest built (accel {})",
+        t0.elapsed().as_secs_f32(),
+        accel()
+    );
+
+    let host = Netns::new("vh");
+    let client = Netns::new("vc");
+    host.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client.name,
+    ]);
+    host.ip(&["addr", "add", "203.0.113.1/24", "dev", "eth0"]);
+    host.ip(&["link", "set", "eth0", "up"]);
+    client.ip(&["addr", "add", "203.0.113.2/24", "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    client.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let logdir = repo().join("target/vm-e2e-logs");
+    let _ = std::fs::remove_dir_all(&logdir);
+    std::fs::create_dir_all(&logdir).unwrap();
+    let env = Env {
+        host,
+        client,
+        dir,
+        logdir,
+    };
+    cleanup(None);
+    let _guard = Guard(&env);
+    let host_exec = |args: &[&str]| env.host.exec(args);
+
+    // libvirtd (and virtlogd, which a privileged libvirtd does not spawn) in the host netns
+    host_exec(&["/usr/sbin/virtlogd", "-d"]);
+    env.start_libvirtd();
+    // dnsmasq's lease file outlives the network: start from a clean one
+    let _ = std::fs::remove_file("/var/lib/libvirt/dnsmasq/virbr0.status");
+    let (ok, out) = virsh(&["net-start", "default"]);
+    assert!(ok || out.contains("already active"), "{out}");
+    must_virsh(&[
+        "net-update",
+        "default",
+        "add-last",
+        "ip-dhcp-host",
+        &format!("<host mac='{MAC_A}' ip='{IP_A}'/>"),
+        "--live",
+    ]);
+    let before = virtgate::firewall::strip_counters(&host_exec(&["nft", "list", "ruleset"]));
+
+    // install the hook; libvirtd sees the new hook directories after SIGHUP
+    std::fs::write(
+        env.dir.path().join("virtgate.toml"),
+        "[domain.vgA]\nforwards = [\"8080:80\", \"5353:53535/udp\"]\n\n[domain.vgB]\nforwards = [\"8081:80\"]\n",
+    )
+    .unwrap();
+    let out = env.virtgate(&["install"]);
+    assert!(out.contains("SIGHUP"), "{out}");
+    let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lvpid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    wait_for("libvirtd after SIGHUP", 20, || virsh(&["version"]).0);
+
+    // two VMs: A has a <dhcp><host> reservation, B only gets a lease. A probes B's forward
+    // through the public address from inside the guest.
+    for (name, mac, probe) in [
+        ("vgA", MAC_A, format!("{PUBLIC}:8081")),
+        ("vgB", MAC_B, format!("{PUBLIC}:8080")),
+    ] {
+        let xml = env.dir.path().join(format!("{name}.xml"));
+        std::fs::write(&xml, env.domain_xml(name, mac, &probe)).unwrap();
+        must_virsh(&["define", xml.to_str().unwrap()]);
+        must_virsh(&["start", name]);
+    }
+    // B had no address when it started: its forward is pending until it has a lease
+    let status = env.virtgate(&["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("vgB") && l.contains("pending")),
+        "{status}"
+    );
+    let pubv = |p: u16| sa(&format!("{PUBLIC}:{p}"));
+    wait_for("A answers through its forward (TCP)", 180, || {
+        http_get(&env.client, pubv(8080)).is_ok_and(|b| b == format!("vm-guest-ok vgA {IP_A}"))
+    });
+    let udp = env.client.udp(pubv(5353));
+    assert_eq!(udp.as_deref(), Ok("ping"), "UDP through A's forward");
+    wait_for("B got its lease", 180, || {
+        std::fs::read_to_string("/var/lib/libvirt/dnsmasq/virbr0.status")
+            .is_ok_and(|s| s.contains(MAC_B))
+    });
+    // destroy B: its rules go exactly, A keeps answering
+    let with_b_pending = virtgate::firewall::strip_counters(&host_exec(&[
+        "nft", "list", "table", "inet", "virtgate",
+    ]));
+    must_virsh(&["destroy", "vgB"]);
+    let after_destroy = virtgate::firewall::strip_counters(&host_exec(&[
+        "nft", "list", "table", "inet", "virtgate",
+    ]));
+    assert!(
+        with_b_pending == after_destroy,
+        "B had no rules yet:\n{}",
+        diff(&with_b_pending, &after_destroy)
+    );
+    // start B again: dnsmasq hands the same address back to its MAC, so the hook applies it
+    must_virsh(&["start", "vgB"]);
+    let status = env.virtgate(&["status"]);
+    assert!(
+        status.contains("(lease)"),
+        "B's forward must be active from its lease at start:\n{status}"
+    );
+    wait_for("B answers through its forward", 180, || {
+        http_get(&env.client, pubv(8081)).is_ok_and(|b| b.starts_with("vm-guest-ok vgB"))
+    });
+    wait_for(
+        "guest A reaches B's forward through the public address",
+        60,
+        || env.serial("vgA").contains("PROBE vm-guest-ok vgB"),
+    );
+    wait_for(
+        "guest B reaches A's forward through the public address",
+        60,
+        || env.serial("vgB").contains("PROBE vm-guest-ok vgA"),
+    );
+
+    // destroy B while A runs: B's rules are gone, A still answers
+    must_virsh(&["destroy", "vgB"]);
+    assert!(
+        http_get(&env.client, pubv(8081)).is_err(),
+        "B's forward must be gone"
+    );
+    assert!(!host_exec(&["nft", "list", "table", "inet", "virtgate"]).contains(":8081"));
+    assert!(
+        http_get(&env.client, pubv(8080)).is_ok(),
+        "A keeps answering"
+    );
+    must_virsh(&["start", "vgB"]);
+    wait_for("B answers again after restart", 180, || {
+        http_get(&env.client, pubv(8081)).is_ok_and(|b| b.starts_with("vm-guest-ok vgB"))
+    });
+
+    // libvirtd SIGHUP: libvirt reloads its firewall; the forwards keep answering
+    let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lvpid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for("libvirtd after SIGHUP", 20, || virsh(&["version"]).0);
+    for (p, who) in [(8080, "vgA"), (8081, "vgB")] {
+        wait_for(&format!("{who} answers after SIGHUP"), 10, || {
+            http_get(&env.client, pubv(p)).is_ok_and(|b| b.contains(who))
+        });
+    }
+    // libvirtd restart: reconnect hooks; still answering
+    env.stop_libvirtd();
+    env.start_libvirtd();
+    for (p, who) in [(8080, "vgA"), (8081, "vgB")] {
+        wait_for(
+            &format!("{who} answers after a libvirtd restart"),
+            20,
+            || http_get(&env.client, pubv(p)).is_ok_and(|b| b.contains(who)),
+        );
+    }
+
+    // uninstall: hook files and rules gone, ruleset as before install
+    let out = env.virtgate(&["uninstall"]);
+    assert!(out.contains("removed all"), "{out}");
+    assert!(!Path::new("/etc/libvirt/hooks/qemu.d/virtgate").exists());
+    let after = virtgate::firewall::strip_counters(&host_exec(&["nft", "list", "ruleset"]));
+    assert!(
+        before == after,
+        "ruleset after uninstall differs from before install:\n{}",
+        diff(&before, &after)
+    );
+    assert!(http_get(&env.client, pubv(8080)).is_err());
+    eprintln!("[{:>5.1}s] done", t0.elapsed().as_secs_f32());
+}
