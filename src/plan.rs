@@ -472,6 +472,12 @@ fn plan_forward(
         return (st, vec![]);
     };
     st.bridge = Some(bridge.clone());
+    if let Some(n) = net
+        && !n.active
+    {
+        st.reason = Some(format!("network {:?} is not running", n.name));
+        return (st, vec![]);
+    }
     let mut rules = Vec::new();
     let mut reasons = Vec::new();
     for family in families(spec) {
@@ -585,5 +591,157 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
     Plan {
         ruleset,
         forwards: statuses,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::Reservation;
+
+    fn facts() -> Facts {
+        Facts {
+            domains: vec![DomainFacts {
+                name: "web".into(),
+                uuid: None,
+                nics: vec![Nic {
+                    mac: "52:54:00:00:00:01".into(),
+                    network: Some("default".into()),
+                    bridge: Some("virbr0".into()),
+                    tap: Some("vnet0".into()),
+                }],
+            }],
+            networks: vec![NetworkFacts {
+                name: "default".into(),
+                bridge: "virbr0".into(),
+                addresses: vec!["192.168.122.1/24".parse().unwrap()],
+                reservations: vec![Reservation {
+                    mac: "52:54:00:00:00:99".into(),
+                    ip: "192.168.122.99".parse().unwrap(),
+                }],
+                active: true,
+                ..Default::default()
+            }],
+            now: 1000,
+            ..Default::default()
+        }
+    }
+
+    fn web(spec: ForwardSpec) -> Vec<DomainConfig> {
+        vec![DomainConfig {
+            name: "web".into(),
+            forwards: vec![spec],
+            ..Default::default()
+        }]
+    }
+
+    fn spec() -> ForwardSpec {
+        ForwardSpec {
+            host_ports: PortRange::single(8080).unwrap(),
+            guest_ports: PortRange::single(80).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn address_outside_the_subnet_is_refused() {
+        let p = plan(
+            &web(ForwardSpec {
+                guest_addresses: vec!["10.9.9.9".parse().unwrap()],
+                ..spec()
+            }),
+            &facts(),
+            &[],
+        );
+        assert!(p.ruleset.is_empty());
+        assert_eq!(p.forwards[0].state, ForwardState::Pending);
+        assert!(
+            p.forwards[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("outside the subnet")
+        );
+    }
+
+    #[test]
+    fn learned_addresses_are_checked() {
+        let mut f = facts();
+        // a lease outside the subnet, an expired one, and a neighbour entry that is
+        // another domain's reservation: none of them is used
+        f.leases.push(crate::facts::Lease {
+            bridge: "virbr0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            expiry: 5000,
+        });
+        f.leases.push(crate::facts::Lease {
+            bridge: "virbr0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: "192.168.122.7".parse().unwrap(),
+            expiry: 10,
+        });
+        f.neighbours.push(crate::facts::Neighbour {
+            ifname: "virbr0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: "192.168.122.99".parse().unwrap(),
+        });
+        let p = plan(&web(spec()), &f, &[]);
+        assert_eq!(
+            p.forwards[0].state,
+            ForwardState::Pending,
+            "{:?}",
+            p.forwards[0]
+        );
+        assert!(
+            p.forwards[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("reservation")
+        );
+        // a fresh lease in the subnet is used, and shown as such
+        f.leases.push(crate::facts::Lease {
+            bridge: "virbr0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: "192.168.122.8".parse().unwrap(),
+            expiry: 5000,
+        });
+        let p = plan(&web(spec()), &f, &[]);
+        assert_eq!(
+            p.forwards[0].guest[0],
+            GuestAddr {
+                ip: "192.168.122.8".parse().unwrap(),
+                source: AddrSource::Lease
+            }
+        );
+    }
+
+    #[test]
+    fn inactive_network_means_pending() {
+        let mut f = facts();
+        f.networks[0].active = false;
+        f.networks[0].reservations[0].mac = "52:54:00:00:00:01".into();
+        let p = plan(&web(spec()), &f, &[]);
+        assert_eq!(p.forwards[0].state, ForwardState::Pending);
+        assert!(
+            p.forwards[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("not running")
+        );
+    }
+
+    #[test]
+    fn hairpin_ports_only_with_br_netfilter() {
+        let mut f = facts();
+        f.networks[0].reservations[0].mac = "52:54:00:00:00:01".into();
+        assert!(plan(&web(spec()), &f, &[]).ruleset.hairpin_ports.is_empty());
+        f.sysctls.bridge_nf_call_iptables = Some(true);
+        assert_eq!(
+            plan(&web(spec()), &f, &[]).ruleset.hairpin_ports,
+            vec!["vnet0".to_string()]
+        );
     }
 }

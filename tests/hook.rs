@@ -42,6 +42,11 @@ fn qemu_lifecycle_and_exit_semantics() {
         assert_eq!((code, out.as_str()), (0, ""), "{op}");
     }
     assert_eq!(before, lab.ruleset(), "migrate/restore changed the ruleset");
+    // an oversized stdin is refused without hanging or failing the domain
+    let huge = format!("<domain>{}</domain>", " ".repeat(9 * 1024 * 1024));
+    let (code, out, err) = lab.hook("nftables", &["qemu", "g1", "started", "begin", "-"], &huge);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert!(err.contains("larger than"), "{err}");
     // prepare: validates only
     let (code, out, _) = lab.hook("nftables", &["qemu", "g1", "prepare", "begin", "-"], &x1);
     assert_eq!((code, out.as_str()), (0, ""));

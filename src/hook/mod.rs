@@ -65,16 +65,18 @@ pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8
         "qemu" => qemu(ctx, object, op, &input),
         "network" => {
             match op {
-                "started" | "updated" | "port-created" | "stopped" | "port-deleted" => {
-                    reassert(ctx, &format!("network {object:?} {op}"))
+                "started" | "updated" | "port-created" | "port-deleted" => {
+                    reassert(ctx, &format!("network {object:?} {op}"), None)
                 }
+                // its guests' forwards become pending until it runs again
+                "stopped" => reassert(ctx, &format!("network {object:?} {op}"), Some(object)),
                 _ => {}
             }
             0
         }
         "daemon" => {
             if matches!(op, "start" | "reload") {
-                reassert(ctx, &format!("daemon {op}"));
+                reassert(ctx, &format!("daemon {op}"), None);
             }
             0
         }
@@ -95,12 +97,23 @@ fn load_config(ctx: &Context, what: &str) -> Option<Config> {
     }
 }
 
-/// A plain reconcile with the current facts.
-fn reassert(ctx: &Context, what: &str) {
+/// A plain reconcile with the current facts (`stopped_network` counts as not running).
+fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
     let Some(cfg) = load_config(ctx, what) else {
         return;
     };
-    match reconcile::reconcile(ctx, &cfg, |st| gather(ctx, st, None), |_| {}) {
+    let gather = |st: &crate::state::State| {
+        let mut f = gather(ctx, st, None);
+        for n in f
+            .networks
+            .iter_mut()
+            .filter(|n| Some(n.name.as_str()) == stopped_network)
+        {
+            n.active = false;
+        }
+        f
+    };
+    match reconcile::reconcile(ctx, &cfg, gather, |_| {}) {
         Ok(o) if o.changed => tracing::info!(
             "{what}: ruleset re-applied ({} rules)",
             o.plan.ruleset.rules.len()

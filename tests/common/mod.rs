@@ -301,6 +301,16 @@ impl Lab {
         host.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth1"]);
         host.ip(&["link", "set", "eth0", "up"]);
         host.ip(&["link", "set", "eth1", "up"]);
+        // the host's uplink: hooks.json's default public_ip is taken from it
+        host.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.254",
+            "dev",
+            "eth0",
+        ]);
         for (c, a, gw) in [
             (&client, "203.0.113.2/24", "203.0.113.1"),
             (&client2, "198.51.100.2/24", "198.51.100.1"),
@@ -543,8 +553,17 @@ impl Lab {
 
     /// Runs virtgate in the host namespace: (success, stdout, stderr).
     pub fn virtgate(&self, backend: &str, args: &[&str]) -> (bool, String, String) {
+        self.virtgate_with(&self.config_path(), backend, args)
+    }
+
+    /// Runs virtgate with another main config file.
+    pub fn virtgate_with(
+        &self,
+        config: &Path,
+        backend: &str,
+        args: &[&str],
+    ) -> (bool, String, String) {
         let bin = env!("CARGO_BIN_EXE_virtgate");
-        let config = self.config_path();
         let state = self.state_dir();
         let root = self.root();
         let mut argv: Vec<&str> = vec![
