@@ -289,7 +289,12 @@ fn select_nic<'a>(
             .nics
             .iter()
             .find(|n| nic_bridge(n, facts).as_deref() == Some(b)),
-        None => dom.nics.iter().find(|n| nic_network(n, facts).is_some()),
+        // the first NIC on a libvirt network, else the first on any bridge
+        None => dom
+            .nics
+            .iter()
+            .find(|n| nic_network(n, facts).is_some())
+            .or_else(|| dom.nics.iter().find(|n| n.bridge.is_some())),
     }
 }
 

@@ -195,23 +195,7 @@ fn hostile_names_and_a_concurrent_storm() {
     lab.write_config(&cfg);
     let (ok, out, err) = lab.virtgate("nftables", &["check"]);
     assert!(ok, "{out}{err}");
-    std::thread::scope(|s| {
-        for (i, n) in names.iter().enumerate() {
-            let lab = &lab;
-            s.spawn(move || {
-                let xml = domain_xml(
-                    n,
-                    &format!("52:54:00:10:00:{i:02x}"),
-                    "default",
-                    "virbr0",
-                    &format!("vx{i}"),
-                );
-                let (code, out, err) =
-                    lab.hook("nftables", &["qemu", n, "started", "begin", "-"], &xml);
-                assert_eq!((code, out.as_str()), (0, ""), "{n:?}: {err}");
-            });
-        }
-    });
+    storm(&lab, &names, &["started", "begin"]);
     let table = lab
         .host
         .exec(&["nft", "list", "map", "inet", "virtgate", "listen_any"]);
@@ -245,27 +229,25 @@ fn hostile_names_and_a_concurrent_storm() {
         );
     }
     // and all stop again, concurrently
-    std::thread::scope(|s| {
-        for (i, n) in names.iter().enumerate() {
-            let lab = &lab;
-            s.spawn(move || {
-                let xml = domain_xml(
-                    n,
-                    &format!("52:54:00:10:00:{i:02x}"),
-                    "default",
-                    "virbr0",
-                    &format!("vx{i}"),
-                );
-                let (code, _, err) =
-                    lab.hook("nftables", &["qemu", n, "stopped", "end", "-"], &xml);
-                assert_eq!(code, 0, "{err}");
-            });
-        }
-    });
+    storm(&lab, &names, &["stopped", "end"]);
     let (ok, out, _) = lab
         .host
         .try_exec(&["nft", "list", "table", "inet", "virtgate"]);
     assert!(!ok, "table must be gone after all stopped:\n{out}");
+}
+
+/// Runs the qemu hook `OP SUBOP` for every name at once, each on its own thread.
+fn storm(lab: &Lab, names: &[String], op: &[&str; 2]) {
+    std::thread::scope(|s| {
+        for (i, n) in names.iter().enumerate() {
+            s.spawn(move || {
+                let mac = format!("52:54:00:10:00:{i:02x}");
+                let xml = domain_xml(n, &mac, "default", "virbr0", &format!("vx{i}"));
+                let (code, out, err) = lab.hook("nftables", &["qemu", n, op[0], op[1], "-"], &xml);
+                assert_eq!((code, out.as_str()), (0, ""), "{n:?} {op:?}: {err}");
+            });
+        }
+    });
 }
 
 fn toml_quote(s: &str) -> String {

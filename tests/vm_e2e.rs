@@ -262,23 +262,13 @@ fn real_libvirtd_real_vms() {
 
     let host = Netns::new("vh");
     let client = Netns::new("vc");
-    host.ip(&[
-        "link",
-        "add",
+    host.uplink(
         "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &client.name,
-    ]);
-    host.ip(&["addr", "add", "203.0.113.1/24", "dev", "eth0"]);
-    host.ip(&["link", "set", "eth0", "up"]);
-    client.ip(&["addr", "add", "203.0.113.2/24", "dev", "eth0"]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    client.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        &client,
+        "203.0.113.1/24",
+        "203.0.113.2/24",
+        "203.0.113.1",
+    );
     let dir = tempfile::tempdir().unwrap();
     let logdir = repo().join("target/vm-e2e-logs");
     let _ = std::fs::remove_dir_all(&logdir);

@@ -348,38 +348,8 @@ impl Backend for Iptables {
 
     fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
         let mut text = String::new();
-        for f in [Family::Ipv4, Family::Ipv6] {
-            for t in ["nat", "filter"] {
-                for (chain, rules) in xtables::parse_save(&xtables::save(f, t, false)) {
-                    for (i, r) in rules.iter().enumerate() {
-                        if chain.starts_with(xtables::CHAIN_PREFIX)
-                            || r.contains(xtables::CHAIN_PREFIX)
-                        {
-                            let _ = writeln!(text, "{f:?} {t} {i}: {r}");
-                        }
-                    }
-                }
-            }
-            if let Ok(out) = exec::run_raw(
-                &[
-                    "nft",
-                    "list",
-                    "chain",
-                    placement::nft_family(f),
-                    "libvirt_network",
-                    "guest_input",
-                ],
-                None,
-                exec::DEFAULT_TIMEOUT,
-            ) && out.success
-            {
-                for (i, l) in out.stdout.lines().enumerate() {
-                    if l.contains(placement::NFT_MARK) {
-                        let _ = writeln!(text, "guest_input {f:?} {i}: {}", l.trim());
-                    }
-                }
-            }
-        }
+        xtables::describe(&["nat", "filter"], &mut text);
+        placement::describe(&mut text);
         if text.is_empty() {
             return Ok(None);
         }

@@ -424,37 +424,8 @@ impl Backend for Nftables {
         } else {
             String::new()
         };
-        for f in [Family::Ipv4, Family::Ipv6] {
-            let out = exec::run_raw(
-                &[
-                    "nft",
-                    "list",
-                    "chain",
-                    placement::nft_family(f),
-                    "libvirt_network",
-                    "guest_input",
-                ],
-                None,
-                exec::DEFAULT_TIMEOUT,
-            )?;
-            if out.success {
-                // only our rules and their position matter
-                for (i, l) in out.stdout.lines().enumerate() {
-                    if l.contains(placement::NFT_MARK) {
-                        let _ = writeln!(text, "guest_input {f:?} {i}: {}", l.trim());
-                    }
-                }
-            }
-            let save = xtables::parse_save(&xtables::save(f, "filter", false));
-            for (chain, rules) in &save {
-                for (i, r) in rules.iter().enumerate() {
-                    if chain.starts_with(xtables::CHAIN_PREFIX) || r.contains(xtables::CHAIN_PREFIX)
-                    {
-                        let _ = writeln!(text, "xt {f:?} {i}: {r}");
-                    }
-                }
-            }
-        }
+        placement::describe(&mut text);
+        xtables::describe(&["filter"], &mut text);
         if text.is_empty() {
             return Ok(None);
         }

@@ -84,6 +84,20 @@ pub fn libvirt_nft_bridges() -> BTreeSet<String> {
     out
 }
 
+/// Appends virtgate's rules in libvirt's `guest_input` chains, with their positions, to
+/// a fingerprint text (a buried accept changes it).
+pub fn describe(text: &mut String) {
+    for fam in [Family::Ipv4, Family::Ipv6] {
+        if let Some(listing) = list_guest_input(fam) {
+            for (i, (rule, _)) in parse_rules(&listing).iter().enumerate() {
+                if rule.contains(NFT_MARK) {
+                    text.push_str(&format!("guest_input {fam:?} {i}: {rule}\n"));
+                }
+            }
+        }
+    }
+}
+
 pub fn nft_accept_rule(bridge: &str) -> String {
     format!("oifname \"{bridge}\" ct status dnat accept comment \"{NFT_MARK}\"")
 }

@@ -132,6 +132,24 @@ fn gather(ctx: &Context, st: &crate::state::State, exclude: Option<&str>) -> fac
     f
 }
 
+/// Whether a domain has forwards configured (by name or UUID) or installed.
+fn concerns_virtgate(ctx: &Context, cfg: &Config, name: &str, xml: &str) -> bool {
+    if cfg.domains.contains_key(name) || cfg.invalid_domains.contains(name) {
+        return true;
+    }
+    let uuid = libvirt::parse_domain_xml(xml).ok().and_then(|d| d.uuid);
+    if uuid.is_some() && cfg.domains.values().any(|d| d.domain.uuid == uuid) {
+        return true;
+    }
+    match crate::state::read_state(&crate::state::state_file(&ctx.state_dir)) {
+        Ok(st) => {
+            st.started.contains_key(name) || st.ruleset.rules.iter().any(|r| r.domain == name)
+        }
+        // unreadable state: take the slow, careful path
+        Err(_) => true,
+    }
+}
+
 fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     let what = format!("domain {name:?} {op}");
     match op {
@@ -142,6 +160,11 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     let Some(cfg) = load_config(ctx, &what) else {
         return 0;
     };
+    if !concerns_virtgate(ctx, &cfg, name, xml) {
+        // the hot path for the many guests without forwards: no lock, no firewall calls
+        tracing::debug!("{what}: no forwards configured or installed; nothing to do");
+        return 0;
+    }
     let fail_closed = cfg.fail_closed.contains(name);
     let starting = matches!(op, "prepare" | "start" | "started");
     let fail = |msg: String| -> u8 {

@@ -119,6 +119,31 @@ impl Netns {
         run(&a);
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer`.
+    pub fn veth(&self, name: &str, peer: &Netns, peer_name: &str) {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ]);
+    }
+
+    /// Links `client` to this namespace like an uplink: `my_addr` here on `ifname`,
+    /// `client_addr` on the client's eth0 with its default route via `gateway`.
+    pub fn uplink(
+        &self,
+        ifname: &str,
+        client: &Netns,
+        my_addr: &str,
+        client_addr: &str,
+        gateway: &str,
+    ) {
+        self.veth(ifname, client, "eth0");
+        self.ip(&["addr", "add", my_addr, "dev", ifname]);
+        self.ip(&["link", "set", ifname, "up"]);
+        client.ip(&["addr", "add", client_addr, "dev", "eth0"]);
+        client.ip(&["link", "set", "eth0", "up"]);
+        client.ip(&["route", "add", "default", "via", gateway]);
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
     }
@@ -272,35 +297,21 @@ impl Lab {
         let client2 = Netns::new("d");
         host.sysctl("net.ipv4.ip_forward", "1");
         host.sysctl("net.ipv6.conf.all.forwarding", "1");
-        host.ip(&[
-            "link",
-            "add",
+        host.uplink(
             "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ]);
-        host.ip(&[
-            "link",
-            "add",
+            &client,
+            "203.0.113.1/24",
+            "203.0.113.2/24",
+            "203.0.113.1",
+        );
+        host.uplink(
             "eth1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client2.name,
-        ]);
-        host.ip(&["addr", "add", "203.0.113.1/24", "dev", "eth0"]);
+            &client2,
+            "198.51.100.1/24",
+            "198.51.100.2/24",
+            "198.51.100.1",
+        );
         host.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad"]);
-        host.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth1"]);
-        host.ip(&["link", "set", "eth0", "up"]);
-        host.ip(&["link", "set", "eth1", "up"]);
         // the host's uplink: hooks.json's default public_ip is taken from it
         host.ip(&[
             "route",
@@ -311,14 +322,6 @@ impl Lab {
             "dev",
             "eth0",
         ]);
-        for (c, a, gw) in [
-            (&client, "203.0.113.2/24", "203.0.113.1"),
-            (&client2, "198.51.100.2/24", "198.51.100.1"),
-        ] {
-            c.ip(&["addr", "add", a, "dev", "eth0"]);
-            c.ip(&["link", "set", "eth0", "up"]);
-            c.ip(&["route", "add", "default", "via", gw]);
-        }
         client.ip(&["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"]);
         client.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
         // the client may try to reach the guests' private addresses directly (routed bypass)
@@ -352,9 +355,7 @@ impl Lab {
             let ns = Netns::new(name);
             let tap = format!("vnet{i}");
             let mac = format!("52:54:00:00:00:{:02x}", i + 10);
-            host.ip(&[
-                "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ]);
+            host.veth(&tap, &ns, "eth0");
             host.ip(&["link", "set", &tap, "master", br, "up"]);
             ns.ip(&["link", "set", "eth0", "address", &mac]);
             ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);

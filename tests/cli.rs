@@ -1,0 +1,135 @@
+//! The command line as a user meets it: help for every command, usage errors exit 2,
+//! `check` errors with file:line:col exit 1, `render` changes nothing, man page and
+//! completions. No root needed.
+
+use std::process::Command;
+
+fn vg(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_virtgate"))
+        .args(args)
+        .env_remove("VIRTGATE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_for_every_command() {
+    let (code, out, _) = vg(&["--help"]);
+    assert_eq!(code, 0);
+    for cmd in [
+        "check",
+        "render",
+        "apply",
+        "status",
+        "hook",
+        "install",
+        "uninstall",
+        "completions",
+        "man",
+    ] {
+        assert!(out.contains(cmd), "{cmd} missing from --help");
+        let (code, out, err) = vg(&[cmd, "--help"]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(
+            out.contains("Example"),
+            "{cmd} --help has no example:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(vg(&["--bogus"]).0, 2);
+    assert_eq!(vg(&["nosuchcommand"]).0, 2);
+    assert_eq!(vg(&["--backend", "pf", "check"]).0, 2);
+}
+
+#[test]
+fn check_reports_positions_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("virtgate.toml");
+    std::fs::write(
+        &cfg,
+        "[domain.web]\nforwards = [\"8080:80\", \"80-90:80\"]\n",
+    )
+    .unwrap();
+    let (code, out, _) = vg(&["--config", cfg.to_str().unwrap(), "check"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("{}:2:24: error: domain \"web\"", cfg.display())),
+        "{out}"
+    );
+    std::fs::write(&cfg, "[domain.web]\nforwards = [\"8080:80\"]\n").unwrap();
+    std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+    std::fs::write(
+        dir.path().join("conf.d/10-api.toml"),
+        "[domain.api]\nforwards = [\"8081:80/udp\"]\n",
+    )
+    .unwrap();
+    let (code, out, _) = vg(&["--config", cfg.to_str().unwrap(), "check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2 domain(s), 2 forward(s), 0 error(s) in 2 file(s)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn render_prints_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("virtgate.toml");
+    std::fs::write(
+        &cfg,
+        "[domain.web]\nguest_address = \"192.168.122.10\"\nforwards = [\"8080:80\"]\n",
+    )
+    .unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("run/libvirt/qemu")).unwrap();
+    std::fs::write(
+        root.join("run/libvirt/qemu/web.xml"),
+        "<domstatus><domain><name>web</name><devices><interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='virbr0'/><target dev='vnet0'/></interface></devices></domain></domstatus>",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let common = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--libvirt-root",
+        root.to_str().unwrap(),
+    ];
+    let (code, out, err) = vg(&[&common[..], &["--backend", "nftables", "render"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("tcp . 8080 : goto f_") && out.contains("dnat ip to 192.168.122.10:80"),
+        "{out}"
+    );
+    let (code, out, _) = vg(&[&common[..], &["--backend", "iptables", "render"]].concat());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--dport 8080") && out.contains("--to-destination 192.168.122.10:80"),
+        "{out}"
+    );
+    assert!(!state.exists(), "render must not write state");
+}
+
+#[test]
+fn man_page_and_completions() {
+    let (code, out, _) = vg(&["man"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(".TH virtgate"), "{out}");
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, _) = vg(&["completions", shell]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("virtgate") && out.contains("uninstall"),
+            "{shell}"
+        );
+    }
+}
