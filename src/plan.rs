@@ -615,6 +615,7 @@ mod tests {
                     bridge: Some("virbr0".into()),
                     tap: Some("vnet0".into()),
                 }],
+                metadata: None,
             }],
             networks: vec![NetworkFacts {
                 name: "default".into(),

@@ -57,12 +57,14 @@ pub fn carried_rules(config: &Config, state: &State) -> Vec<Rule> {
         .collect()
 }
 
-/// Plans without touching anything.
+/// Plans without touching anything. Forwards in running domains' `<metadata>` join the
+/// config here, where the facts are known.
 pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
+    let config = config.with_metadata(&facts.domains);
     plan::plan(
         &config.domain_configs(),
         facts,
-        &carried_rules(config, state),
+        &carried_rules(&config, state),
     )
 }
 

@@ -109,6 +109,24 @@ fn scenario(form: LibvirtForm, backend: &str) {
     let g2 = &lab.guest("g2").ns;
     let g3 = &lab.guest("g3").ns;
     expect_ok("same guest via public", g1.tcp(pubv(8080)), "g1 port 80");
+    let hairpin = |tap: &str| {
+        lab.host
+            .exec(&["cat", &format!("/sys/class/net/{tap}/brport/hairpin_mode")])
+            .trim()
+            .to_string()
+    };
+    let br_nf = lab
+        .host
+        .exec(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"])
+        .trim()
+        == "1";
+    if br_nf {
+        assert_eq!(
+            hairpin("vnet0"),
+            "1",
+            "br_netfilter is on: g1's port needs hairpin mode"
+        );
+    }
     expect_ok("other guest via public", g2.tcp(pubv(8080)), "g1 port 80");
     expect_ok("other network via public", g3.tcp(pubv(8080)), "g1 port 80");
     expect_ok("other guest udp via public", g2.udp(pubv(5353)), "g1: ping");

@@ -49,6 +49,7 @@ fn facts(fw: LibvirtFirewall) -> Facts {
             bridge: Some("virbr0".into()),
             tap: Some(tap.into()),
         }],
+        metadata: None,
     };
     Facts {
         domains: vec![

@@ -38,6 +38,7 @@ fn facts(n: usize) -> Facts {
                 bridge: Some("virbr0".into()),
                 tap: Some(format!("vnet{i}")),
             }],
+            metadata: None,
         });
     }
     Facts {
@@ -173,6 +174,7 @@ fn hostile_names_never_collide() {
                 network: Some("default".into()),
                 ..Default::default()
             }],
+            metadata: None,
         });
         doms.push(DomainConfig {
             name: n.clone(),

@@ -6,7 +6,9 @@ use crate::model::Listen;
 
 /// Returns Ok(false) when the config has errors (exit 1).
 pub fn run(ctx: &Context) -> Result<bool, String> {
-    let cfg = load_config(ctx)?;
+    // forwards in the <metadata> of running domains are checked too
+    let running = facts::libvirt::read_running_domains(&ctx.libvirt);
+    let cfg = load_config(ctx)?.with_metadata(&running);
     for d in &cfg.diagnostics {
         println!("{d}");
     }

@@ -3,6 +3,7 @@
 
 pub mod diag;
 pub mod hooks_json;
+pub mod metadata;
 pub mod short;
 pub mod toml_file;
 
@@ -107,6 +108,79 @@ impl Config {
         self.diagnostics
             .iter()
             .filter(|d| d.severity == Severity::Error)
+    }
+
+    /// This config plus the forwards that running domains carry in their `<metadata>`
+    /// (a domain in the config file wins over its metadata).
+    pub fn with_metadata(&self, domains: &[crate::facts::DomainFacts]) -> Config {
+        let mut cfg = Config {
+            domains: self.domains.clone(),
+            invalid_domains: self.invalid_domains.clone(),
+            fail_closed: self.fail_closed.clone(),
+            diagnostics: self.diagnostics.clone(),
+            backend: self.backend,
+            files: self.files.clone(),
+        };
+        let mut added = false;
+        for d in domains {
+            let Some(md) = &d.metadata else { continue };
+            let origin = Origin {
+                file: PathBuf::from(format!("<metadata of domain {:?}>", d.name)),
+                line: 1,
+                col: 1,
+            };
+            if let Some(c) = cfg.domains.get(&d.name) {
+                cfg.diagnostics.push(Diagnostic {
+                    origin,
+                    severity: Severity::Warning,
+                    domain: Some(d.name.clone()),
+                    message: format!(
+                        "forwards in <metadata> ignored: the domain is configured at {}",
+                        c.origin
+                    ),
+                });
+                continue;
+            }
+            if cfg.invalid_domains.contains(&d.name) {
+                continue;
+            }
+            if md.fail_closed {
+                cfg.fail_closed.insert(d.name.clone());
+            }
+            match &md.forwards {
+                Ok(forwards) => {
+                    added = true;
+                    cfg.domains.insert(
+                        d.name.clone(),
+                        ConfiguredDomain {
+                            domain: DomainConfig {
+                                name: d.name.clone(),
+                                uuid: d.uuid.clone(),
+                                forwards: forwards.clone(),
+                                fail_closed: md.fail_closed,
+                            },
+                            origins: vec![origin.clone(); forwards.len()],
+                            origin,
+                        },
+                    );
+                }
+                Err(e) => {
+                    cfg.invalid_domains.insert(d.name.clone());
+                    cfg.diagnostics.push(Diagnostic {
+                        origin,
+                        severity: Severity::Error,
+                        domain: Some(d.name.clone()),
+                        message: e.clone(),
+                    });
+                }
+            }
+        }
+        if added {
+            cfg.diagnostics
+                .retain(|d| !d.message.contains(" conflicts with forward "));
+            add_conflicts(&mut cfg);
+        }
+        cfg
     }
 
     /// The domains as the planner wants them.

@@ -49,7 +49,13 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
             });
         }
     }
-    Ok(DomainFacts { name, uuid, nics })
+    let metadata = crate::config::metadata::from_domain(dom);
+    Ok(DomainFacts {
+        name,
+        uuid,
+        nics,
+        metadata,
+    })
 }
 
 /// Parses a network XML (plain `<network>` or a `<networkstatus>` wrapper).

@@ -39,6 +39,9 @@ pub struct DomainFacts {
     pub name: String,
     pub uuid: Option<String>,
     pub nics: Vec<Nic>,
+    /// Forwards the domain carries in its `<metadata>`, if any.
+    #[serde(default)]
+    pub metadata: Option<crate::config::metadata::MetadataForwards>,
 }
 
 /// A DHCP host reservation of a network.

@@ -133,11 +133,16 @@ fn gather(ctx: &Context, st: &crate::state::State, exclude: Option<&str>) -> fac
 }
 
 /// Whether a domain has forwards configured (by name or UUID) or installed.
-fn concerns_virtgate(ctx: &Context, cfg: &Config, name: &str, xml: &str) -> bool {
+fn concerns_virtgate(
+    ctx: &Context,
+    cfg: &Config,
+    name: &str,
+    domain: Option<&DomainFacts>,
+) -> bool {
     if cfg.domains.contains_key(name) || cfg.invalid_domains.contains(name) {
         return true;
     }
-    let uuid = libvirt::parse_domain_xml(xml).ok().and_then(|d| d.uuid);
+    let uuid = domain.and_then(|d| d.uuid.clone());
     if uuid.is_some() && cfg.domains.values().any(|d| d.domain.uuid == uuid) {
         return true;
     }
@@ -160,12 +165,18 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     let Some(cfg) = load_config(ctx, &what) else {
         return 0;
     };
-    if !concerns_virtgate(ctx, &cfg, name, xml) {
+    let parsed = libvirt::parse_domain_xml(xml);
+    // the domain's own <metadata> forwards count for its checks here
+    let own = match &parsed {
+        Ok(d) => cfg.with_metadata(std::slice::from_ref(d)),
+        Err(_) => cfg.with_metadata(&[]),
+    };
+    if !concerns_virtgate(ctx, &own, name, parsed.as_ref().ok()) {
         // the hot path for the many guests without forwards: no lock, no firewall calls
         tracing::debug!("{what}: no forwards configured or installed; nothing to do");
         return 0;
     }
-    let fail_closed = cfg.fail_closed.contains(name);
+    let fail_closed = own.fail_closed.contains(name);
     let starting = matches!(op, "prepare" | "start" | "started");
     let fail = |msg: String| -> u8 {
         if fail_closed && starting {
@@ -176,7 +187,7 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
             0
         }
     };
-    let own_errors: Vec<String> = cfg
+    let own_errors: Vec<String> = own
         .errors()
         .filter(|d| d.domain.as_deref() == Some(name))
         .map(|d| d.to_string())
@@ -188,7 +199,7 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
             fail(own_errors.join("; "))
         };
     }
-    let domain = match libvirt::parse_domain_xml(xml) {
+    let domain = match parsed {
         Ok(d) => Some(d),
         Err(e) if matches!(op, "stopped" | "release") => {
             tracing::debug!("{what}: {e}");

@@ -1,0 +1,217 @@
+//! Forwards stored in the domain definition itself, as libvirt `<metadata>` in virtgate's
+//! own namespace, so they travel with the domain (migration, backups):
+//!
+//! ```xml
+//! <metadata>
+//!   <vg:forwards xmlns:vg="https://virtgate.dev/xmlns/1" fail_closed="false">
+//!     <vg:forward spec="8080:80"/>
+//!     <vg:forward host_port="8081" guest_port="80" proto="tcp"
+//!                 source="203.0.113.0/24 2001:db8::/32" description="API"/>
+//!   </vg:forwards>
+//! </metadata>
+//! ```
+//!
+//! Set it with `virsh metadata DOMAIN https://virtgate.dev/xmlns/1 --key vg --set XML
+//! --config --live`. A forward in the config file for the same domain wins.
+
+use std::net::IpAddr;
+
+use roxmltree::Node;
+use serde::{Deserialize, Serialize};
+
+use super::short::{check_lengths, parse_short};
+use super::toml_file::{parse_cidr, parse_nic, validate_ifname};
+use crate::model::{ForwardSpec, Listen, PortRange, Proto};
+
+pub const NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
+
+const ATTRS: &[&str] = &[
+    "spec",
+    "host_port",
+    "guest_port",
+    "proto",
+    "listen",
+    "interface",
+    "source",
+    "nic",
+    "guest_address",
+    "localhost",
+    "description",
+];
+
+/// What a domain's metadata says, or why it cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataForwards {
+    pub forwards: Result<Vec<ForwardSpec>, String>,
+    pub fail_closed: bool,
+}
+
+/// Finds virtgate's element under `<metadata>` of a `<domain>` node.
+pub fn from_domain(domain: Node) -> Option<MetadataForwards> {
+    let md = domain.children().find(|c| c.has_tag_name("metadata"))?;
+    let el = md
+        .children()
+        .find(|c| c.is_element() && c.tag_name().namespace() == Some(NAMESPACE))?;
+    let fail_closed = el.attribute("fail_closed") == Some("true");
+    Some(MetadataForwards {
+        forwards: parse(el),
+        fail_closed,
+    })
+}
+
+fn parse(el: Node) -> Result<Vec<ForwardSpec>, String> {
+    if el.tag_name().name() != "forwards" {
+        return Err(format!(
+            "expected <forwards>, found <{}>",
+            el.tag_name().name()
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, f) in el.children().filter(Node::is_element).enumerate() {
+        let n = i + 1;
+        if f.tag_name().name() != "forward" {
+            return Err(format!(
+                "element {n}: expected <forward>, found <{}>",
+                f.tag_name().name()
+            ));
+        }
+        out.extend(parse_forward(f).map_err(|e| format!("<forward> {n}: {e}"))?);
+    }
+    Ok(out)
+}
+
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split([' ', ',']).filter(|s| !s.is_empty())
+}
+
+fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
+    if let Some(a) = f.attributes().find(|a| !ATTRS.contains(&a.name())) {
+        return Err(format!(
+            "unknown attribute '{}' (expected one of: {})",
+            a.name(),
+            ATTRS.join(", ")
+        ));
+    }
+    let attr = |k: &str| f.attribute(k);
+    let mut spec = ForwardSpec::default();
+    let mut listens = Vec::new();
+    if let Some(s) = attr("spec") {
+        let sf = parse_short(s).map_err(|e| format!("spec {s:?}: {e}"))?;
+        spec.proto = sf.proto;
+        spec.host_ports = sf.host_ports;
+        spec.guest_ports = sf.guest_ports;
+        if sf.listen != Listen::Any {
+            listens.push(sf.listen);
+        }
+    } else {
+        let host = PortRange::parse(attr("host_port").ok_or("needs 'spec' or 'host_port'")?)
+            .map_err(|e| format!("host_port: {e}"))?;
+        let guest = match attr("guest_port") {
+            Some(g) => PortRange::parse(g).map_err(|e| format!("guest_port: {e}"))?,
+            None => host,
+        };
+        check_lengths(host, guest)?;
+        spec.host_ports = host;
+        spec.guest_ports = guest;
+        if let Some(p) = attr("proto") {
+            spec.proto = Proto::parse(p).ok_or_else(|| format!("unknown protocol '{p}'"))?;
+        }
+    }
+    if let Some(l) = attr("listen") {
+        for a in list(l) {
+            let ip: IpAddr = a
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse()
+                .map_err(|_| format!("listen: '{a}' is not an IP address"))?;
+            listens.push(Listen::Address(ip));
+        }
+    }
+    if let Some(i) = attr("interface") {
+        validate_ifname(i)?;
+        if !listens.is_empty() {
+            return Err("give either 'listen' or 'interface', not both".into());
+        }
+        listens.push(Listen::Interface(i.to_string()));
+    }
+    if let Some(s) = attr("source") {
+        spec.sources = list(s).map(parse_cidr).collect::<Result<_, _>>()?;
+    }
+    if let Some(n) = attr("nic") {
+        spec.nic = Some(parse_nic(n)?);
+    }
+    if let Some(g) = attr("guest_address") {
+        for a in list(g) {
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| format!("guest_address: '{a}' is not an IP address"))?;
+            if spec
+                .guest_addresses
+                .iter()
+                .any(|x| x.is_ipv4() == ip.is_ipv4())
+            {
+                return Err("guest_address: at most one address per family".into());
+            }
+            spec.guest_addresses.push(ip);
+        }
+    }
+    spec.localhost = match attr("localhost") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(o) => return Err(format!("localhost must be true or false, not {o:?}")),
+    };
+    spec.description = attr("description").map(str::to_string);
+    if listens.is_empty() {
+        listens.push(Listen::Any);
+    }
+    Ok(listens
+        .into_iter()
+        .map(|l| ForwardSpec {
+            listen: l,
+            ..spec.clone()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(inner: &str) -> Option<MetadataForwards> {
+        let xml = format!(
+            "<domain><name>x</name><metadata><other xmlns='urn:x'/><vg:forwards xmlns:vg='{NAMESPACE}' fail_closed='true'>{inner}</vg:forwards></metadata></domain>"
+        );
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        from_domain(doc.root_element())
+    }
+
+    #[test]
+    fn parses_both_forms() {
+        let m = md("<vg:forward spec='8080:80'/><vg:forward host_port='9000-9001' guest_port='100-101' proto='udp' source='203.0.113.0/24, 2001:db8::/32' listen='203.0.113.1' description='d'/>").unwrap();
+        assert!(m.fail_closed);
+        let f = m.forwards.unwrap();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].short(), "8080:80/tcp");
+        assert_eq!(f[1].short(), "203.0.113.1:9000-9001:100-101/udp");
+        assert_eq!(f[1].sources.len(), 2);
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        for (inner, want) in [
+            ("<vg:forward spec='0:80'/>", "port 0"),
+            (
+                "<vg:forward host_port='80' bogus='1'/>",
+                "unknown attribute 'bogus'",
+            ),
+            ("<vg:forward guest_port='80'/>", "needs 'spec'"),
+            ("<vg:other/>", "expected <forward>"),
+        ] {
+            let e = md(inner).unwrap().forwards.unwrap_err();
+            assert!(e.contains(want), "{inner}: {e}");
+        }
+        let doc =
+            roxmltree::Document::parse("<domain><metadata><a xmlns='urn:y'/></metadata></domain>")
+                .unwrap();
+        assert!(from_domain(doc.root_element()).is_none());
+    }
+}
