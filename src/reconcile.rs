@@ -97,7 +97,14 @@ pub fn reconcile(
     let changed = if unchanged {
         false
     } else {
-        backend.apply(&plan.ruleset)?;
+        if let Err(e) = backend.apply(&plan.ruleset) {
+            // one transaction per tool (nft, iptables, ip6tables): if a later one failed,
+            // put back what was there so the kernel holds the old ruleset, not a half
+            if let Err(r) = backend.apply(&state.ruleset) {
+                tracing::error!("rolling back after a failed change also failed: {r}");
+            }
+            return Err(e.into());
+        }
         state.ruleset = plan.ruleset.clone();
         state.fingerprint = backend.fingerprint()?;
         true

@@ -73,3 +73,63 @@ fn broken_domain_is_isolated_and_unparsable_config_changes_nothing() {
     let (_, out, _) = lab.virtgate("nftables", &["status"]);
     assert!(out.contains("conflict"), "{out}");
 }
+
+/// A change needs several transactions on the iptables backend (iptables-restore, then
+/// ip6tables-restore). When a later one fails, the earlier ones are rolled back: the
+/// kernel keeps the old ruleset and the error says why.
+#[test]
+fn failed_change_keeps_the_old_ruleset() {
+    if !common::can_run_netns("failed_change_keeps_the_old_ruleset") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config("[domain.g2]\nforwards = [\"8081:80\"]\n");
+    lab.apply("iptables");
+    let before = lab.ruleset();
+    // an ip6tables-restore that refuses everything
+    let fake = lab.dir.path().join("fakebin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let tool = fake.join("ip6tables-restore");
+    std::fs::write(
+        &tool,
+        "#!/bin/sh\necho 'ip6tables-restore: simulated failure' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        fake.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // g1 has an IPv6 address: the change needs ip6tables too
+    lab.write_config("[domain.g2]\nforwards = [\"8081:80\"]\n[domain.g1]\nguest_address = \"fd00:122::10\"\nforwards = [\"8080:80\"]\n");
+    let (ok, _, err) = lab.virtgate_env(
+        &lab.config_path(),
+        "iptables",
+        &["apply"],
+        &[("PATH", &path)],
+    );
+    assert!(!ok, "apply must fail");
+    assert!(
+        err.contains("simulated failure") && err.contains("previous ruleset"),
+        "{err}"
+    );
+    let after = lab.ruleset();
+    assert!(
+        before == after,
+        "a failed change left a half:\n{}",
+        diff(&before, &after)
+    );
+    assert!(
+        lab.client
+            .tcp(sa(&format!("{PUBLIC}:8081")))
+            .unwrap()
+            .starts_with("g2 port 80")
+    );
+    assert!(
+        !lab.client
+            .tcp(sa(&format!("{PUBLIC}:8080")))
+            .is_ok_and(|s| s.starts_with('g'))
+    );
+}

@@ -564,6 +564,17 @@ impl Lab {
         backend: &str,
         args: &[&str],
     ) -> (bool, String, String) {
+        self.virtgate_env(config, backend, args, &[])
+    }
+
+    /// Runs virtgate with extra environment variables.
+    pub fn virtgate_env(
+        &self,
+        config: &Path,
+        backend: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String, String) {
         let bin = env!("CARGO_BIN_EXE_virtgate");
         let state = self.state_dir();
         let root = self.root();
@@ -579,7 +590,17 @@ impl Lab {
             backend,
         ];
         argv.extend_from_slice(args);
-        self.host.try_exec(&argv)
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.host.name])
+            .args(&argv)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn apply(&self, backend: &str) {
