@@ -145,12 +145,39 @@ fn network_hook_reasserts_buried_accept() {
         answers(lab.client.tcp(pubv(8080)), "g1"),
         "network started re-asserts it"
     );
-    for args in [
-        ["daemon", "-", "reload", "begin", "SIGHUP"],
-        ["daemon", "-", "shutdown", "-", "shutdown"],
+    // every other network and daemon call: exit 0, nothing on stdout, each re-asserts
+    // (or leaves alone) and the forward keeps answering
+    let port_xml = "<hookData><network><name>default</name><bridge name='virbr0'/></network><networkport><owner><name>g1</name></owner><mac address='52:54:00:00:00:0a'/><plug type='network' bridge='virbr0'/></networkport></hookData>";
+    for (args, stdin) in [
+        (
+            ["network", "default", "updated", "begin", "-"],
+            "<hookData/>",
+        ),
+        (
+            ["network", "default", "port-created", "begin", "-"],
+            port_xml,
+        ),
+        (
+            ["network", "default", "port-deleted", "begin", "-"],
+            port_xml,
+        ),
+        (["network", "default", "start", "begin", "-"], "<hookData/>"),
+        (["daemon", "-", "start", "-", "start"], ""),
+        (["daemon", "-", "reload", "begin", "SIGHUP"], ""),
+        (["daemon", "-", "shutdown", "-", "shutdown"], ""),
+        (["lxc", "c1", "started", "begin", "-"], ""),
     ] {
-        let (code, out, _) = lab.hook("nftables", &args, "");
-        assert_eq!((code, out.as_str()), (0, ""));
+        libvirt_rules::reload_nft(&lab.host);
+        let (code, out, err) = lab.hook("nftables", &args, stdin);
+        assert_eq!((code, out.as_str()), (0, ""), "{args:?}: {err}");
+        let reasserts = matches!(args[2], "updated" | "port-created" | "port-deleted")
+            || args[..3] == ["daemon", "-", "start"]
+            || args[2] == "reload";
+        assert_eq!(
+            answers(lab.client.tcp(pubv(8080)), "g1"),
+            reasserts,
+            "{args:?}"
+        );
     }
     let (code, _, _) = lab.hook(
         "nftables",
