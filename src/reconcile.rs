@@ -92,8 +92,9 @@ pub fn reconcile(
         state.ruleset = Default::default();
         state.fingerprint = None;
     }
-    let now = backend.fingerprint()?;
-    let unchanged = plan.ruleset == state.ruleset && now == state.fingerprint;
+    // the kernel is read only when the plan is unchanged (drift check); a changed plan is
+    // applied straight away (the hook's hot path)
+    let unchanged = plan.ruleset == state.ruleset && backend.fingerprint()? == state.fingerprint;
     let changed = if unchanged {
         false
     } else {
