@@ -248,9 +248,11 @@ pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
                 continue;
             }
             let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
+            // localhost forwards share one key space (127.0.0.1), whatever they listen on
+            let listen_overlap = a.listen.overlaps(&b.listen) || (a.localhost && b.localhost);
             if a.proto == b.proto
                 && fam_overlap
-                && a.listen.overlaps(&b.listen)
+                && listen_overlap
                 && a.host_ports.overlaps(&b.host_ports)
             {
                 out.push(Conflict {
@@ -317,8 +319,12 @@ fn nic_bridge(nic: &Nic, facts: &Facts) -> Option<String> {
 
 /// Addresses claimed by other domains' NICs (reservations and leases): a learned
 /// (neighbour) address that belongs to someone else is refused.
-fn claimed_by_others(facts: &Facts, own_macs: &[&str]) -> BTreeSet<IpAddr> {
-    let mut out = BTreeSet::new();
+fn claimed_by_others(
+    facts: &Facts,
+    own_macs: &[&str],
+    explicit: &BTreeSet<IpAddr>,
+) -> BTreeSet<IpAddr> {
+    let mut out = explicit.clone();
     for n in &facts.networks {
         for r in &n.reservations {
             if !own_macs.iter().any(|m| m.eq_ignore_ascii_case(&r.mac)) {
@@ -342,6 +348,7 @@ fn resolve_address(
     net: Option<&NetworkFacts>,
     facts: &Facts,
     dom: &DomainFacts,
+    others_explicit: &BTreeSet<IpAddr>,
 ) -> Result<GuestAddr, String> {
     let in_subnet = |ip: &IpAddr| net.is_none_or(|n| n.contains(ip));
     if let Some(ip) = spec
@@ -390,7 +397,7 @@ fn resolve_address(
         });
     }
     let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
-    let others = claimed_by_others(facts, &own);
+    let others = claimed_by_others(facts, &own, others_explicit);
     if let Some(n) = facts.neighbours.iter().find(|n| {
         n.ifname == net.bridge
             && n.mac.eq_ignore_ascii_case(&nic.mac)
@@ -440,6 +447,7 @@ fn plan_forward(
     dom: &DomainFacts,
     spec: &ForwardSpec,
     facts: &Facts,
+    others_explicit: &BTreeSet<IpAddr>,
 ) -> (ForwardStatus, Vec<Rule>) {
     let mut st = ForwardStatus {
         domain: domain.name.clone(),
@@ -457,7 +465,16 @@ fn plan_forward(
             return (st, vec![]);
         }
     };
-    let nic = select_nic(dom, spec.nic.as_ref(), facts);
+    // with an explicit address and no 'nic', the NIC on the network holding that address
+    let by_address = spec.nic.is_none().then(|| {
+        dom.nics.iter().find(|n| {
+            nic_network(n, facts)
+                .is_some_and(|net| spec.guest_addresses.iter().any(|a| net.contains(a)))
+        })
+    });
+    let nic = by_address
+        .flatten()
+        .or_else(|| select_nic(dom, spec.nic.as_ref(), facts));
     if spec.nic.is_some() && nic.is_none() {
         st.reason = Some("the domain has no NIC matching 'nic'".into());
         return (st, vec![]);
@@ -491,7 +508,7 @@ fn plan_forward(
         {
             continue;
         }
-        match resolve_address(family, spec, nic, net, facts, dom) {
+        match resolve_address(family, spec, nic, net, facts, dom, others_explicit) {
             Ok(ga) => {
                 let id = rule_id(domain, family, spec, &listen);
                 st.rule_ids.push(id.clone());
@@ -504,12 +521,15 @@ fn plan_forward(
                     host_ports: spec.host_ports,
                     guest_ip: ga.ip,
                     guest_ports: spec.guest_ports,
-                    sources: spec
-                        .sources
-                        .iter()
-                        .filter(|s| Family::of_net(s) == family)
-                        .copied()
-                        .collect(),
+                    // merged, so overlapping entries never collide in an interval set
+                    sources: IpNet::aggregate(
+                        &spec
+                            .sources
+                            .iter()
+                            .filter(|s| Family::of_net(s) == family)
+                            .copied()
+                            .collect::<Vec<_>>(),
+                    ),
                     localhost: spec.localhost && family == Family::Ipv4,
                     bridge: bridge.clone(),
                     tap: nic.and_then(|n| n.tap.clone()),
@@ -536,55 +556,95 @@ fn plan_forward(
     (st, rules)
 }
 
-/// The planner. `carried` are rules installed before for domains whose config is now
-/// invalid: they are kept as they are.
+/// Whether two rules could receive the same packet.
+fn rules_overlap(a: &Rule, b: &Rule) -> bool {
+    let listen = match (&a.listen, &b.listen) {
+        (ListenOn::Address(x), ListenOn::Address(y)) => x == y,
+        (ListenOn::Interface(x), ListenOn::Interface(y)) => x == y,
+        _ => true,
+    };
+    a.family == b.family
+        && a.proto == b.proto
+        && (listen || (a.localhost && b.localhost))
+        && a.host_ports.overlaps(&b.host_ports)
+}
+
+fn status(
+    d: &DomainConfig,
+    spec: &ForwardSpec,
+    state: ForwardState,
+    reason: Option<String>,
+) -> ForwardStatus {
+    ForwardStatus {
+        domain: d.name.clone(),
+        spec: spec.clone(),
+        state,
+        guest: vec![],
+        bridge: None,
+        reason,
+        rule_ids: vec![],
+    }
+}
+
+/// The planner. Domains earlier in `domains` win conflicts (the caller puts the ones
+/// holding their ports first). `carried` are rules installed before for running domains
+/// whose config is now invalid: they are kept as they are.
 pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
-    let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(domains)
+    // only running domains compete for ports
+    let running: Vec<(usize, &DomainFacts)> = domains
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| facts.domain(&d.name, d.uuid.as_deref()).map(|f| (i, f)))
+        .collect();
+    let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
+    let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(&competing)
         .into_iter()
-        .map(|c| (c.second, c))
+        .map(|c| ((running[c.second.0].0, c.second.1), c))
         .collect();
     let mut rules: Vec<Rule> = carried.to_vec();
     let mut statuses = Vec::new();
-    let mut taken: BTreeSet<(Family, Proto, ListenOn, PortRange)> =
-        carried.iter().map(Rule::listen_key).collect();
     for (di, d) in domains.iter().enumerate() {
-        let running = facts.domain(&d.name, d.uuid.as_deref());
+        let dom = running.iter().find(|(i, _)| *i == di).map(|(_, f)| *f);
+        let others_explicit: BTreeSet<IpAddr> = domains
+            .iter()
+            .filter(|o| o.name != d.name)
+            .flat_map(|o| {
+                o.forwards
+                    .iter()
+                    .flat_map(|f| f.guest_addresses.iter().copied())
+            })
+            .collect();
         for (fi, spec) in d.forwards.iter().enumerate() {
             if let Some(c) = conflicts.get(&(di, fi)) {
-                statuses.push(ForwardStatus {
-                    domain: d.name.clone(),
-                    spec: spec.clone(),
-                    state: ForwardState::Conflict,
-                    guest: vec![],
-                    bridge: None,
-                    reason: Some(format!(
-                        "conflicts with {} of domain {:?}",
-                        domains[c.first.0].forwards[c.first.1].short(),
-                        domains[c.first.0].name
-                    )),
-                    rule_ids: vec![],
-                });
+                let winner = &competing[c.first.0];
+                let reason = format!(
+                    "conflicts with {} of domain {:?}",
+                    winner.forwards[c.first.1].short(),
+                    winner.name
+                );
+                statuses.push(status(d, spec, ForwardState::Conflict, Some(reason)));
                 continue;
             }
-            let Some(dom) = running else {
-                statuses.push(ForwardStatus {
-                    domain: d.name.clone(),
-                    spec: spec.clone(),
-                    state: ForwardState::Stopped,
-                    guest: vec![],
-                    bridge: None,
-                    reason: None,
-                    rule_ids: vec![],
-                });
+            let Some(dom) = dom else {
+                statuses.push(status(d, spec, ForwardState::Stopped, None));
                 continue;
             };
-            let (st, rs) = plan_forward(d, dom, spec, facts);
-            for r in rs {
-                // the same port claimed by a rule carried over from an invalid domain
-                if taken.insert(r.listen_key()) {
-                    rules.push(r);
-                }
+            let (mut st, rs) = plan_forward(d, dom, spec, facts, &others_explicit);
+            // a port still held by a rule kept for a domain with an invalid config
+            if let Some(holder) = rs
+                .iter()
+                .find_map(|r| rules.iter().find(|x| rules_overlap(r, x)))
+            {
+                st.state = ForwardState::Conflict;
+                st.reason = Some(format!(
+                    "conflicts with a forward kept for domain {:?}, whose config is invalid",
+                    holder.domain
+                ));
+                st.rule_ids.clear();
+                statuses.push(st);
+                continue;
             }
+            rules.extend(rs);
             statuses.push(st);
         }
     }

@@ -46,13 +46,15 @@ pub struct Outcome {
     pub backend: &'static str,
 }
 
-/// Rules installed before for domains whose config is invalid now: kept unchanged.
-pub fn carried_rules(config: &Config, state: &State) -> Vec<Rule> {
+/// Rules installed before for domains whose config is invalid now: kept unchanged while
+/// the domain runs (a stopped domain loses its rules whatever its config says).
+pub fn carried_rules(config: &Config, facts: &Facts, state: &State) -> Vec<Rule> {
     state
         .ruleset
         .rules
         .iter()
         .filter(|r| config.invalid_domains.contains(&r.domain))
+        .filter(|r| facts.domains.iter().any(|d| d.name == r.domain))
         .cloned()
         .collect()
 }
@@ -61,11 +63,10 @@ pub fn carried_rules(config: &Config, state: &State) -> Vec<Rule> {
 /// config here, where the facts are known.
 pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
     let config = config.with_metadata(&facts.domains);
-    plan::plan(
-        &config.domain_configs(),
-        facts,
-        &carried_rules(&config, state),
-    )
+    // domains that hold their ports now keep them against newcomers
+    let mut domains = config.domain_configs();
+    domains.sort_by_key(|d| !state.ruleset.rules.iter().any(|r| r.domain == d.name));
+    plan::plan(&domains, facts, &carried_rules(&config, facts, state))
 }
 
 /// Reconciles under the state lock. `update` may edit the state first (a hook records

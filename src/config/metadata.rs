@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use roxmltree::Node;
 use serde::{Deserialize, Serialize};
 
-use super::short::{check_lengths, parse_short};
+use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::toml_file::{parse_cidr, parse_nic, validate_ifname};
 use crate::model::{ForwardSpec, Listen, PortRange, Proto};
 
@@ -123,7 +123,7 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
                 .trim_matches(|c| c == '[' || c == ']')
                 .parse()
                 .map_err(|_| format!("listen: '{a}' is not an IP address"))?;
-            listens.push(Listen::Address(ip));
+            listens.push(listen_from_ip(ip)?);
         }
     }
     if let Some(i) = attr("interface") {

@@ -21,6 +21,10 @@ use crate::model::{DomainConfig, ForwardSpec};
 /// Largest config file read, in bytes.
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Marks a conflict diagnostic (conflicts depend on which domains run, unlike other
+/// errors).
+pub const CONFLICT_MARK: &str = " conflicts with forward ";
+
 /// The default main config file.
 pub const DEFAULT_CONFIG: &str = "/etc/virtgate/virtgate.toml";
 
@@ -302,7 +306,7 @@ fn add_conflicts(cfg: &mut Config) {
             severity: Severity::Error,
             domain: Some(d.domain.name.clone()),
             message: format!(
-                "forward {} conflicts with forward {} of domain {:?} at {}; it will not be applied",
+                "forward {}{CONFLICT_MARK}{} of domain {:?} at {}; the one whose domain runs first gets the port",
                 f2.short(),
                 f1.short(),
                 first.domain.name,

@@ -4,6 +4,23 @@ use std::net::IpAddr;
 
 use crate::model::{Listen, PortRange, Proto};
 
+/// A listen address as given: `0.0.0.0` and `::` mean every address (as in docker's
+/// `-p`); a loopback address is refused (that is what `localhost = true` is for).
+pub fn listen_from_ip(ip: IpAddr) -> Result<Listen, String> {
+    if ip.is_unspecified() {
+        return Ok(Listen::Any);
+    }
+    if ip.is_loopback() {
+        return Err(format!(
+            "listen address {ip} is loopback: use localhost = true to forward 127.0.0.1"
+        ));
+    }
+    if ip.is_multicast() {
+        return Err(format!("listen address {ip} is multicast"));
+    }
+    Ok(Listen::Address(ip))
+}
+
 /// The parts of a short-form forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShortForward {
@@ -35,7 +52,7 @@ pub fn parse_short(spec: &str) -> Result<ShortForward, String> {
         let rest = rest
             .strip_prefix(':')
             .ok_or_else(|| "expected ':' after ']'".to_string())?;
-        (Listen::Address(IpAddr::V6(ip)), rest)
+        (listen_from_ip(IpAddr::V6(ip))?, rest)
     } else {
         let parts: Vec<&str> = body.split(':').collect();
         match parts.len() {
@@ -47,7 +64,7 @@ pub fn parse_short(spec: &str) -> Result<ShortForward, String> {
                 if ip.is_ipv6() {
                     return Err("IPv6 listen addresses must be written in brackets".into());
                 }
-                (Listen::Address(ip), &body[parts[0].len() + 1..])
+                (listen_from_ip(ip)?, &body[parts[0].len() + 1..])
             }
             _ => {
                 return Err(
@@ -110,6 +127,8 @@ mod tests {
         assert_eq!(f.host_ports.len(), 3);
         assert_eq!(f.proto, Proto::Sctp);
         assert_eq!(ok("443").guest_ports.start, 443);
+        assert_eq!(ok("0.0.0.0:8080:80").listen, Listen::Any);
+        assert_eq!(ok("[::]:8080:80").listen, Listen::Any);
     }
 
     #[test]
@@ -123,6 +142,7 @@ mod tests {
             ("2001:db8::1:80:80", "brackets"),
             ("[2001:db8::1:80:80", "missing ']'"),
             ("300.1.1.1:80:80", "not an IP"),
+            ("127.0.0.1:80:80", "localhost = true"),
         ] {
             let e = parse_short(s).unwrap_err();
             assert!(e.contains(want), "{s}: {e}");

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use toml_edit::{Document, Item, Table, Value};
 
 use super::diag::{Diagnostic, Origin, Severity};
-use super::short::{check_lengths, parse_short};
+use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::{BackendChoice, ConfiguredForward, ParsedFile};
 use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto};
 
@@ -246,7 +246,7 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
                         .trim_matches(|c| c == '[' || c == ']')
                         .parse()
                         .map_err(|_| (o.clone(), format!("listen: '{s}' is not an IP address")))?;
-                    listens.push(Listen::Address(ip));
+                    listens.push(listen_from_ip(ip).map_err(|e| (o.clone(), e))?);
                 }
             }
             "interface" => {
@@ -316,13 +316,16 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
 }
 
 /// Interface names as the kernel accepts them: 1-15 bytes, no '/', whitespace or quotes.
+/// Interface names as they may appear in a rule: 1-15 bytes of letters, digits and
+/// `-_.@:` (no quotes, spaces or the `+`/`*` wildcards iptables and nft read differently).
 pub fn validate_ifname(s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || s.len() > 15
-        || s.chars().any(|c| {
-            c == '/' || c == '"' || c == '\'' || c == '\\' || c.is_whitespace() || c.is_control()
-        })
-    {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'));
+    if !ok {
         return Err(format!("'{s}' is not a valid interface name"));
     }
     Ok(())

@@ -39,13 +39,17 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
                 continue;
             };
             let src = child(i, "source");
+            // names end up in firewall rules: anything a kernel interface name cannot be
+            // is dropped here
+            let ifname = |v: Option<&str>| {
+                v.filter(|n| crate::config::toml_file::validate_ifname(n).is_ok())
+                    .map(str::to_string)
+            };
             nics.push(Nic {
                 mac: mac.to_ascii_lowercase(),
                 network: src.and_then(|s| s.attribute("network")).map(str::to_string),
-                bridge: src.and_then(|s| s.attribute("bridge")).map(str::to_string),
-                tap: child(i, "target")
-                    .and_then(|t| t.attribute("dev"))
-                    .map(str::to_string),
+                bridge: ifname(src.and_then(|s| s.attribute("bridge"))),
+                tap: ifname(child(i, "target").and_then(|t| t.attribute("dev"))),
             });
         }
     }
@@ -70,6 +74,11 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
         .and_then(|b| b.attribute("name"))
         .unwrap_or_default()
         .to_string();
+    if crate::config::toml_file::validate_ifname(&bridge).is_err() {
+        return Err(format!(
+            "network {name:?}: bridge name {bridge:?} is not a valid interface name"
+        ));
+    }
     let fwd = child(net, "forward");
     let forward_mode = fwd
         .map(|f| f.attribute("mode").unwrap_or("nat").to_string())

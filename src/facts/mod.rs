@@ -120,10 +120,21 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// The running domain a config entry means: by UUID when the entry pins one (then a
+    /// different domain with the same name does not match), else by name.
     pub fn domain(&self, name: &str, uuid: Option<&str>) -> Option<&DomainFacts> {
-        self.domains
-            .iter()
-            .find(|d| d.name == name || (uuid.is_some() && d.uuid.as_deref() == uuid))
+        match uuid {
+            Some(u) => self
+                .domains
+                .iter()
+                .find(|d| d.uuid.as_deref() == Some(u))
+                .or_else(|| {
+                    self.domains
+                        .iter()
+                        .find(|d| d.name == name && d.uuid.is_none())
+                }),
+            None => self.domains.iter().find(|d| d.name == name),
+        }
     }
 
     pub fn network_by_name(&self, name: &str) -> Option<&NetworkFacts> {

@@ -216,6 +216,8 @@ fn present_chains() -> BTreeSet<String> {
     out
 }
 
+const BUILTIN: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+
 fn is_nft_variant() -> bool {
     exec::run(&["iptables", "-V"], None).is_ok_and(|v| v.contains("nf_tables"))
 }
@@ -261,7 +263,8 @@ impl Iptables {
                 if !now.contains(&table) {
                     continue;
                 }
-                let rules = xtables::parse_save(&xtables::save(f, t, false));
+                let save = xtables::save(f, t, false);
+                let rules = xtables::parse_save(&save);
                 let chains: Vec<&String> = now
                     .iter()
                     .filter(|c| c.starts_with(&format!("{table} ")))
@@ -270,7 +273,13 @@ impl Iptables {
                 for c in &chains {
                     let name = &c[table.len() + 1..];
                     let empty = rules.get(name).is_none_or(|r| r.is_empty());
-                    if !pre.contains(*c) && empty {
+                    // only built-in chains virtgate's jumps created, still empty and with
+                    // the default policy: anyone else's chain stays
+                    let builtin = BUILTIN.contains(&name);
+                    let accept = save
+                        .lines()
+                        .any(|l| l.starts_with(&format!(":{name} ACCEPT")));
+                    if !pre.contains(*c) && empty && builtin && accept {
                         let _ = writeln!(batch, "delete chain {fam} {t} {name}");
                     } else {
                         remaining += 1;

@@ -48,9 +48,28 @@ fn read_stdin(mut input: impl Read) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// At the deadline: give up with exit 0, so that libvirt neither hangs nor kills a guest
+/// because of virtgate (only async-signal-safe calls here).
+extern "C" fn on_deadline(_: libc::c_int) {
+    let msg = b"virtgate hook: time limit reached, giving up (exit 0: the guest is not affected)\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is static
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(0);
+    }
+}
+
 /// Runs a hook call; returns the exit status for libvirt.
 pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8 {
-    // a hook that hangs hangs libvirt: SIGALRM ends this process whatever happens
+    // a hook that hangs hangs libvirt: at the deadline this process ends, whatever it was
+    // waiting for (the state lock, a child)
+    // SAFETY: the handler only calls async-signal-safe functions
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGALRM,
+            nix::sys::signal::SigHandler::Handler(on_deadline),
+        )
+    };
     nix::unistd::alarm::set(DEADLINE_SECS);
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("-");
     let (object, op) = (arg(0), arg(1));
@@ -132,6 +151,42 @@ fn gather(ctx: &Context, st: &crate::state::State, exclude: Option<&str>) -> fac
     f
 }
 
+/// This domain's forwards that collide with forwards of domains running now (they keep
+/// their ports).
+fn conflicts_with_running(ctx: &Context, cfg: &Config, name: &str) -> Vec<String> {
+    let Some(me) = cfg.domains.get(name) else {
+        return Vec::new();
+    };
+    let st =
+        crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
+    let mut running: Vec<String> = libvirt::read_running_domains(&ctx.libvirt)
+        .into_iter()
+        .map(|d| d.name)
+        .chain(st.started.keys().cloned())
+        .filter(|n| n != name)
+        .collect();
+    running.sort();
+    running.dedup();
+    let mut domains: Vec<crate::model::DomainConfig> = running
+        .iter()
+        .filter_map(|n| cfg.domains.get(n).map(|d| d.domain.clone()))
+        .collect();
+    let me_idx = domains.len();
+    domains.push(me.domain.clone());
+    crate::plan::find_conflicts(&domains)
+        .into_iter()
+        .filter(|c| c.second.0 == me_idx)
+        .map(|c| {
+            format!(
+                "forward {} conflicts with {} of running domain {:?}",
+                me.domain.forwards[c.second.1].short(),
+                domains[c.first.0].forwards[c.first.1].short(),
+                domains[c.first.0].name
+            )
+        })
+        .collect()
+}
+
 /// Whether a domain has forwards configured (by name or UUID) or installed.
 fn concerns_virtgate(
     ctx: &Context,
@@ -189,14 +244,16 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     };
     let own_errors: Vec<String> = own
         .errors()
-        .filter(|d| d.domain.as_deref() == Some(name))
+        .filter(|d| d.domain.as_deref() == Some(name) && !d.message.contains(config::CONFLICT_MARK))
         .map(|d| d.to_string())
         .collect();
     if op == "prepare" {
-        return if own_errors.is_empty() {
+        let mut problems = own_errors;
+        problems.extend(conflicts_with_running(ctx, &own, name));
+        return if problems.is_empty() {
             0
         } else {
-            fail(own_errors.join("; "))
+            fail(problems.join("; "))
         };
     }
     let domain = match parsed {
