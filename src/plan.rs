@@ -810,4 +810,91 @@ mod tests {
             vec!["vnet0".to_string()]
         );
     }
+
+    #[test]
+    fn uuid_pins_the_domain() {
+        let mut f = facts();
+        f.networks[0].reservations[0].mac = "52:54:00:00:00:01".into();
+        f.domains[0].uuid = Some("u-other".into());
+        let pinned = vec![DomainConfig {
+            name: "web".into(),
+            uuid: Some("u-mine".into()),
+            forwards: vec![spec()],
+            ..Default::default()
+        }];
+        let p = plan(&pinned, &f, &[]);
+        assert_eq!(
+            p.forwards[0].state,
+            ForwardState::Stopped,
+            "same name, other UUID"
+        );
+        f.domains[0].uuid = Some("u-mine".into());
+        f.domains[0].name = "renamed".into();
+        assert_eq!(
+            plan(&pinned, &f, &[]).forwards[0].state,
+            ForwardState::Active,
+            "renamed, same UUID"
+        );
+    }
+
+    #[test]
+    fn explicit_address_picks_its_nic() {
+        let mut f = facts();
+        f.networks.push(NetworkFacts {
+            name: "second".into(),
+            bridge: "virbr1".into(),
+            addresses: vec!["192.168.100.1/24".parse().unwrap()],
+            active: true,
+            ..Default::default()
+        });
+        f.domains[0].nics.push(Nic {
+            mac: "52:54:00:00:00:02".into(),
+            network: Some("second".into()),
+            bridge: Some("virbr1".into()),
+            tap: Some("vnet1".into()),
+        });
+        let p = plan(
+            &web(ForwardSpec {
+                guest_addresses: vec!["192.168.100.5".parse().unwrap()],
+                ..spec()
+            }),
+            &f,
+            &[],
+        );
+        assert_eq!(
+            p.forwards[0].state,
+            ForwardState::Active,
+            "{:?}",
+            p.forwards[0]
+        );
+        assert_eq!(p.ruleset.rules[0].bridge, "virbr1");
+        assert_eq!(p.ruleset.rules[0].tap.as_deref(), Some("vnet1"));
+    }
+
+    #[test]
+    fn neighbour_address_claimed_by_another_domains_config_is_refused() {
+        let mut f = facts();
+        f.neighbours.push(crate::facts::Neighbour {
+            ifname: "virbr0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ip: "192.168.122.44".parse().unwrap(),
+        });
+        let mut doms = web(spec());
+        doms.push(DomainConfig {
+            name: "other".into(),
+            forwards: vec![ForwardSpec {
+                guest_addresses: vec!["192.168.122.44".parse().unwrap()],
+                host_ports: PortRange::single(9).unwrap(),
+                ..spec()
+            }],
+            ..Default::default()
+        });
+        let p = plan(&doms, &f, &[]);
+        assert_eq!(
+            p.forwards[0].state,
+            ForwardState::Pending,
+            "{:?}",
+            p.forwards[0]
+        );
+    }
 }

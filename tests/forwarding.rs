@@ -15,12 +15,23 @@ forwards = ["8080:80", "5353:53535/udp", "9000-9002:9100-9102", "7000:7000/sctp"
 [[domain.g2.forward]]
 host_port = 8081
 guest_port = 80
-source = ["203.0.113.0/24", "2001:db8::/32"]
+source = ["203.0.113.0/24", "203.0.113.0/25", "2001:db8::/32"]
 description = "only from 203.0.113.0/24"
 [[domain.g2.forward]]
 host_port = 8082
 guest_port = 80
 localhost = true
+
+[[domain.g2.forward]]
+# only on one host address
+host_port = 8084
+guest_port = 80
+listen = "198.51.100.1"
+[[domain.g2.forward]]
+# only for traffic arriving on one host interface
+host_port = 8085
+guest_port = 80
+interface = "eth1"
 
 [domain.g3]
 forwards = ["8083:80"]
@@ -93,17 +104,30 @@ fn scenario(form: LibvirtForm, backend: &str) {
     // the host itself, through its public address
     expect_ok("host -> public", lab.host.tcp(pubv(8080)), "g1 port 80");
     // localhost only where opted in (route_localnet is the admin's switch; set it in the lab)
-    expect_refused("localhost not opted in", lab.host.tcp(sa("127.0.0.1:8080")));
     lab.host.sysctl("net.ipv4.conf.virbr0.route_localnet", "1");
     expect_ok(
         "localhost opted in",
         lab.host.tcp(sa("127.0.0.1:8082")),
         "g2 port 80",
     );
+    expect_refused("localhost not opted in", lab.host.tcp(sa("127.0.0.1:8080")));
     expect_refused(
         "localhost ::1 not forwarded",
         lab.host.tcp(sa("[::1]:8080")),
     );
+    // listen on one address / one interface only
+    expect_ok(
+        "listen address",
+        d.tcp(sa("198.51.100.1:8084")),
+        "g2 port 80",
+    );
+    expect_refused("other address", c.tcp(pubv(8084)));
+    expect_ok(
+        "listen interface",
+        d.tcp(sa("198.51.100.1:8085")),
+        "g2 port 80",
+    );
+    expect_refused("other interface", c.tcp(pubv(8085)));
     // hairpin: the same guest, another guest of the network, a guest of another network
     let g1 = &lab.guest("g1").ns;
     let g2 = &lab.guest("g2").ns;

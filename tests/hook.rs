@@ -28,6 +28,12 @@ fn qemu_lifecycle_and_exit_semantics() {
     if !common::can_run_netns("qemu_lifecycle_and_exit_semantics") {
         return;
     }
+    for backend in ["nftables", "iptables"] {
+        lifecycle(backend);
+    }
+}
+
+fn lifecycle(backend: &str) {
     let lab = lab(LibvirtForm::Iptables);
     let c = &lab.client;
     lab.write_config(
@@ -38,23 +44,23 @@ fn qemu_lifecycle_and_exit_semantics() {
 
     // migrate/restore: XML filters; nothing on stdout, nothing changed
     for op in ["migrate", "restore"] {
-        let (code, out, _) = lab.hook("nftables", &["qemu", "g1", op, "begin", "-"], &x1);
+        let (code, out, _) = lab.hook(backend, &["qemu", "g1", op, "begin", "-"], &x1);
         assert_eq!((code, out.as_str()), (0, ""), "{op}");
     }
     assert_eq!(before, lab.ruleset(), "migrate/restore changed the ruleset");
     // an oversized stdin is refused without hanging or failing the domain
     let huge = format!("<domain>{}</domain>", " ".repeat(9 * 1024 * 1024));
-    let (code, out, err) = lab.hook("nftables", &["qemu", "g1", "started", "begin", "-"], &huge);
+    let (code, out, err) = lab.hook(backend, &["qemu", "g1", "started", "begin", "-"], &huge);
     assert_eq!((code, out.as_str()), (0, ""), "{err}");
     assert!(err.contains("larger than"), "{err}");
     // prepare: validates only
-    let (code, out, _) = lab.hook("nftables", &["qemu", "g1", "prepare", "begin", "-"], &x1);
+    let (code, out, _) = lab.hook(backend, &["qemu", "g1", "prepare", "begin", "-"], &x1);
     assert_eq!((code, out.as_str()), (0, ""));
     assert!(!answers(c.tcp(pubv(8080)), "g1"));
 
     // start / started: forwards answer; stdout stays empty
     for op in ["start", "started"] {
-        let (code, out, err) = lab.hook("nftables", &["qemu", "g1", op, "begin", "-"], &x1);
+        let (code, out, err) = lab.hook(backend, &["qemu", "g1", op, "begin", "-"], &x1);
         assert_eq!((code, out.as_str()), (0, ""), "{op}: {err}");
     }
     assert!(answers(c.tcp(pubv(8080)), "g1 port 80"));
@@ -63,14 +69,14 @@ fn qemu_lifecycle_and_exit_semantics() {
     // g2 (lease) is fine; g3 has no address anywhere: fail_closed refuses start/started,
     // never reconnect
     let (code, _, err) = lab.hook(
-        "nftables",
+        backend,
         &["qemu", "g2", "started", "begin", "-"],
         &lab.domain_xml("g2"),
     );
     assert_eq!(code, 0, "{err}");
     assert!(answers(c.tcp(pubv(8081)), "g2 port 80"));
     let x3 = lab.domain_xml("g3");
-    let (code, out, err) = lab.hook("nftables", &["qemu", "g3", "start", "begin", "-"], &x3);
+    let (code, out, err) = lab.hook(backend, &["qemu", "g3", "start", "begin", "-"], &x3);
     assert_eq!(
         (code, out.as_str()),
         (1, ""),
@@ -80,23 +86,66 @@ fn qemu_lifecycle_and_exit_semantics() {
         err.contains("fail_closed") && err.contains("pending"),
         "{err}"
     );
-    let (code, _, _) = lab.hook("nftables", &["qemu", "g3", "reconnect", "begin", "-"], &x3);
+    let (code, _, _) = lab.hook(backend, &["qemu", "g3", "reconnect", "begin", "-"], &x3);
     assert_eq!(code, 0, "reconnect never fails");
     // a broken config line of g3 never fails g1
     lab.write_config(
         "[domain.g1]\nforwards = [\"8080:80\", \"5353:53535/udp\"]\n[domain.g2]\nfail_closed = true\nforwards = [\"8081:80\"]\n[domain.g3]\nfail_closed = true\nforwards = [\"0:80\"]\n",
     );
-    let (code, _, _) = lab.hook("nftables", &["qemu", "g1", "started", "begin", "-"], &x1);
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "started", "begin", "-"], &x1);
     assert_eq!(code, 0);
-    let (code, _, err) = lab.hook("nftables", &["qemu", "g3", "prepare", "begin", "-"], &x3);
+    let (code, _, err) = lab.hook(backend, &["qemu", "g3", "prepare", "begin", "-"], &x3);
     assert_eq!(code, 1, "prepare validates the domain's own config: {err}");
     assert!(err.contains("port 0"), "{err}");
+
+    // a domain whose forward collides with a running domain's is refused at prepare
+    // (fail_closed), and the running one keeps its port
+    lab.write_config(
+        "[domain.g1]\nforwards = [\"8080:80\", \"5353:53535/udp\"]\n[domain.g2]\nforwards = [\"8081:80\"]\n[domain.g3]\nfail_closed = true\nguest_address = \"192.168.100.10\"\nforwards = [\"8080:80\"]\n",
+    );
+    let (code, _, err) = lab.hook(backend, &["qemu", "g3", "prepare", "begin", "-"], &x3);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("running domain \"g1\""), "{err}");
+    let (code, _, _) = lab.hook(backend, &["qemu", "g3", "started", "begin", "-"], &x3);
+    assert_eq!(
+        code, 1,
+        "g3's forward is a conflict: fail_closed refuses it"
+    );
+    assert!(
+        answers(c.tcp(pubv(8080)), "g1 port 80"),
+        "g1 keeps its port"
+    );
+    let (code, _, _) = lab.hook(backend, &["qemu", "g3", "stopped", "end", "-"], &x3);
+    assert_eq!(code, 0);
+
+    // g1's config turns invalid while it runs: its rules stay; when it stops they go
+    lab.write_config(
+        "[domain.g1]\nforwards = [\"8080:80\", \"oops\"]\n[domain.g2]\nforwards = [\"8081:80\"]\n",
+    );
+    let (code, _, _) = lab.hook(
+        backend,
+        &["qemu", "g2", "started", "begin", "-"],
+        &lab.domain_xml("g2"),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        answers(c.tcp(pubv(8080)), "g1 port 80"),
+        "invalid config: g1 keeps what it had"
+    );
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "stopped", "end", "-"], &x1);
+    assert_eq!(code, 0);
+    assert!(
+        !answers(c.tcp(pubv(8080)), "g1"),
+        "stopped: g1's rules are gone despite the invalid config"
+    );
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "started", "begin", "-"], &x1);
+    assert_eq!(code, 0);
 
     // the config changes while g1 runs; stopped still removes exactly what was installed
     lab.write_config(
         "[domain.g1]\nforwards = [\"9999:80\"]\n[domain.g2]\nforwards = [\"8081:80\"]\n",
     );
-    let (code, out, _) = lab.hook("nftables", &["qemu", "g1", "stopped", "end", "-"], &x1);
+    let (code, out, _) = lab.hook(backend, &["qemu", "g1", "stopped", "end", "-"], &x1);
     assert_eq!((code, out.as_str()), (0, ""));
     assert!(!answers(c.tcp(pubv(8080)), "g1"));
     assert!(!answers(c.tcp(pubv(9999)), "g1"));
@@ -104,10 +153,10 @@ fn qemu_lifecycle_and_exit_semantics() {
         answers(c.tcp(pubv(8081)), "g2 port 80"),
         "the other domain keeps its forward"
     );
-    let (code, _, _) = lab.hook("nftables", &["qemu", "g1", "release", "end", "-"], "");
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "release", "end", "-"], "");
     assert_eq!(code, 0, "release with an empty stdin");
     let (code, _, _) = lab.hook(
-        "nftables",
+        backend,
         &["qemu", "g2", "stopped", "end", "-"],
         &lab.domain_xml("g2"),
     );

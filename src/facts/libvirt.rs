@@ -283,4 +283,20 @@ mod tests {
         );
         assert_eq!(n.reservations[0].ip.to_string(), "192.168.122.10");
     }
+
+    #[test]
+    fn hostile_interface_names_never_reach_rules() {
+        let x = "<domain><name>x</name><devices><interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0\" accept; #'/><target dev='vnet 1'/></interface></devices></domain>";
+        let d = parse_domain_xml(x).unwrap();
+        assert_eq!(
+            (d.nics[0].bridge.as_deref(), d.nics[0].tap.as_deref()),
+            (None, None)
+        );
+        let n = "<network><name>n</name><bridge name='br0\" x'/></network>";
+        assert!(
+            parse_network_xml(n)
+                .unwrap_err()
+                .contains("not a valid interface name")
+        );
+    }
 }
