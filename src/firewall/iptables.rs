@@ -337,7 +337,7 @@ impl Backend for Iptables {
             let mut script = String::new();
             // filter (accept) before nat (DNAT) when adding; the restore is one transaction
             for spec in specs(rs, f).iter().rev() {
-                let cur = xtables::save(f, spec.table, false);
+                let cur = xtables::try_save(f, spec.table, false)?;
                 if let Some(s) = xtables::table_script(spec, &cur) {
                     script.push_str(&s);
                 }
@@ -357,8 +357,8 @@ impl Backend for Iptables {
 
     fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
         let mut text = String::new();
-        xtables::describe(&["nat", "filter"], &mut text);
-        placement::describe(&mut text);
+        xtables::describe(&["nat", "filter"], &mut text)?;
+        placement::describe(&mut text)?;
         if text.is_empty() {
             return Ok(None);
         }

@@ -389,13 +389,13 @@ impl Backend for Nftables {
     }
 
     fn apply(&self, rs: &Ruleset) -> Result<(), FirewallError> {
-        let xt: Vec<(Family, String)> = xt_specs(rs)
-            .into_iter()
-            .filter_map(|(f, spec)| {
-                let cur = xtables::save(f, "filter", false);
-                xtables::table_script(&spec, &cur).map(|s| (f, s))
-            })
-            .collect();
+        let mut xt: Vec<(Family, String)> = Vec::new();
+        for (f, spec) in xt_specs(rs) {
+            let cur = xtables::try_save(f, "filter", false)?;
+            if let Some(s) = xtables::table_script(&spec, &cur) {
+                xt.push((f, s));
+            }
+        }
         let mut batch = table_batch(rs);
         batch.push_str(&placement::nft_batch(&rs.accepts)?);
         // adding: accept first, then DNAT; removing: DNAT first, then accept
@@ -424,8 +424,8 @@ impl Backend for Nftables {
         } else {
             String::new()
         };
-        placement::describe(&mut text);
-        xtables::describe(&["filter"], &mut text);
+        placement::describe(&mut text)?;
+        xtables::describe(&["filter"], &mut text)?;
         if text.is_empty() {
             return Ok(None);
         }

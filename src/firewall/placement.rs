@@ -31,23 +31,33 @@ pub fn nft_family(f: Family) -> &'static str {
     }
 }
 
-/// `nft -a list chain FAMILY libvirt_network guest_input`, or None if absent.
-fn list_guest_input(family: Family) -> Option<String> {
-    let out = exec::run_raw(
-        &[
-            "nft",
-            "-a",
-            "list",
-            "chain",
-            nft_family(family),
-            "libvirt_network",
-            "guest_input",
-        ],
-        None,
-        exec::DEFAULT_TIMEOUT,
-    )
-    .ok()?;
-    out.success.then_some(out.stdout)
+/// `nft -a list chain FAMILY libvirt_network guest_input`: None if the chain (or nft)
+/// does not exist, an error if nft fails otherwise.
+fn list_guest_input(family: Family) -> Result<Option<String>, FirewallError> {
+    let argv = [
+        "nft",
+        "-a",
+        "list",
+        "chain",
+        nft_family(family),
+        "libvirt_network",
+        "guest_input",
+    ];
+    match exec::run_raw(&argv, None, exec::DEFAULT_TIMEOUT) {
+        Ok(o) if o.success => Ok(Some(o.stdout)),
+        Ok(o) if o.stderr.contains("No such file or directory") => Ok(None),
+        Ok(o) => Err(FirewallError::Rejected(format!(
+            "{}: {}",
+            argv.join(" "),
+            o.stderr.trim()
+        ))),
+        Err(exec::ExecError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Rules of a listed chain: (text without handle, handle).
@@ -68,7 +78,7 @@ fn parse_rules(listing: &str) -> Vec<(String, u64)> {
 pub fn libvirt_nft_bridges() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for fam in [Family::Ipv4, Family::Ipv6] {
-        if let Some(l) = list_guest_input(fam) {
+        if let Ok(Some(l)) = list_guest_input(fam) {
             for (rule, _) in parse_rules(&l) {
                 for key in ["oif \"", "oifname \""] {
                     if let Some(p) = rule.find(key) {
@@ -86,9 +96,9 @@ pub fn libvirt_nft_bridges() -> BTreeSet<String> {
 
 /// Appends virtgate's rules in libvirt's `guest_input` chains, with their positions, to
 /// a fingerprint text (a buried accept changes it).
-pub fn describe(text: &mut String) {
+pub fn describe(text: &mut String) -> Result<(), FirewallError> {
     for fam in [Family::Ipv4, Family::Ipv6] {
-        if let Some(listing) = list_guest_input(fam) {
+        if let Some(listing) = list_guest_input(fam)? {
             for (i, (rule, _)) in parse_rules(&listing).iter().enumerate() {
                 if rule.contains(NFT_MARK) {
                     text.push_str(&format!("guest_input {fam:?} {i}: {rule}\n"));
@@ -96,6 +106,7 @@ pub fn describe(text: &mut String) {
             }
         }
     }
+    Ok(())
 }
 
 pub fn nft_accept_rule(bridge: &str) -> String {
@@ -115,7 +126,7 @@ pub fn nft_batch(accepts: &[BridgeAccept]) -> Result<String, FirewallError> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let Some(listing) = list_guest_input(fam) else {
+        let Some(listing) = list_guest_input(fam)? else {
             if !wanted.is_empty() {
                 tracing::warn!(
                     "libvirt's nftables chain {} libvirt_network guest_input is missing; cannot place the accept",

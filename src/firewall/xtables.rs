@@ -52,16 +52,33 @@ pub fn restore_cmd(family: Family) -> &'static str {
     }
 }
 
-/// `iptables-save -t TABLE` (empty if the table is absent or the tool missing).
-pub fn save(family: Family, table: &str, counters: bool) -> String {
+/// `iptables-save -t TABLE` (empty if the tool is not installed: then nothing of
+/// virtgate's can be there). A failing tool is an error, not an empty table: acting on a
+/// wrong picture would add a second jump or leave a chain behind.
+pub fn try_save(family: Family, table: &str, counters: bool) -> Result<String, FirewallError> {
     let mut argv = vec![save_cmd(family), "-t", table];
     if counters {
         argv.push("-c");
     }
     match exec::run_raw(&argv, None, exec::DEFAULT_TIMEOUT) {
-        Ok(o) if o.success => o.stdout,
-        _ => String::new(),
+        Ok(o) if o.success => Ok(o.stdout),
+        Ok(o) => Err(FirewallError::Rejected(format!(
+            "{}: {}",
+            argv.join(" "),
+            o.stderr.trim()
+        ))),
+        Err(exec::ExecError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(String::new())
+        }
+        Err(e) => Err(e.into()),
     }
+}
+
+/// [`try_save`] where a failure may be read as "nothing" (counters for `status`).
+pub fn save(family: Family, table: &str, counters: bool) -> String {
+    try_save(family, table, counters).unwrap_or_default()
 }
 
 /// Rules of each chain in an iptables-save dump, in order, without counters.
@@ -165,10 +182,10 @@ pub fn table_script(spec: &TableSpec, current: &str) -> Option<String> {
 
 /// Appends virtgate's chains and its jumps (with their positions) in `tables` to a
 /// fingerprint text.
-pub fn describe(tables: &[&str], text: &mut String) {
+pub fn describe(tables: &[&str], text: &mut String) -> Result<(), FirewallError> {
     for f in [Family::Ipv4, Family::Ipv6] {
         for t in tables {
-            for (chain, rules) in parse_save(&save(f, t, false)) {
+            for (chain, rules) in parse_save(&try_save(f, t, false)?) {
                 for (i, r) in rules.iter().enumerate() {
                     if chain.starts_with(CHAIN_PREFIX) || r.contains(CHAIN_PREFIX) {
                         text.push_str(&format!("{f:?} {t} {i}: {r}\n"));
@@ -177,6 +194,7 @@ pub fn describe(tables: &[&str], text: &mut String) {
             }
         }
     }
+    Ok(())
 }
 
 /// Runs one restore transaction per family.
