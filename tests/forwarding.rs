@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Lab, LibvirtForm, PUBLIC, diff, libvirt_rules, sa};
+use common::{Lab, LibvirtForm, PUBLIC, Xt, diff, libvirt_rules, sa};
 
 const CONFIG: &str = r#"
 [domain.g1]
@@ -53,7 +53,11 @@ fn expect_refused(what: &str, r: Result<String, String>) {
 }
 
 fn scenario(form: LibvirtForm, backend: &str) {
-    let lab = Lab::new(form);
+    scenario_xt(form, backend, Xt::Nft);
+}
+
+fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
+    let lab = Lab::with_xt(form, xt);
     lab.ping_from_host("192.168.100.10"); // g3's address is learned from the neighbour table
     let before = lab.ruleset();
     let (c, d) = (&lab.client, &lab.client2);
@@ -162,6 +166,7 @@ fn scenario(form: LibvirtForm, backend: &str) {
     // SCTP: this kernel has no SCTP sockets, but the rules load and are there
     let rules = match backend {
         "nftables" => lab.host.exec(&["nft", "list", "table", "inet", "virtgate"]),
+        _ if xt == Xt::Legacy => lab.host.exec(&["iptables-legacy-save", "-t", "nat"]),
         _ => lab.host.exec(&["iptables-save", "-t", "nat"]),
     };
     assert!(rules.contains("sctp"), "no sctp rule:\n{rules}");
@@ -194,7 +199,7 @@ fn scenario(form: LibvirtForm, backend: &str) {
     // libvirt reloads its rules
     match form {
         LibvirtForm::Iptables => {
-            libvirt_rules::reload_iptables(&lab.host);
+            libvirt_rules::reload_iptables(&lab.host, xt == Xt::Legacy);
             expect_ok(
                 "after libvirt reload (iptables form), at once",
                 c.tcp(pubv(8080)),
@@ -264,5 +269,14 @@ fn iptables_backend_with_libvirt_iptables() {
 fn iptables_backend_with_libvirt_nftables() {
     if common::can_run_netns("iptables_backend_with_libvirt_nftables") {
         scenario(LibvirtForm::Nftables, "iptables");
+    }
+}
+
+/// The host's `iptables` is iptables-legacy: libvirt's rules and virtgate's iptables
+/// backend both use it.
+#[test]
+fn iptables_legacy_backend_with_libvirt_iptables_legacy() {
+    if common::can_run_netns("iptables_legacy_backend_with_libvirt_iptables_legacy") {
+        scenario_xt(LibvirtForm::Iptables, "iptables", Xt::Legacy);
     }
 }

@@ -65,9 +65,14 @@ pub fn iptables_v6() -> String {
 
 /// libvirt's reload on the iptables form: its chains are flushed and refilled, its jumps
 /// are inserted only when missing (here: present, so untouched).
-pub fn reload_iptables(host: &Netns) {
+pub fn reload_iptables(host: &Netns, legacy: bool) {
+    let (r4, r6) = if legacy {
+        ("iptables-legacy-restore", "ip6tables-legacy-restore")
+    } else {
+        ("iptables-restore", "ip6tables-restore")
+    };
     host.exec_stdin(
-        &["iptables-restore", "--noflush"],
+        &[r4, "--noflush"],
         &format!(
             "*nat\n:LIBVIRT_PRT - [0:0]\n{}COMMIT\n*filter\n{FILTER_CHAINS}{}COMMIT\n",
             nat_rules_v4(),
@@ -75,7 +80,7 @@ pub fn reload_iptables(host: &Netns) {
         ),
     );
     host.exec_stdin(
-        &["ip6tables-restore", "--noflush"],
+        &[r6, "--noflush"],
         &format!("*filter\n{FILTER_CHAINS}{}COMMIT\n", filter_rules_v6()),
     );
 }

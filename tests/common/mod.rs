@@ -285,13 +285,36 @@ pub struct Lab {
     pub guests: Vec<Guest>,
     pub dir: tempfile::TempDir,
     pub form: LibvirtForm,
+    pub xt: Xt,
 }
+
+/// Which iptables the host's `iptables` command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xt {
+    /// iptables-nft (Debian's default)
+    Nft,
+    /// iptables-legacy: made the `iptables` of the lab by a PATH of symlinks
+    Legacy,
+}
+
+const XT_TOOLS: [&str; 6] = [
+    "iptables",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables",
+    "ip6tables-save",
+    "ip6tables-restore",
+];
 
 pub const PUBLIC: &str = "203.0.113.1";
 pub const PUBLIC6: &str = "2001:db8:1::1";
 
 impl Lab {
     pub fn new(form: LibvirtForm) -> Lab {
+        Lab::with_xt(form, Xt::Nft)
+    }
+
+    pub fn with_xt(form: LibvirtForm, xt: Xt) -> Lab {
         let host = Netns::new("h");
         let client = Netns::new("c");
         let client2 = Netns::new("d");
@@ -382,16 +405,14 @@ impl Lab {
                 tap,
             });
         }
+        let (restore4, restore6) = match xt {
+            Xt::Nft => ("iptables-restore", "ip6tables-restore"),
+            Xt::Legacy => ("iptables-legacy-restore", "ip6tables-legacy-restore"),
+        };
         match form {
             LibvirtForm::Iptables => {
-                host.exec_stdin(
-                    &["iptables-restore", "--noflush"],
-                    &libvirt_rules::iptables_v4(),
-                );
-                host.exec_stdin(
-                    &["ip6tables-restore", "--noflush"],
-                    &libvirt_rules::iptables_v6(),
-                );
+                host.exec_stdin(&[restore4, "--noflush"], &libvirt_rules::iptables_v4());
+                host.exec_stdin(&[restore6, "--noflush"], &libvirt_rules::iptables_v6());
             }
             LibvirtForm::Nftables => {
                 host.exec_stdin(&["nft", "-f", "-"], &libvirt_rules::nft_ruleset());
@@ -404,7 +425,16 @@ impl Lab {
             guests,
             dir: tempfile::tempdir().unwrap(),
             form,
+            xt,
         };
+        if xt == Xt::Legacy {
+            let bin = lab.dir.path().join("legacy-bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for t in XT_TOOLS {
+                let target = t.replacen("tables", "tables-legacy", 1);
+                std::os::unix::fs::symlink(format!("/usr/sbin/{target}"), bin.join(t)).unwrap();
+            }
+        }
         lab.write_libvirt_files();
         lab.wait_ipv6();
         lab
@@ -590,9 +620,18 @@ impl Lab {
             backend,
         ];
         argv.extend_from_slice(args);
+        let path = match self.xt {
+            Xt::Legacy => format!(
+                "{}:{}",
+                self.dir.path().join("legacy-bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+            Xt::Nft => std::env::var("PATH").unwrap_or_default(),
+        };
         let out = Command::new("ip")
             .args(["netns", "exec", &self.host.name])
             .args(&argv)
+            .env("PATH", path)
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -611,7 +650,25 @@ impl Lab {
     /// The host's whole ruleset (nftables view, which includes iptables-nft), counters
     /// removed.
     pub fn ruleset(&self) -> String {
-        virtgate::firewall::strip_counters(&self.host.exec(&["nft", "list", "ruleset"]))
+        let mut text = self.host.exec(&["nft", "list", "ruleset"]);
+        if self.xt == Xt::Legacy {
+            // an iptables-legacy table, once used, cannot be unloaded: an empty one (no
+            // rules, default policies) counts as absent
+            for save in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+                let out = self.host.exec(&[save]);
+                for table in out.split("COMMIT\n") {
+                    let lines: Vec<&str> = table.lines().filter(|l| !l.starts_with('#')).collect();
+                    let empty = lines.iter().all(|l| {
+                        l.starts_with('*') || (l.starts_with(':') && l.contains(" ACCEPT "))
+                    });
+                    if !empty {
+                        text.extend(lines.iter().map(|l| format!("{l}\n")));
+                        text.push_str("COMMIT\n");
+                    }
+                }
+            }
+        }
+        virtgate::firewall::strip_counters(&text)
     }
 
     /// Ping from the host so its neighbour table learns a guest.
@@ -650,6 +707,24 @@ pub fn diff(a: &str, b: &str) -> String {
     for l in &bl {
         if !al.contains(l) {
             out.push_str(&format!("+ {l}\n"));
+        }
+    }
+    if out.is_empty() {
+        // the same lines in another order: show where they part
+        if let Some(i) = (0..al.len().max(bl.len())).find(|&i| al.get(i) != bl.get(i)) {
+            let ctx = |v: &[&str]| {
+                v.iter()
+                    .skip(i.saturating_sub(2))
+                    .take(5)
+                    .map(|l| format!("    {l}\n"))
+                    .collect::<String>()
+            };
+            out = format!(
+                "order differs at line {}:\nbefore:\n{}after:\n{}",
+                i + 1,
+                ctx(&al),
+                ctx(&bl)
+            );
         }
     }
     out
