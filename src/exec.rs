@@ -108,6 +108,18 @@ pub fn run_raw(
     })
 }
 
+/// Runs `argv`; `Ok(None)` if the program is not installed (then nothing it manages can
+/// exist either).
+pub fn run_if_installed(argv: &[&str]) -> Result<Option<Output>, ExecError> {
+    match run_raw(argv, None, DEFAULT_TIMEOUT) {
+        Ok(o) => Ok(Some(o)),
+        Err(ExecError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs `argv` and fails unless it exits 0.
 pub fn run(argv: &[&str], stdin: Option<&[u8]>) -> Result<String, ExecError> {
     let out = run_raw(argv, stdin, DEFAULT_TIMEOUT)?;

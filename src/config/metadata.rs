@@ -20,24 +20,10 @@ use roxmltree::Node;
 use serde::{Deserialize, Serialize};
 
 use super::short::{check_lengths, listen_from_ip, parse_short};
-use super::toml_file::{parse_cidr, parse_nic, validate_ifname};
+use super::toml_file::{FORWARD_KEYS, parse_cidr, parse_nic, validate_ifname};
 use crate::model::{ForwardSpec, Listen, PortRange, Proto};
 
 pub const NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
-
-const ATTRS: &[&str] = &[
-    "spec",
-    "host_port",
-    "guest_port",
-    "proto",
-    "listen",
-    "interface",
-    "source",
-    "nic",
-    "guest_address",
-    "localhost",
-    "description",
-];
 
 /// What a domain's metadata says, or why it cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,11 +71,15 @@ fn list(v: &str) -> impl Iterator<Item = &str> {
 }
 
 fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
-    if let Some(a) = f.attributes().find(|a| !ATTRS.contains(&a.name())) {
+    // the long form's keys, plus `spec` for the short form
+    if let Some(a) = f
+        .attributes()
+        .find(|a| a.name() != "spec" && !FORWARD_KEYS.contains(&a.name()))
+    {
         return Err(format!(
-            "unknown attribute '{}' (expected one of: {})",
+            "unknown attribute '{}' (expected spec or one of: {})",
             a.name(),
-            ATTRS.join(", ")
+            FORWARD_KEYS.join(", ")
         ));
     }
     let attr = |k: &str| f.attribute(k);

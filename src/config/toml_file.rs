@@ -21,7 +21,8 @@ const DOMAIN_KEYS: &[&str] = &[
     "fail_closed",
     "guest_address",
 ];
-const FORWARD_KEYS: &[&str] = &[
+/// The keys of a long-form forward (also the attributes of `<forward>` in metadata).
+pub const FORWARD_KEYS: &[&str] = &[
     "host_port",
     "guest_port",
     "proto",

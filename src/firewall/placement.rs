@@ -43,20 +43,15 @@ fn list_guest_input(family: Family) -> Result<Option<String>, FirewallError> {
         "libvirt_network",
         "guest_input",
     ];
-    match exec::run_raw(&argv, None, exec::DEFAULT_TIMEOUT) {
-        Ok(o) if o.success => Ok(Some(o.stdout)),
-        Ok(o) if o.stderr.contains("No such file or directory") => Ok(None),
-        Ok(o) => Err(FirewallError::Rejected(format!(
+    match exec::run_if_installed(&argv)? {
+        None => Ok(None),
+        Some(o) if o.success => Ok(Some(o.stdout)),
+        Some(o) if o.stderr.contains("No such file or directory") => Ok(None),
+        Some(o) => Err(FirewallError::Rejected(format!(
             "{}: {}",
             argv.join(" "),
             o.stderr.trim()
         ))),
-        Err(exec::ExecError::Spawn { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
     }
 }
 

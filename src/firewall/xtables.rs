@@ -60,19 +60,14 @@ pub fn try_save(family: Family, table: &str, counters: bool) -> Result<String, F
     if counters {
         argv.push("-c");
     }
-    match exec::run_raw(&argv, None, exec::DEFAULT_TIMEOUT) {
-        Ok(o) if o.success => Ok(o.stdout),
-        Ok(o) => Err(FirewallError::Rejected(format!(
+    match exec::run_if_installed(&argv)? {
+        None => Ok(String::new()),
+        Some(o) if o.success => Ok(o.stdout),
+        Some(o) => Err(FirewallError::Rejected(format!(
             "{}: {}",
             argv.join(" "),
             o.stderr.trim()
         ))),
-        Err(exec::ExecError::Spawn { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(String::new())
-        }
-        Err(e) => Err(e.into()),
     }
 }
 
