@@ -195,6 +195,10 @@ fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
         "{out}"
     );
     assert!(find("g1", "8080")["packets"].as_u64().unwrap() > 0, "{out}");
+    assert!(
+        find("g1", "5353")["packets"].as_u64().unwrap() > 0,
+        "UDP counters: {out}"
+    );
 
     // libvirt reloads its rules
     match form {
@@ -221,6 +225,35 @@ fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
                 "g1 port 80",
             );
         }
+    }
+    // counters survive a change of the ruleset (the nft table is replaced whole)
+    if backend == "nftables" {
+        let count = |out: &str| -> u64 {
+            let v: serde_json::Value = serde_json::from_str(out).unwrap();
+            v["forwards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["domain"] == "g1" && r["host_ports"] == "5353")
+                .map(|r| r["packets"].as_u64().unwrap())
+                .sum()
+        };
+        let (_, out, _) = lab.virtgate(backend, &["status", "--json"]);
+        let before_change = count(&out);
+        lab.write_config(&CONFIG.replace(
+            r#"forwards = ["8083:80"]"#,
+            r#"forwards = ["8083:80", "8098:80"]"#,
+        ));
+        let (ok, out, err) = lab.virtgate(backend, &["apply"]);
+        assert!(ok && out.starts_with("applied"), "{out}{err}");
+        let (_, out, _) = lab.virtgate(backend, &["status", "--json"]);
+        assert!(
+            count(&out) >= before_change && before_change > 0,
+            "counters reset: {before_change} -> {}",
+            count(&out)
+        );
+        lab.write_config(CONFIG);
+        lab.apply(backend);
     }
     // apply again is a no-op
     let (ok, out, _) = lab.virtgate(backend, &["apply"]);

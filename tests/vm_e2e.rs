@@ -103,6 +103,10 @@ fn http_get(ns: &Netns, addr: SocketAddr) -> Result<String, String> {
     })
 }
 
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(secs) {
@@ -308,6 +312,11 @@ fn real_libvirtd_real_vms() {
     .unwrap();
     let out = env.virtgate(&["install"]);
     assert!(out.contains("SIGHUP"), "{out}");
+    eprintln!(
+        "host# virtgate install\n{}host# cat virtgate.toml\n{}",
+        indent(&out),
+        indent(&std::fs::read_to_string(env.dir.path().join("virtgate.toml")).unwrap())
+    );
     let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(lvpid),
@@ -342,6 +351,10 @@ fn real_libvirtd_real_vms() {
     });
     let udp = env.client.udp(pubv(5353));
     assert_eq!(udp.as_deref(), Ok("ping"), "UDP through A's forward");
+    eprintln!(
+        "client$ GET http://{PUBLIC}:8080/  ->  {:?}\nclient$ UDP {PUBLIC}:5353 \"ping\"  ->  {udp:?}",
+        http_get(&env.client, pubv(8080))
+    );
     wait_for("B got its lease", 180, || {
         std::fs::read_to_string("/var/lib/libvirt/dnsmasq/virbr0.status")
             .is_ok_and(|s| s.contains(MAC_B))
@@ -378,6 +391,11 @@ fn real_libvirtd_real_vms() {
         "guest B reaches A's forward through the public address",
         60,
         || env.serial("vgB").contains("PROBE vm-guest-ok vgA"),
+    );
+    eprintln!(
+        "client$ GET http://{PUBLIC}:8081/  ->  {:?}\nhost# virtgate status\n{}",
+        http_get(&env.client, pubv(8081)),
+        indent(&env.virtgate(&["status"]))
     );
 
     // destroy B while A runs: B's rules are gone, A still answers

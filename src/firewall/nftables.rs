@@ -119,8 +119,9 @@ fn merged_targets(rules: &[&Rule]) -> Vec<(IpAddr, Proto, PortRange)> {
     out
 }
 
-/// Renders `table inet virtgate` (without the delete preamble).
-pub fn render_table(rs: &Ruleset) -> String {
+/// Renders `table inet virtgate` (without the delete preamble); `kept` carries counter
+/// values over from the table being replaced.
+pub fn render_table(rs: &Ruleset, kept: &BTreeMap<String, Counters>) -> String {
     let mut out = format!("table inet {TABLE} {{\n");
     let mut addr_elems: BTreeMap<Family, Vec<String>> = BTreeMap::new();
     let mut if_elems = Vec::new();
@@ -236,7 +237,18 @@ pub fn render_table(rs: &Ruleset) -> String {
         }
     }
     for r in &rs.rules {
-        let _ = writeln!(out, "\tcounter c_{} {{\n\t}}", r.id);
+        match kept.get(&r.id) {
+            Some(c) => {
+                let _ = writeln!(
+                    out,
+                    "\tcounter c_{} {{\n\t\tpackets {} bytes {}\n\t}}",
+                    r.id, c.packets, c.bytes
+                );
+            }
+            None => {
+                let _ = writeln!(out, "\tcounter c_{} {{\n\t}}", r.id);
+            }
+        }
     }
     for r in &rs.rules {
         if !r.sources.is_empty() {
@@ -316,10 +328,10 @@ pub fn render_table(rs: &Ruleset) -> String {
 }
 
 /// The whole `nft -f` batch for virtgate's table (placement not included).
-pub fn table_batch(rs: &Ruleset) -> String {
+pub fn table_batch(rs: &Ruleset, kept: &BTreeMap<String, Counters>) -> String {
     let mut b = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
     if !rs.is_empty() {
-        b.push_str(&render_table(rs));
+        b.push_str(&render_table(rs, kept));
     }
     b
 }
@@ -373,7 +385,7 @@ impl Backend for Nftables {
 
     fn render(&self, rs: &Ruleset) -> String {
         let mut s = String::from("#!/usr/sbin/nft -f\n");
-        s.push_str(&table_batch(rs));
+        s.push_str(&table_batch(rs, &BTreeMap::new()));
         s.push_str(&placement::nft_render(&rs.accepts));
         for (f, spec) in xt_specs(rs) {
             if !spec.chains.is_empty()
@@ -396,7 +408,13 @@ impl Backend for Nftables {
                 xt.push((f, s));
             }
         }
-        let mut batch = table_batch(rs);
+        // the table is replaced whole: its counters are carried over
+        let kept = if rs.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.counters().unwrap_or_default()
+        };
+        let mut batch = table_batch(rs, &kept);
         batch.push_str(&placement::nft_batch(&rs.accepts)?);
         // adding: accept first, then DNAT; removing: DNAT first, then accept
         if !rs.is_empty() {
