@@ -228,12 +228,20 @@ fn network_hook_reasserts_buried_accept() {
             "{args:?}"
         );
     }
+    // libvirtd restart: libvirt reloads its firewall (burying the accept), then calls
+    // reconnect for each running guest, which re-asserts it
+    libvirt_rules::reload_nft(&lab.host);
+    assert!(!answers(lab.client.tcp(pubv(8080)), "g1"));
     let (code, _, _) = lab.hook(
         "nftables",
         &["qemu", "g1", "reconnect", "begin", "-"],
         &lab.domain_xml("g1"),
     );
     assert_eq!(code, 0);
+    assert!(
+        answers(lab.client.tcp(pubv(8080)), "g1"),
+        "reconnect re-asserts the accept"
+    );
 }
 
 const HOSTILE: [&str; 6] = [
