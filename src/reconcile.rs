@@ -69,6 +69,24 @@ pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
     plan::plan(&domains, facts, &carried_rules(&config, facts, state))
 }
 
+/// The facts a reconcile works with: libvirt's files, plus the domains hooks reported as
+/// started, minus those hooks reported as stopped.
+pub fn facts_for(ctx: &Context, st: &State) -> Facts {
+    let extra: Vec<_> = st.started.values().cloned().collect();
+    let mut f = crate::facts::gather(&ctx.libvirt, &extra);
+    f.domains.retain(|d| !st.stopped.contains(&d.name));
+    f
+}
+
+/// Which domains a reconcile may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Everything (level-triggered).
+    All,
+    /// Only this config domain's rules; every other domain keeps what is installed.
+    Domain(&'a str),
+}
+
 /// Reconciles under the state lock. `update` may edit the state first (a hook records
 /// a started or stopped domain), given the facts it then reconciles with.
 pub fn reconcile(
@@ -77,12 +95,73 @@ pub fn reconcile(
     gather: impl FnOnce(&State) -> Facts,
     update: impl FnOnce(&mut State),
 ) -> Result<Outcome, ReconcileError> {
+    reconcile_scoped(ctx, config, gather, update, Scope::All)
+}
+
+/// [`reconcile`], limited to `scope`.
+pub fn reconcile_scoped(
+    ctx: &Context,
+    config: &Config,
+    gather: impl FnOnce(&State) -> Facts,
+    update: impl FnOnce(&mut State),
+    scope: Scope,
+) -> Result<Outcome, ReconcileError> {
     let dir = StateDir::lock(&ctx.state_dir)?;
     let mut state = dir.load()?;
+    // a new boot: nothing a hook reported as running before runs now
+    let boot = crate::state::boot_id();
+    if boot.is_some() && state.boot_id != boot {
+        state.started.clear();
+        state.stopped.clear();
+        state.hairpin_saved.clear();
+        state.boot_id = boot;
+    }
     update(&mut state);
+    // a stopped domain's status file is gone once libvirt is done with it
+    let qemu_dir = ctx.libvirt.qemu_status_dir();
+    state
+        .stopped
+        .retain(|n| qemu_dir.join(format!("{n}.xml")).exists());
     let facts = gather(&state);
-    let plan = plan_only(config, &facts, &state);
+    let mut plan = plan_only(config, &facts, &state);
+    if let Scope::Domain(name) = scope {
+        let mut rules: Vec<Rule> = state
+            .ruleset
+            .rules
+            .iter()
+            .filter(|r| r.domain != name)
+            .cloned()
+            .collect();
+        rules.extend(
+            plan.ruleset
+                .rules
+                .iter()
+                .filter(|r| r.domain == name)
+                .cloned(),
+        );
+        let ports = plan.ruleset.hairpin_ports.clone();
+        plan.ruleset = plan::Ruleset::from_rules(rules, &facts.networks);
+        plan.ruleset.hairpin_ports = ports;
+    }
     let backend = ctx.backend_for(config);
+    let result = apply_plan(ctx, &mut state, &plan, backend.as_ref());
+    // what the hook recorded (started, stopped) is kept even if the change failed
+    dir.save(&state)?;
+    let changed = result?;
+    Ok(Outcome {
+        plan,
+        changed,
+        backend: backend.name(),
+    })
+}
+
+/// Applies `plan` unless the kernel already holds it; updates `state` on success.
+fn apply_plan(
+    ctx: &Context,
+    state: &mut State,
+    plan: &Plan,
+    backend: &dyn Backend,
+) -> Result<bool, ReconcileError> {
     // switching backends: the old one removes what it installed
     if let Some(old) = state.backend.clone()
         && old != backend.name()
@@ -113,10 +192,5 @@ pub fn reconcile(
     };
     crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved);
     state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
-    dir.save(&state)?;
-    Ok(Outcome {
-        plan,
-        changed,
-        backend: backend.name(),
-    })
+    Ok(changed)
 }

@@ -42,10 +42,29 @@ pub struct State {
     /// Bridge ports virtgate put in hairpin mode, with their previous value.
     #[serde(default)]
     pub hairpin_saved: BTreeMap<String, bool>,
+    /// Domains a hook reported as stopped whose libvirt status file may still exist
+    /// (libvirt deletes it only after `stopped`): they count as not running.
+    #[serde(default)]
+    pub stopped: std::collections::BTreeSet<String>,
+    /// The boot this state belongs to: after a reboot, nothing of `started` runs.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+/// This boot's identifier.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file's final mode set before it appears.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -58,8 +77,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)?;
+        // the umask may have narrowed it
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::Context;
 use crate::firewall;
 use crate::hook::settings;
-use crate::state::{StateDir, write_atomic};
+use crate::state::{StateDir, write_atomic_mode};
 
 pub const DRIVERS: [&str; 3] = ["qemu", "network", "daemon"];
 pub const HOOK_NAME: &str = "virtgate";
@@ -34,22 +34,35 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
     let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
     let mut new_dirs = Vec::new();
+    // directories an earlier install created stay ours
+    let mut created = settings::created_dirs(&hooks);
     for d in DRIVERS {
         let dir = hooks.join(format!("{d}.d"));
-        let existed_with_hooks = fs::read_dir(&dir).is_ok_and(|mut rd| rd.next().is_some());
-        if !existed_with_hooks {
+        // libvirt uses a new file in a .d directory at once only if it already watched
+        // it: if it held someone else's executable hook when libvirtd last (re)loaded
+        let watched = fs::read_dir(&dir).is_ok_and(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name() != HOOK_NAME
+                    && e.metadata()
+                        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+        });
+        if !watched {
             new_dirs.push(dir.display().to_string());
         }
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            created.push(dir.clone());
+        }
         let p = hook_path(&hooks, d);
-        write_atomic(&p, &bin).map_err(|e| format!("{}: {e}", p.display()))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("{}: {e}", p.display()))?;
+        // executable from the moment it appears (rename)
+        write_atomic_mode(&p, &bin, 0o755).map_err(|e| format!("{}: {e}", p.display()))?;
         println!("installed {}", p.display());
     }
+    created.sort();
+    created.dedup();
     let sp = settings::path(&hooks);
-    write_atomic(&sp, settings::render(ctx).as_bytes())
-        .map_err(|e| format!("{}: {e}", sp.display()))?;
-    fs::set_permissions(&sp, fs::Permissions::from_mode(0o644))
+    write_atomic_mode(&sp, settings::render(ctx, &created).as_bytes(), 0o644)
         .map_err(|e| format!("{}: {e}", sp.display()))?;
     for d in DRIVERS {
         let foreign = hooks.join(d);
@@ -61,10 +74,8 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
         }
     }
     if !ctx.config_path.exists() {
-        write_atomic(&ctx.config_path, EXAMPLE.as_bytes())
+        write_atomic_mode(&ctx.config_path, EXAMPLE.as_bytes(), 0o644)
             .map_err(|e| format!("{}: {e}", ctx.config_path.display()))?;
-        fs::set_permissions(&ctx.config_path, fs::Permissions::from_mode(0o644))
-            .map_err(|e| e.to_string())?;
         println!("created an example config: {}", ctx.config_path.display());
     }
     if new_dirs.is_empty() {
@@ -80,6 +91,9 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
 
 pub fn uninstall(ctx: &Context) -> Result<bool, String> {
     let hooks = ctx.libvirt.hooks_dir();
+    // the state and backend the installed hook used
+    let ctx = &settings::load(&hooks, ctx.clone());
+    let created = settings::created_dirs(&hooks);
     for d in DRIVERS {
         let p = hook_path(&hooks, d);
         match fs::remove_file(&p) {
@@ -87,8 +101,11 @@ pub fn uninstall(ctx: &Context) -> Result<bool, String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", p.display())),
         }
-        // the directory only if nothing else is in it
-        let _ = fs::remove_dir(hooks.join(format!("{d}.d")));
+        // the directory only if install created it and nothing else is in it
+        let dir = hooks.join(format!("{d}.d"));
+        if created.contains(&dir) {
+            let _ = fs::remove_dir(&dir);
+        }
     }
     let _ = fs::remove_file(settings::path(&hooks));
     // every rule virtgate installed, with the backend that installed it
@@ -103,11 +120,10 @@ pub fn uninstall(ctx: &Context) -> Result<bool, String> {
         .apply(&Default::default())
         .map_err(|e| format!("removing rules: {e}"))?;
     crate::bridge::sync(&[], &mut st.hairpin_saved);
-    st.ruleset = Default::default();
-    st.fingerprint = None;
-    st.backend = None;
-    st.started.clear();
-    dir.save(&st).map_err(|e| e.to_string())?;
+    // nothing of virtgate's is left: its state goes too (the lock file stays while held)
+    for f in ["state.json", "iptables-created.json"] {
+        let _ = fs::remove_file(dir.path().join(f));
+    }
     println!(
         "removed all of virtgate's rules; kept the config {}",
         ctx.config_path.display()

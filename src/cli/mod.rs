@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, BackendChoice, Config};
-use crate::facts::{self, Facts, LibvirtPaths};
+use crate::facts::{Facts, LibvirtPaths};
 use crate::reconcile::{self, Context};
 use crate::state::{self, State};
 
@@ -123,10 +123,9 @@ pub(crate) fn load_config(ctx: &Context) -> Result<Config, String> {
     config::load(&ctx.config_path).map_err(|e| format!("config unusable, nothing changed: {e}"))
 }
 
-/// Facts for the planner: libvirt's files plus domains hooks reported as started.
+/// Facts for the planner (see [`reconcile::facts_for`]).
 pub(crate) fn gather_facts(ctx: &Context, st: &State) -> Facts {
-    let extra: Vec<_> = st.started.values().cloned().collect();
-    facts::gather(&ctx.libvirt, &extra)
+    reconcile::facts_for(ctx, st)
 }
 
 /// Applies what is valid; Ok(false) (exit 1) if the config had errors.

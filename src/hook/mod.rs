@@ -16,7 +16,8 @@
 //! | qemu `start`, `started`, `reconnect` | record the domain as running, reconcile |
 //! | qemu `stopped`, `release` | forget the domain, reconcile: its rules go, from state |
 //! | qemu `migrate`, `restore` | nothing (stdout untouched: the XML stays as it is) |
-//! | network `started`, `updated`, `port-created`, `stopped`, `port-deleted` | reconcile (re-assert the accept placement) |
+//! | network `started`, `updated`, `port-created` | reconcile (re-assert the accept placement) |
+//! | network `stopped` | reconcile with that network down: its forwards become pending |
 //! | daemon `start`, `reload` | reconcile |
 //! | daemon `shutdown` | nothing: forwards stay while guests may keep running |
 
@@ -25,7 +26,7 @@ pub mod settings;
 use std::io::Read;
 
 use crate::config::{self, Config};
-use crate::facts::{self, DomainFacts, libvirt};
+use crate::facts::{DomainFacts, libvirt};
 use crate::plan::ForwardState;
 use crate::reconcile::{self, Context};
 
@@ -84,7 +85,9 @@ pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8
         "qemu" => qemu(ctx, object, op, &input),
         "network" => {
             match op {
-                "started" | "updated" | "port-created" | "port-deleted" => {
+                // (not port-deleted: it comes after qemu `stopped`, while the stopping
+                // guest's status file still exists)
+                "started" | "updated" | "port-created" => {
                     reassert(ctx, &format!("network {object:?} {op}"), None)
                 }
                 // its guests' forwards become pending until it runs again
@@ -122,7 +125,7 @@ fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
         return;
     };
     let gather = |st: &crate::state::State| {
-        let mut f = gather(ctx, st, None);
+        let mut f = reconcile::facts_for(ctx, st);
         for n in f
             .networks
             .iter_mut()
@@ -142,28 +145,24 @@ fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
     }
 }
 
-fn gather(ctx: &Context, st: &crate::state::State, exclude: Option<&str>) -> facts::Facts {
-    let extra: Vec<DomainFacts> = st.started.values().cloned().collect();
-    let mut f = facts::gather(&ctx.libvirt, &extra);
-    if let Some(name) = exclude {
-        f.domains.retain(|d| d.name != name);
-    }
-    f
-}
-
 /// This domain's forwards that collide with forwards of domains running now (they keep
 /// their ports).
-fn conflicts_with_running(ctx: &Context, cfg: &Config, name: &str) -> Vec<String> {
-    let Some(me) = cfg.domains.get(name) else {
+fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &str) -> Vec<String> {
+    let Some(me) = cfg.domains.get(cfg_name) else {
         return Vec::new();
     };
-    let st =
+    let mut st =
         crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
-    let mut running: Vec<String> = libvirt::read_running_domains(&ctx.libvirt)
-        .into_iter()
-        .map(|d| d.name)
-        .chain(st.started.keys().cloned())
-        .filter(|n| n != name)
+    if st.boot_id != crate::state::boot_id() {
+        // recorded before a reboot: none of it runs
+        st.started.clear();
+    }
+    let mut running: Vec<String> = reconcile::facts_for(ctx, &st)
+        .domains
+        .iter()
+        .filter(|d| d.name != name)
+        .map(|d| config_name(cfg, &d.name, Some(d)))
+        .filter(|n| n != cfg_name)
         .collect();
     running.sort();
     running.dedup();
@@ -210,6 +209,40 @@ fn concerns_virtgate(
     }
 }
 
+/// The config entry a libvirt domain answers to: by name, else by a pinned UUID.
+fn config_name(cfg: &Config, name: &str, domain: Option<&DomainFacts>) -> String {
+    if cfg.domains.contains_key(name) || cfg.invalid_domains.contains(name) {
+        return name.to_string();
+    }
+    let uuid = domain.and_then(|d| d.uuid.as_deref());
+    cfg.domains
+        .values()
+        .find(|d| uuid.is_some() && d.domain.uuid.as_deref() == uuid)
+        .map(|d| d.domain.name.clone())
+        .unwrap_or_else(|| name.to_string())
+}
+
+fn mark_stopped(st: &mut crate::state::State, name: &str) {
+    st.started.remove(name);
+    st.stopped.insert(name.to_string());
+}
+
+/// Removes only this domain's rules, every other domain keeping what it has.
+fn remove_domain(ctx: &Context, cfg: &Config, name: &str, cfg_name: &str, what: &str) {
+    let r = reconcile::reconcile_scoped(
+        ctx,
+        cfg,
+        |st| reconcile::facts_for(ctx, st),
+        |st| mark_stopped(st, name),
+        reconcile::Scope::Domain(cfg_name),
+    );
+    match r {
+        Ok(o) if o.changed => tracing::info!("{what}: forwards removed"),
+        Ok(_) => {}
+        Err(e) => tracing::error!("{what}: cannot remove its forwards: {e}"),
+    }
+}
+
 fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     let what = format!("domain {name:?} {op}");
     match op {
@@ -217,7 +250,12 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         "prepare" | "start" | "started" | "reconnect" | "stopped" | "release" => {}
         _ => return 0,
     }
+    let stopping = matches!(op, "stopped" | "release");
     let Some(cfg) = load_config(ctx, &what) else {
+        // an unusable config changes nothing, except that a stopping guest's forwards go
+        if stopping {
+            remove_domain(ctx, &Config::default(), name, name, &what);
+        }
         return 0;
     };
     let parsed = libvirt::parse_domain_xml(xml);
@@ -226,16 +264,25 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         Ok(d) => cfg.with_metadata(std::slice::from_ref(d)),
         Err(_) => cfg.with_metadata(&[]),
     };
+    let cfg_name = config_name(&own, name, parsed.as_ref().ok());
     if !concerns_virtgate(ctx, &own, name, parsed.as_ref().ok()) {
         // the hot path for the many guests without forwards: no lock, no firewall calls
         tracing::debug!("{what}: no forwards configured or installed; nothing to do");
         return 0;
     }
-    let fail_closed = own.fail_closed.contains(name);
+    if stopping {
+        remove_domain(ctx, &cfg, name, &cfg_name, &what);
+        return 0;
+    }
+    let fail_closed = own.fail_closed.contains(&cfg_name);
     let starting = matches!(op, "prepare" | "start" | "started");
-    let fail = |msg: String| -> u8 {
+    let refuse = |msg: String| -> u8 {
         if fail_closed && starting {
             tracing::error!("{what}: {msg}; refusing to start (fail_closed = true)");
+            if op != "prepare" {
+                // libvirt aborts the start: take back what was applied for it
+                remove_domain(ctx, &cfg, name, &cfg_name, &what);
+            }
             1
         } else {
             tracing::warn!("{what}: {msg}");
@@ -244,47 +291,56 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     };
     let own_errors: Vec<String> = own
         .errors()
-        .filter(|d| d.domain.as_deref() == Some(name) && !d.message.contains(config::CONFLICT_MARK))
+        .filter(|d| {
+            d.domain.as_deref() == Some(cfg_name.as_str())
+                && !d.message.contains(config::CONFLICT_MARK)
+        })
         .map(|d| d.to_string())
         .collect();
     if op == "prepare" {
         let mut problems = own_errors;
-        problems.extend(conflicts_with_running(ctx, &own, name));
+        problems.extend(conflicts_with_running(ctx, &own, &cfg_name, name));
         return if problems.is_empty() {
             0
         } else {
-            fail(problems.join("; "))
+            refuse(problems.join("; "))
         };
     }
     let domain = match parsed {
-        Ok(d) => Some(d),
-        Err(e) if matches!(op, "stopped" | "release") => {
-            tracing::debug!("{what}: {e}");
-            None
-        }
-        Err(e) => return fail(format!("cannot read the domain XML on stdin: {e}")),
+        Ok(d) => d,
+        Err(e) => return refuse(format!("cannot read the domain XML on stdin: {e}")),
     };
-    let stopping = matches!(op, "stopped" | "release");
-    let result = reconcile::reconcile(
-        ctx,
-        &cfg,
-        |st| gather(ctx, st, stopping.then_some(name)),
-        |st| {
-            if stopping {
-                st.started.remove(name);
-            } else if let Some(d) = domain {
-                st.started.insert(name.to_string(), d);
-            }
-        },
-    );
+    let run = |scope| {
+        reconcile::reconcile_scoped(
+            ctx,
+            &cfg,
+            |st| reconcile::facts_for(ctx, st),
+            |st| {
+                st.stopped.remove(name);
+                st.started.insert(name.to_string(), domain.clone());
+            },
+            scope,
+        )
+    };
+    let result = match run(reconcile::Scope::All) {
+        // the kernel refused the whole change: maybe another domain's rule; try with only
+        // this domain's forwards changed, so that another entry never fails this guest
+        Err(e) => {
+            tracing::error!(
+                "{what}: applying all forwards failed: {e}; retrying with this domain's only"
+            );
+            run(reconcile::Scope::Domain(&cfg_name))
+        }
+        ok => ok,
+    };
     match result {
-        Err(e) => fail(format!("cannot apply forwards: {e}")),
+        Err(e) => refuse(format!("cannot apply forwards: {e}")),
         Ok(out) => {
             let mine: Vec<_> = out
                 .plan
                 .forwards
                 .iter()
-                .filter(|f| f.domain == name)
+                .filter(|f| f.domain == cfg_name)
                 .collect();
             let bad: Vec<String> = mine
                 .iter()
@@ -303,18 +359,16 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
                 .iter()
                 .filter(|f| f.state == ForwardState::Active)
                 .count();
-            if !stopping && !mine.is_empty() {
+            if !mine.is_empty() {
                 tracing::info!("{what}: {active} of {} forward(s) active", mine.len());
-            } else if stopping && out.changed {
-                tracing::info!("{what}: forwards removed");
             }
             if !own_errors.is_empty() {
-                return fail(own_errors.join("; "));
+                return refuse(own_errors.join("; "));
             }
-            if bad.is_empty() || stopping {
+            if bad.is_empty() {
                 0
             } else {
-                fail(format!(
+                refuse(format!(
                     "{} (add a <dhcp><host> reservation or guest_address, or run the virtgate daemon to learn addresses)",
                     bad.join("; ")
                 ))

@@ -25,14 +25,39 @@ fn backend_name(b: BackendChoice) -> &'static str {
     }
 }
 
-/// The settings file's text for a context.
-pub fn render(ctx: &Context) -> String {
+/// The settings file's text for a context; `created_dirs` are the hook directories
+/// install created (uninstall removes only those, and only when empty).
+pub fn render(ctx: &Context, created_dirs: &[PathBuf]) -> String {
     let mut doc = DocumentMut::new();
+    let mut dirs = toml_edit::Array::new();
+    for d in created_dirs {
+        dirs.push(d.display().to_string());
+    }
+    doc["created_dirs"] = value(dirs);
     doc["config"] = value(ctx.config_path.display().to_string());
     doc["state_dir"] = value(ctx.state_dir.display().to_string());
     doc["backend"] = value(backend_name(ctx.backend));
     doc["libvirt_root"] = value(ctx.libvirt.root.display().to_string());
     format!("# Written by `virtgate install`: the options the libvirt hook runs with.\n{doc}")
+}
+
+/// The hook directories install created.
+pub fn created_dirs(hooks_dir: &Path) -> Vec<PathBuf> {
+    let Ok(doc) = std::fs::read_to_string(path(hooks_dir))
+        .unwrap_or_default()
+        .parse::<DocumentMut>()
+    else {
+        return Vec::new();
+    };
+    doc.get("created_dirs")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads the settings beside the hooks directory, falling back to `default`.
