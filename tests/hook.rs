@@ -155,14 +155,83 @@ fn lifecycle(backend: &str) {
     );
     let (code, _, _) = lab.hook(backend, &["qemu", "g1", "release", "end", "-"], "");
     assert_eq!(code, 0, "release with an empty stdin");
+
+    // g2 runs with a status file, as under libvirt; it stops while the config is broken:
+    // its forwards still go, and stay gone while libvirt's status file lingers (port-deleted
+    // and other domains' hooks come before libvirt deletes it)
+    lab.write_domain_status("g2");
     let (code, _, _) = lab.hook(
+        backend,
+        &["qemu", "g2", "started", "begin", "-"],
+        &lab.domain_xml("g2"),
+    );
+    assert_eq!(code, 0);
+    assert!(answers(c.tcp(pubv(8081)), "g2 port 80"));
+    lab.write_config("[domain.g2\n");
+    let (code, _, err) = lab.hook(
         backend,
         &["qemu", "g2", "stopped", "end", "-"],
         &lab.domain_xml("g2"),
     );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !answers(c.tcp(pubv(8081)), "g2"),
+        "stopped removes g2's forwards even with a broken config"
+    );
+    lab.write_config(
+        "[domain.g2]\nforwards = [\"8081:80\"]\n[domain.g1]\nforwards = [\"8080:80\"]\n",
+    );
+    let (code, _, _) = lab.hook(
+        backend,
+        &["network", "default", "port-deleted", "begin", "-"],
+        "<hookData/>",
+    );
+    assert_eq!(code, 0);
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "started", "begin", "-"], &x1);
+    assert_eq!(code, 0);
+    assert!(
+        !answers(c.tcp(pubv(8081)), "g2"),
+        "a stopped guest's lingering status file does not bring it back"
+    );
+    lab.remove_domain_status("g2");
+    let (code, _, _) = lab.hook(
+        backend,
+        &["qemu", "g2", "release", "end", "-"],
+        &lab.domain_xml("g2"),
+    );
+    assert_eq!(code, 0);
+    let (code, _, _) = lab.hook(backend, &["qemu", "g1", "stopped", "end", "-"], &x1);
     assert_eq!(code, 0);
     let after = lab.ruleset();
     assert!(before == after, "{}", diff(&before, &after));
+}
+
+#[test]
+fn state_from_an_earlier_boot_is_not_trusted() {
+    if !common::can_run_netns("state_from_an_earlier_boot_is_not_trusted") {
+        return;
+    }
+    let lab = lab(LibvirtForm::Iptables);
+    lab.write_config("[domain.g1]\nforwards = [\"8080:80\"]\n");
+    let (code, _, _) = lab.hook(
+        "nftables",
+        &["qemu", "g1", "started", "begin", "-"],
+        &lab.domain_xml("g1"),
+    );
+    assert_eq!(code, 0);
+    assert!(answers(lab.client.tcp(pubv(8080)), "g1"));
+    // the same state as if written before a reboot (the guest is not running now)
+    let path = lab.state_dir().join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["boot_id"] = serde_json::Value::String("an-earlier-boot".into());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        !answers(lab.client.tcp(pubv(8080)), "g1"),
+        "a guest started before the reboot is not running now"
+    );
 }
 
 #[test]
@@ -355,6 +424,7 @@ fn install_and_uninstall_keep_foreign_files() {
     }
     let lab = lab(LibvirtForm::Iptables);
     let hooks = lab.root().join("etc/libvirt/hooks");
+    std::fs::create_dir_all(hooks.join("daemon.d")).unwrap(); // someone's empty directory
     std::fs::create_dir_all(hooks.join("qemu.d")).unwrap();
     std::fs::write(hooks.join("qemu"), "#!/bin/sh\n# foreign\n").unwrap();
     std::fs::write(hooks.join("qemu.d/other"), "#!/bin/sh\n# foreign too\n").unwrap();
@@ -398,10 +468,32 @@ fn install_and_uninstall_keep_foreign_files() {
         "the installed hook applied the forward"
     );
     let cfg_before = std::fs::read_to_string(lab.config_path()).unwrap();
-    for _ in 0..2 {
-        let (ok, out, err) = lab.virtgate("nftables", &["uninstall"]);
-        assert!(ok, "{out}{err}");
-    }
+    // uninstall with other options: it uses the installed hook's state and backend
+    let other = lab.dir.path().join("other-state");
+    let root = lab.root();
+    let (ok, out, err) = lab.host.try_exec(&[
+        env!("CARGO_BIN_EXE_virtgate"),
+        "--libvirt-root",
+        root.to_str().unwrap(),
+        "--config",
+        lab.config_path().to_str().unwrap(),
+        "--state-dir",
+        other.to_str().unwrap(),
+        "--backend",
+        "iptables",
+        "uninstall",
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = lab.virtgate("nftables", &["uninstall"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        !lab.state_dir().join("state.json").exists(),
+        "state removed"
+    );
+    assert!(
+        hooks.join("daemon.d").is_dir(),
+        "a directory install did not create stays"
+    );
     assert!(!hooks.join("qemu.d/virtgate").exists() && !hooks.join("network.d").exists());
     assert!(hooks.join("qemu.d/other").exists() && hooks.join("qemu").exists());
     assert_eq!(
