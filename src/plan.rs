@@ -586,6 +586,40 @@ fn status(
     }
 }
 
+/// Anti-spoofing across domains: an address learned from the neighbour table that another
+/// domain also uses (from any source) is not trusted; that forward waits (pending).
+fn drop_contested_neighbours(statuses: &mut [ForwardStatus], rules: &mut Vec<Rule>) {
+    let mut users: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    for st in statuses.iter() {
+        for g in &st.guest {
+            users.entry(g.ip).or_default().insert(st.domain.clone());
+        }
+    }
+    for st in statuses.iter_mut() {
+        let contested: Vec<IpAddr> = st
+            .guest
+            .iter()
+            .filter(|g| {
+                g.source == AddrSource::Neighbour && users.get(&g.ip).is_some_and(|u| u.len() > 1)
+            })
+            .map(|g| g.ip)
+            .collect();
+        if contested.is_empty() {
+            continue;
+        }
+        rules.retain(|r| !(st.rule_ids.contains(&r.id) && contested.contains(&r.guest_ip)));
+        st.guest.retain(|g| !contested.contains(&g.ip));
+        st.rule_ids.retain(|id| rules.iter().any(|r| &r.id == id));
+        st.reason = Some(format!(
+            "address {} seen in the neighbour table is also used by another domain; not trusted",
+            contested[0]
+        ));
+        if st.guest.is_empty() {
+            st.state = ForwardState::Pending;
+        }
+    }
+}
+
 /// The planner. Domains earlier in `domains` win conflicts (the caller puts the ones
 /// holding their ports first). `carried` are rules installed before for running domains
 /// whose config is now invalid: they are kept as they are.
@@ -648,6 +682,7 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
             statuses.push(st);
         }
     }
+    drop_contested_neighbours(&mut statuses, &mut rules);
     let mut ruleset = Ruleset::from_rules(rules, &facts.networks);
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
         let ports: BTreeSet<String> = ruleset.rules.iter().filter_map(|r| r.tap.clone()).collect();
@@ -896,5 +931,40 @@ mod tests {
             "{:?}",
             p.forwards[0]
         );
+    }
+
+    #[test]
+    fn neighbour_address_claimed_by_two_domains_is_not_trusted() {
+        let mut f = facts();
+        f.domains.push(DomainFacts {
+            name: "twin".into(),
+            uuid: None,
+            nics: vec![Nic {
+                mac: "52:54:00:00:00:03".into(),
+                network: Some("default".into()),
+                bridge: Some("virbr0".into()),
+                tap: None,
+            }],
+            metadata: None,
+        });
+        for mac in ["52:54:00:00:00:01", "52:54:00:00:00:03"] {
+            f.neighbours.push(crate::facts::Neighbour {
+                ifname: "virbr0".into(),
+                mac: mac.into(),
+                ip: "192.168.122.60".parse().unwrap(),
+            });
+        }
+        let mut doms = web(spec());
+        doms.push(DomainConfig {
+            name: "twin".into(),
+            forwards: vec![ForwardSpec {
+                host_ports: PortRange::single(9).unwrap(),
+                ..spec()
+            }],
+            ..Default::default()
+        });
+        let p = plan(&doms, &f, &[]);
+        assert!(p.ruleset.rules.is_empty(), "{:?}", p.ruleset.rules);
+        assert!(p.forwards.iter().all(|s| s.state == ForwardState::Pending));
     }
 }
