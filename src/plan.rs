@@ -30,8 +30,6 @@ pub enum ForwardState {
     Stopped,
     Conflict,
     Drifted,
-    /// Its domain has a config error; whatever was installed before is kept.
-    Invalid,
 }
 
 /// A listen selector after resolution: no `DefaultRoute` left.

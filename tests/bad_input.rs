@@ -40,6 +40,11 @@ fn broken_domain_is_isolated_and_unparsable_config_changes_nothing() {
         c.tcp(pubv(8081)).unwrap().starts_with("g2 port 80"),
         "the broken domain keeps what it had"
     );
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(
+        out.contains("invalid config: 1 rule(s) kept") && out.contains("port 0"),
+        "{out}"
+    );
 
     // wholly unparsable: nothing changes
     let before = lab.ruleset();

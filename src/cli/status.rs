@@ -25,10 +25,19 @@ struct Row<'a> {
     note: Option<String>,
 }
 
+/// A domain whose config entry has an error: what virtgate installed for it stays.
+#[derive(Serialize)]
+struct Invalid {
+    domain: String,
+    errors: Vec<String>,
+    kept_rules: usize,
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     backend: &'a str,
     forwards: Vec<Row<'a>>,
+    invalid_domains: Vec<Invalid>,
     warnings: Vec<String>,
 }
 
@@ -114,10 +123,25 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         .iter()
         .map(|f| row(f, &counters, drifted, &installed))
         .collect();
+    let merged = cfg.with_metadata(&facts.domains);
+    let invalid: Vec<Invalid> = merged
+        .invalid_domains
+        .iter()
+        .map(|d| Invalid {
+            domain: d.clone(),
+            errors: merged
+                .errors()
+                .filter(|e| e.domain.as_deref() == Some(d.as_str()))
+                .map(|e| e.to_string())
+                .collect(),
+            kept_rules: plan.ruleset.rules.iter().filter(|r| &r.domain == d).count(),
+        })
+        .collect();
     if json {
         let rep = Report {
             backend: backend.name(),
             forwards: rows,
+            invalid_domains: invalid,
             warnings,
         };
         println!(
@@ -154,6 +178,14 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         if let Some(n) = &r.note {
             println!("    {n}");
         }
+    }
+    for i in &invalid {
+        println!(
+            "{:<20} invalid config: {} rule(s) kept as installed; {}",
+            i.domain,
+            i.kept_rules,
+            i.errors.join("; ")
+        );
     }
     for w in warnings {
         println!("warning: {w}");
