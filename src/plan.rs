@@ -734,6 +734,23 @@ mod tests {
         }]
     }
 
+    fn lease(mac: &str, ip: &str, expiry: u64) -> crate::facts::Lease {
+        crate::facts::Lease {
+            bridge: "virbr0".into(),
+            mac: mac.into(),
+            ip: ip.parse().unwrap(),
+            expiry,
+        }
+    }
+
+    fn neigh(mac: &str, ip: &str) -> crate::facts::Neighbour {
+        crate::facts::Neighbour {
+            ifname: "virbr0".into(),
+            mac: mac.into(),
+            ip: ip.parse().unwrap(),
+        }
+    }
+
     fn spec() -> ForwardSpec {
         ForwardSpec {
             host_ports: PortRange::single(8080).unwrap(),
@@ -768,23 +785,11 @@ mod tests {
         let mut f = facts();
         // a lease outside the subnet, an expired one, and a neighbour entry that is
         // another domain's reservation: none of them is used
-        f.leases.push(crate::facts::Lease {
-            bridge: "virbr0".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "10.0.0.5".parse().unwrap(),
-            expiry: 5000,
-        });
-        f.leases.push(crate::facts::Lease {
-            bridge: "virbr0".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "192.168.122.7".parse().unwrap(),
-            expiry: 10,
-        });
-        f.neighbours.push(crate::facts::Neighbour {
-            ifname: "virbr0".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "192.168.122.99".parse().unwrap(),
-        });
+        f.leases.push(lease("52:54:00:00:00:01", "10.0.0.5", 5000));
+        f.leases
+            .push(lease("52:54:00:00:00:01", "192.168.122.7", 10));
+        f.neighbours
+            .push(neigh("52:54:00:00:00:01", "192.168.122.99"));
         let p = plan(&web(spec()), &f, &[]);
         assert_eq!(
             p.forwards[0].state,
@@ -800,12 +805,8 @@ mod tests {
                 .contains("reservation")
         );
         // a fresh lease in the subnet is used, and shown as such
-        f.leases.push(crate::facts::Lease {
-            bridge: "virbr0".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "192.168.122.8".parse().unwrap(),
-            expiry: 5000,
-        });
+        f.leases
+            .push(lease("52:54:00:00:00:01", "192.168.122.8", 5000));
         let p = plan(&web(spec()), &f, &[]);
         assert_eq!(
             p.forwards[0].guest[0],
@@ -907,11 +908,8 @@ mod tests {
     #[test]
     fn neighbour_address_claimed_by_another_domains_config_is_refused() {
         let mut f = facts();
-        f.neighbours.push(crate::facts::Neighbour {
-            ifname: "virbr0".into(),
-            mac: "52:54:00:00:00:01".into(),
-            ip: "192.168.122.44".parse().unwrap(),
-        });
+        f.neighbours
+            .push(neigh("52:54:00:00:00:01", "192.168.122.44"));
         let mut doms = web(spec());
         doms.push(DomainConfig {
             name: "other".into(),
@@ -946,11 +944,7 @@ mod tests {
             metadata: None,
         });
         for mac in ["52:54:00:00:00:01", "52:54:00:00:00:03"] {
-            f.neighbours.push(crate::facts::Neighbour {
-                ifname: "virbr0".into(),
-                mac: mac.into(),
-                ip: "192.168.122.60".parse().unwrap(),
-            });
+            f.neighbours.push(neigh(mac, "192.168.122.60"));
         }
         let mut doms = web(spec());
         doms.push(DomainConfig {

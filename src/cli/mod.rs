@@ -13,9 +13,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, BackendChoice, Config};
-use crate::facts::{Facts, LibvirtPaths};
+use crate::facts::LibvirtPaths;
 use crate::reconcile::{self, Context};
-use crate::state::{self, State};
+use crate::state;
 
 /// Exit code for usage errors (clap uses 2 as well).
 pub const EXIT_USAGE: u8 = 2;
@@ -123,18 +123,13 @@ pub(crate) fn load_config(ctx: &Context) -> Result<Config, String> {
     config::load(&ctx.config_path).map_err(|e| format!("config unusable, nothing changed: {e}"))
 }
 
-/// Facts for the planner (see [`reconcile::facts_for`]).
-pub(crate) fn gather_facts(ctx: &Context, st: &State) -> Facts {
-    reconcile::facts_for(ctx, st)
-}
-
 /// Applies what is valid; Ok(false) (exit 1) if the config had errors.
 fn apply(ctx: &Context) -> Result<bool, String> {
     let cfg = load_config(ctx)?;
     for d in &cfg.diagnostics {
         eprintln!("{d}");
     }
-    let out = reconcile::reconcile(ctx, &cfg, |st| gather_facts(ctx, st), |_| {})
+    let out = reconcile::reconcile(ctx, &cfg, |st| reconcile::facts_for(ctx, st), |_| {})
         .map_err(|e| format!("apply failed, the kernel keeps its previous ruleset: {e}"))?;
     let active = out.plan.ruleset.rules.len();
     println!(

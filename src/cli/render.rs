@@ -1,6 +1,6 @@
 //! `virtgate render`: print the exact ruleset apply would load; change nothing.
 
-use super::{Context, gather_facts, load_config};
+use super::{Context, load_config};
 use crate::reconcile;
 use crate::state;
 
@@ -10,7 +10,7 @@ pub fn run(ctx: &Context) -> Result<bool, String> {
         eprintln!("{d}");
     }
     let st = state::read_state(&state::state_file(&ctx.state_dir)).unwrap_or_default();
-    let facts = gather_facts(ctx, &st);
+    let facts = reconcile::facts_for(ctx, &st);
     let plan = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
     print!("{}", backend.render(&plan.ruleset));

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Context, gather_facts, load_config};
+use super::{Context, load_config};
 use crate::firewall::Counters;
 use crate::plan::{ForwardState, ForwardStatus, GuestAddr};
 use crate::reconcile;
@@ -90,7 +90,7 @@ fn row<'a>(
 pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let cfg = load_config(ctx)?;
     let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
-    let facts = gather_facts(ctx, &st);
+    let facts = reconcile::facts_for(ctx, &st);
     let plan = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
     let counters = backend.counters().unwrap_or_default();
