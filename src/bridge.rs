@@ -25,10 +25,10 @@ pub fn set(port: &str, on: bool) -> std::io::Result<()> {
 
 /// Makes hairpin mode on exactly for `wanted`; `saved` holds the value each port had
 /// before virtgate turned it on, and is updated.
-pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>) {
+pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>, recheck: bool) {
     for port in wanted {
         if saved.contains_key(port) {
-            if get(port) == Some(false) {
+            if recheck && get(port) == Some(false) {
                 let _ = set(port, true);
             }
             continue;
@@ -44,6 +44,7 @@ pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>) {
             None => tracing::debug!("{port} is not a bridge port here; hairpin mode not set"),
         }
     }
+    let wanted: std::collections::BTreeSet<&String> = wanted.iter().collect();
     let gone: Vec<String> = saved
         .keys()
         .filter(|p| !wanted.contains(p))

@@ -132,3 +132,13 @@ pub fn run(argv: &[&str], stdin: Option<&[u8]>) -> Result<String, ExecError> {
     }
     Ok(out.stdout)
 }
+
+/// Whether a program is on `PATH` (without running it: that costs a process).
+pub fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).any(|d| {
+        std::fs::metadata(d.join(program))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}

@@ -78,6 +78,14 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
     f
 }
 
+/// The facts a hook for one domain needs: libvirt's networks, leases, the neighbour table
+/// and sysctls, and that domain (from its XML); other domains' status files are not read
+/// (what is installed for them stays as it is).
+pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
+    let domains: Vec<_> = domain.into_iter().cloned().collect();
+    crate::facts::gather_only(&ctx.libvirt, domains)
+}
+
 /// Which domains a reconcile may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope<'a> {
@@ -123,28 +131,12 @@ pub fn reconcile_scoped(
         .stopped
         .retain(|n| qemu_dir.join(format!("{n}.xml")).exists());
     let facts = gather(&state);
-    let mut plan = plan_only(config, &facts, &state);
-    if let Scope::Domain(name) = scope {
-        let mut rules: Vec<Rule> = state
-            .ruleset
-            .rules
-            .iter()
-            .filter(|r| r.domain != name)
-            .cloned()
-            .collect();
-        rules.extend(
-            plan.ruleset
-                .rules
-                .iter()
-                .filter(|r| r.domain == name)
-                .cloned(),
-        );
-        let ports = plan.ruleset.hairpin_ports.clone();
-        plan.ruleset = plan::Ruleset::from_rules(rules, &facts.networks);
-        plan.ruleset.hairpin_ports = ports;
-    }
+    let plan = match scope {
+        Scope::All => plan_only(config, &facts, &state),
+        Scope::Domain(name) => plan_domain(config, &facts, &state, name),
+    };
     let backend = ctx.backend_for(config);
-    let result = apply_plan(ctx, &mut state, &plan, backend.as_ref());
+    let result = apply_plan(ctx, &mut state, &plan, backend.as_ref(), scope);
     // what the hook recorded (started, stopped) is kept even if the change failed
     dir.save(&state)?;
     let changed = result?;
@@ -155,12 +147,68 @@ pub fn reconcile_scoped(
     })
 }
 
+/// The plan narrowed to one config domain: its forwards are planned against the facts,
+/// every other domain keeps exactly what is installed for it (and holds its ports).
+/// Costs what the domain has, not what is installed.
+pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) -> Plan {
+    let config = config.with_metadata(&facts.domains);
+    let domains: Vec<crate::model::DomainConfig> = config
+        .domains
+        .get(name)
+        .map(|d| vec![d.domain.clone()])
+        .unwrap_or_default();
+    let (mine, others): (Vec<&Rule>, Vec<&Rule>) =
+        state.ruleset.rules.iter().partition(|r| r.domain == name);
+    let mut carried: Vec<Rule> = others.into_iter().cloned().collect();
+    // an invalid config keeps what is installed for the domain while it runs
+    if config.invalid_domains.contains(name) && facts.domains.iter().any(|d| d.name == name) {
+        carried.extend(mine.into_iter().cloned());
+    }
+    let mut plan = plan::plan(&domains, facts, &carried);
+    // ports of other domains' bridge ports stay as they are
+    let own_taps: std::collections::BTreeSet<&String> = plan
+        .ruleset
+        .rules
+        .iter()
+        .filter(|r| r.domain == name)
+        .filter_map(|r| r.tap.as_ref())
+        .collect();
+    let other_taps: std::collections::BTreeSet<&String> = state
+        .ruleset
+        .rules
+        .iter()
+        .filter(|r| r.domain != name)
+        .filter_map(|r| r.tap.as_ref())
+        .collect();
+    let mut ports: Vec<String> = state
+        .ruleset
+        .hairpin_ports
+        .iter()
+        .filter(|p| other_taps.contains(p))
+        .cloned()
+        .collect();
+    if facts.sysctls.bridge_nf_call_iptables == Some(true) {
+        ports.extend(own_taps.into_iter().cloned());
+    }
+    ports.sort();
+    ports.dedup();
+    plan.ruleset.hairpin_ports = ports;
+    plan
+}
+
 /// Applies `plan` unless the kernel already holds it; updates `state` on success.
+///
+/// `Scope::All` (apply, daemon, network hooks) reads the kernel: nothing is written when
+/// it holds the plan; a change is a delta when the kernel holds what the state says, else
+/// the whole ruleset is written. `Scope::Domain` (the qemu hook) trusts the state and
+/// writes the delta straight away (only libvirt's chain is read, for the placement); if
+/// the kernel refuses it, the whole ruleset is written instead.
 fn apply_plan(
     ctx: &Context,
     state: &mut State,
     plan: &Plan,
     backend: &dyn Backend,
+    scope: Scope,
 ) -> Result<bool, ReconcileError> {
     // switching backends: the old one removes what it installed
     if let Some(old) = state.backend.clone()
@@ -172,25 +220,47 @@ fn apply_plan(
         state.ruleset = Default::default();
         state.fingerprint = None;
     }
-    // the kernel is read only when the plan is unchanged (drift check); a changed plan is
-    // applied straight away (the hook's hot path)
-    let unchanged = plan.ruleset == state.ruleset && backend.fingerprint()? == state.fingerprint;
-    let changed = if unchanged {
-        false
-    } else {
-        if let Err(e) = backend.apply(&plan.ruleset) {
-            // one transaction per tool (nft, iptables, ip6tables): if a later one failed,
-            // put back what was there so the kernel holds the old ruleset, not a half
-            if let Err(r) = backend.apply(&state.ruleset) {
-                tracing::error!("rolling back after a failed change also failed: {r}");
+    let same = plan.ruleset == state.ruleset;
+    let delta_ok = match scope {
+        Scope::Domain(_) if backend.has_delta() => true,
+        _ => {
+            if same && backend.in_sync(&plan.ruleset, &state.fingerprint)? {
+                crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved, true);
+                return Ok(false);
             }
-            return Err(e.into());
+            !same && backend.has_delta() && backend.in_sync(&state.ruleset, &state.fingerprint)?
         }
-        state.ruleset = plan.ruleset.clone();
-        state.fingerprint = backend.fingerprint()?;
-        true
     };
-    crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved);
+    let old = &state.ruleset;
+    let mut result = if delta_ok {
+        backend.apply_delta(old, &plan.ruleset)
+    } else {
+        backend.apply(&plan.ruleset)
+    };
+    if let Err(e) = &result
+        && delta_ok
+    {
+        tracing::warn!("the kernel refused the change of a part ({e}); writing the whole ruleset");
+        result = backend.apply(&plan.ruleset);
+    }
+    if let Err(e) = result {
+        // one transaction per tool (nft, iptables, ip6tables): if a later one failed,
+        // put back what was there so the kernel holds the old ruleset, not a half
+        if let Err(r) = backend.apply(old) {
+            tracing::error!("rolling back after a failed change also failed: {r}");
+        }
+        return Err(e.into());
+    }
+    let changed = !same || !delta_ok;
+    state.ruleset = plan.ruleset.clone();
+    state.fingerprint = backend.fingerprint()?;
+    // a hook re-checks no port but its own domain's (new ports are always looked at)
+    let recheck = matches!(scope, Scope::All);
+    crate::bridge::sync(
+        &plan.ruleset.hairpin_ports,
+        &mut state.hairpin_saved,
+        recheck,
+    );
     state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
     Ok(changed)
 }

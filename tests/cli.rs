@@ -107,7 +107,7 @@ fn render_prints_without_changing_anything() {
     let (code, out, err) = vg(&[&common[..], &["--backend", "nftables", "render"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("tcp . 8080 : goto f_") && out.contains("dnat ip to 192.168.122.10:80"),
+        out.contains("tcp . 8080 : 192.168.122.10 . 80") && out.contains("map @dnat_any4"),
         "{out}"
     );
     let (code, out, _) = vg(&[&common[..], &["--backend", "iptables", "render"]].concat());

@@ -181,7 +181,7 @@ fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
             .find(|r| r["domain"] == dom && r["host_ports"] == port)
             .unwrap()
     };
-    assert_eq!(find("g1", "8080")["state"], "active", "{out}");
+    assert_eq!(find("g1", "8080")["state"], "active", "{out}{err}");
     assert_eq!(
         find("g1", "8080")["guest"][0]["source"],
         "reservation",

@@ -93,9 +93,10 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let facts = reconcile::facts_for(ctx, &st);
     let plan = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
-    let counters = backend.counters().unwrap_or_default();
-    let fp = backend.fingerprint().map_err(|e| e.to_string())?;
-    let drifted = fp != st.fingerprint;
+    let counters = backend.counters(&st.ruleset).unwrap_or_default();
+    let drifted = !backend
+        .in_sync(&st.ruleset, &st.fingerprint)
+        .map_err(|e| e.to_string())?;
     let installed: std::collections::BTreeSet<&str> =
         st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
     let mut warnings = Vec::new();

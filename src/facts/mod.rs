@@ -187,11 +187,17 @@ impl LibvirtPaths {
 /// Gathers all facts from libvirt's files, the kernel and /proc.
 pub fn gather(paths: &LibvirtPaths, extra_domains: &[DomainFacts]) -> Facts {
     let mut domains = libvirt::read_running_domains(paths);
+    let known: std::collections::HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
     for d in extra_domains {
-        if !domains.iter().any(|x| x.name == d.name) {
+        if !known.contains(&d.name) {
             domains.push(d.clone());
         }
     }
+    gather_only(paths, domains)
+}
+
+/// [`gather`] with the given domains instead of libvirt's running ones.
+pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
     let networks = libvirt::read_networks(paths);
     let leases = networks
         .iter()

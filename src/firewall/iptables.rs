@@ -365,7 +365,7 @@ impl Backend for Iptables {
         Ok(Some(digest(&strip_counters(&text))))
     }
 
-    fn counters(&self) -> Result<BTreeMap<String, Counters>, FirewallError> {
+    fn counters(&self, _rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError> {
         let mut forward: BTreeMap<String, Counters> = BTreeMap::new();
         let mut dnat: BTreeMap<String, Counters> = BTreeMap::new();
         for f in [Family::Ipv4, Family::Ipv6] {

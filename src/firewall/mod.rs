@@ -6,6 +6,7 @@
 //! in [`placement`]: it depends on libvirt's firewall form, not on virtgate's.
 
 pub mod iptables;
+pub mod nfnl;
 pub mod nftables;
 pub mod placement;
 pub mod xtables;
@@ -45,12 +46,35 @@ pub trait Backend {
     /// An empty ruleset removes everything virtgate owns.
     fn apply(&self, rs: &Ruleset) -> Result<(), FirewallError>;
 
-    /// A fingerprint of what virtgate owns in the kernel now (counters excluded), to
-    /// detect drift; `None` if nothing of virtgate's is present.
+    /// Changes the kernel from `old` (what it holds, as far as virtgate knows) to `new`,
+    /// touching only what differs, in one transaction per tool. Fails if the kernel does
+    /// not hold `old` where the change touches it; the caller then falls back to
+    /// [`Backend::apply`].
+    fn apply_delta(&self, old: &Ruleset, new: &Ruleset) -> Result<(), FirewallError> {
+        let _ = old;
+        self.apply(new)
+    }
+
+    /// Whether [`Backend::apply_delta`] writes only the difference (else it is
+    /// [`Backend::apply`]).
+    fn has_delta(&self) -> bool {
+        false
+    }
+
+    /// A fingerprint of what virtgate owns in the kernel now (counters excluded), recorded
+    /// after a change for [`Backend::in_sync`]; `None` if nothing of virtgate's is present
+    /// or the backend compares the kernel with the ruleset directly.
     fn fingerprint(&self) -> Result<Option<String>, FirewallError>;
 
-    /// Counters per rule id.
-    fn counters(&self) -> Result<BTreeMap<String, Counters>, FirewallError>;
+    /// Whether the kernel holds exactly `rs` (`recorded`: the fingerprint taken after it
+    /// was applied).
+    fn in_sync(&self, rs: &Ruleset, recorded: &Option<String>) -> Result<bool, FirewallError> {
+        let _ = rs;
+        Ok(recorded.is_some() && self.fingerprint()? == *recorded)
+    }
+
+    /// Counters per rule id of `rs`.
+    fn counters(&self, rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError>;
 }
 
 /// The backend chosen by name; `auto` prefers nftables when `nft` is installed.
@@ -66,7 +90,7 @@ pub fn backend_with_state(choice: BackendChoice, state_dir: &std::path::Path) ->
 pub fn resolve(choice: BackendChoice) -> BackendChoice {
     match choice {
         BackendChoice::Auto => {
-            if crate::exec::run(&["nft", "--version"], None).is_ok() {
+            if crate::exec::installed("nft") {
                 BackendChoice::Nftables
             } else {
                 BackendChoice::Iptables

@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 
 use super::FirewallError;
-use crate::exec;
+use super::nfnl::{self, RuleInfo};
 use crate::facts::LibvirtFirewall;
 use crate::model::Family;
 use crate::plan::BridgeAccept;
@@ -31,58 +31,52 @@ pub fn nft_family(f: Family) -> &'static str {
     }
 }
 
-/// `nft -a list chain FAMILY libvirt_network guest_input`: None if the chain (or nft)
-/// does not exist, an error if nft fails otherwise.
-fn list_guest_input(family: Family) -> Result<Option<String>, FirewallError> {
-    let argv = [
-        "nft",
-        "-a",
-        "list",
-        "chain",
-        nft_family(family),
-        "libvirt_network",
-        "guest_input",
-    ];
-    match exec::run_if_installed(&argv)? {
-        None => Ok(None),
-        Some(o) if o.success => Ok(Some(o.stdout)),
-        Some(o) if o.stderr.contains("No such file or directory") => Ok(None),
-        Some(o) => Err(FirewallError::Rejected(format!(
-            "{}: {}",
-            argv.join(" "),
-            o.stderr.trim()
-        ))),
+fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::Ipv4 => super::nfnl::NFPROTO_IPV4,
+        Family::Ipv6 => super::nfnl::NFPROTO_IPV6,
     }
 }
 
-/// Rules of a listed chain: (text without handle, handle).
-fn parse_rules(listing: &str) -> Vec<(String, u64)> {
-    listing
-        .lines()
-        .filter_map(|l| {
-            let (rule, handle) = l.trim().rsplit_once(" # handle ")?;
-            if rule.starts_with("type ") || rule.starts_with("chain ") {
-                return None;
-            }
-            Some((rule.trim().to_string(), handle.trim().parse().ok()?))
-        })
-        .collect()
+/// The rules of `FAMILY libvirt_network guest_input`, read over netlink (one chain, cheap
+/// whatever else the ruleset holds): None if the chain does not exist.
+fn read<T>(family: Family, r: std::io::Result<T>) -> Result<T, FirewallError> {
+    r.map_err(|e| {
+        FirewallError::Parse(format!(
+            "reading {} libvirt_network guest_input: {e}",
+            nft_family(family)
+        ))
+    })
+}
+
+fn list_guest_input(family: Family) -> Result<Option<Vec<RuleInfo>>, FirewallError> {
+    let rules = read(
+        family,
+        nfnl::rules(nfproto(family), "libvirt_network", Some("guest_input")),
+    )?;
+    match rules {
+        Some(r) if !r.is_empty() => Ok(Some(r)),
+        // an empty dump: the chain may be missing, or empty
+        _ => {
+            let chains = read(family, nfnl::chains(nfproto(family), "libvirt_network"))?;
+            Ok(chains
+                .filter(|c| c.iter().any(|n| n == "guest_input"))
+                .map(|_| Vec::new()))
+        }
+    }
+}
+
+fn is_ours(r: &RuleInfo) -> bool {
+    r.comment.as_deref() == Some(NFT_MARK)
 }
 
 /// Bridges that libvirt's nftables form guards (they appear in `guest_input`).
 pub fn libvirt_nft_bridges() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for fam in [Family::Ipv4, Family::Ipv6] {
-        if let Ok(Some(l)) = list_guest_input(fam) {
-            for (rule, _) in parse_rules(&l) {
-                for key in ["oif \"", "oifname \""] {
-                    if let Some(p) = rule.find(key) {
-                        let rest = &rule[p + key.len()..];
-                        if let Some(e) = rest.find('"') {
-                            out.insert(rest[..e].to_string());
-                        }
-                    }
-                }
+        if let Ok(Some(rules)) = list_guest_input(fam) {
+            for r in rules.iter().filter(|r| !is_ours(r)) {
+                out.extend(r.oifs.iter().cloned());
             }
         }
     }
@@ -93,11 +87,9 @@ pub fn libvirt_nft_bridges() -> BTreeSet<String> {
 /// a fingerprint text (a buried accept changes it).
 pub fn describe(text: &mut String) -> Result<(), FirewallError> {
     for fam in [Family::Ipv4, Family::Ipv6] {
-        if let Some(listing) = list_guest_input(fam)? {
-            for (i, (rule, _)) in parse_rules(&listing).iter().enumerate() {
-                if rule.contains(NFT_MARK) {
-                    text.push_str(&format!("guest_input {fam:?} {i}: {rule}\n"));
-                }
+        if let Some(rules) = list_guest_input(fam)? {
+            for (i, r) in rules.iter().enumerate().filter(|(_, r)| is_ours(r)) {
+                text.push_str(&format!("guest_input {fam:?} {i}: {:?}\n", r.oifs));
             }
         }
     }
@@ -108,18 +100,26 @@ pub fn nft_accept_rule(bridge: &str) -> String {
     format!("oifname \"{bridge}\" ct status dnat accept comment \"{NFT_MARK}\"")
 }
 
+/// Bridges of `family` whose accept goes in libvirt's nftables chain, sorted.
+fn wanted_bridges(accepts: &[BridgeAccept], family: Family) -> Vec<String> {
+    accepts
+        .iter()
+        .filter(|a| a.family == family && a.firewall == LibvirtFirewall::Nftables)
+        .map(|a| a.bridge.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Statements for an `nft -f` batch that make virtgate's accepts in libvirt's
 /// `guest_input` chains exactly `accepts` (those on libvirt's nftables form), at the top.
-/// Empty if already so. Reads the chains (small: libvirt's own rules only).
+/// Empty if already so. Reads the two chains over netlink (libvirt's rules only).
 pub fn nft_batch(accepts: &[BridgeAccept]) -> Result<String, FirewallError> {
     let mut batch = String::new();
     for fam in [Family::Ipv4, Family::Ipv6] {
-        let wanted: Vec<String> = accepts
+        let wanted: Vec<String> = wanted_bridges(accepts, fam)
             .iter()
-            .filter(|a| a.family == fam && a.firewall == LibvirtFirewall::Nftables)
-            .map(|a| nft_accept_rule(&a.bridge))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
+            .map(|b| nft_accept_rule(b))
             .collect();
         let Some(listing) = list_guest_input(fam)? else {
             if !wanted.is_empty() {
@@ -130,19 +130,21 @@ pub fn nft_batch(accepts: &[BridgeAccept]) -> Result<String, FirewallError> {
             }
             continue;
         };
-        let rules = parse_rules(&listing);
-        let ours: Vec<&(String, u64)> = rules
-            .iter()
-            .filter(|(r, _)| r.ends_with(&format!("comment \"{NFT_MARK}\"")))
-            .collect();
-        let top: Vec<&String> = rules.iter().take(wanted.len()).map(|(r, _)| r).collect();
-        if ours.len() == wanted.len() && top.iter().zip(&wanted).all(|(a, b)| *a == b) {
+        let ours: Vec<&RuleInfo> = listing.iter().filter(|r| is_ours(r)).collect();
+        let bridges: Vec<String> = wanted_bridges(accepts, fam);
+        let on_top = listing.len() >= bridges.len()
+            && listing
+                .iter()
+                .zip(&bridges)
+                .all(|(r, b)| is_ours(r) && r.oifs == [b.clone()]);
+        if ours.len() == bridges.len() && on_top {
             continue;
         }
         let f = nft_family(fam);
-        for (_, h) in ours {
+        for r in ours {
             batch.push_str(&format!(
-                "delete rule {f} libvirt_network guest_input handle {h}\n"
+                "delete rule {f} libvirt_network guest_input handle {}\n",
+                r.handle
             ));
         }
         for r in wanted.iter().rev() {
@@ -190,18 +192,4 @@ pub fn needs_xt(accepts: &[BridgeAccept], family: Family) -> bool {
     accepts
         .iter()
         .any(|a| a.family == family && a.firewall == LibvirtFirewall::Iptables)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_listing() {
-        let l = "table ip libvirt_network {\n\tchain guest_input { # handle 3\n\t\toifname \"virbr0\" ct status dnat accept comment \"virtgate\" # handle 9\n\t\toif \"virbr1\" reject # handle 5\n\t}\n}\n";
-        let r = parse_rules(l);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].1, 9);
-        assert_eq!(r[1].0, "oif \"virbr1\" reject");
-    }
 }

@@ -175,6 +175,38 @@ pub fn table_script(spec: &TableSpec, current: &str) -> Option<String> {
     Some(s)
 }
 
+/// Whether a table holds exactly what `spec` wants of virtgate's (chains with their
+/// rules, one jump each at the top of its built-in chain, no other chain of virtgate's).
+pub fn in_sync(spec: &TableSpec, current: &str) -> bool {
+    let cur = parse_save(current);
+    let owned = cur.keys().filter(|c| c.starts_with(CHAIN_PREFIX)).count();
+    if owned != spec.chains.len() {
+        return false;
+    }
+    for (name, rules) in &spec.chains {
+        let want: Vec<String> = rules.iter().map(|r| format!("-A {name} {r}")).collect();
+        if cur.get(name) != Some(&want) {
+            return false;
+        }
+    }
+    for (b, rules) in cur.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
+        let wanted: Vec<String> = spec
+            .jumps
+            .iter()
+            .filter(|j| j.builtin == b)
+            .map(Jump::rule)
+            .collect();
+        let jumps = rules
+            .iter()
+            .filter(|r| r.contains(&format!("-j {CHAIN_PREFIX}")))
+            .count();
+        if jumps != wanted.len() || rules.iter().take(wanted.len()).ne(wanted.iter()) {
+            return false;
+        }
+    }
+    spec.jumps.iter().all(|j| cur.contains_key(j.builtin))
+}
+
 /// Appends virtgate's chains and its jumps (with their positions) in `tables` to a
 /// fingerprint text.
 pub fn describe(tables: &[&str], text: &mut String) -> Result<(), FirewallError> {

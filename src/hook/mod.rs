@@ -145,8 +145,8 @@ fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
     }
 }
 
-/// This domain's forwards that collide with forwards of domains running now (they keep
-/// their ports).
+/// This domain's forwards that collide with forwards installed for other domains running
+/// now (they keep their ports).
 fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &str) -> Vec<String> {
     let Some(me) = cfg.domains.get(cfg_name) else {
         return Vec::new();
@@ -155,33 +155,25 @@ fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &st
         crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
     if st.boot_id != crate::state::boot_id() {
         // recorded before a reboot: none of it runs
-        st.started.clear();
+        st.ruleset.rules.clear();
     }
-    let mut running: Vec<String> = reconcile::facts_for(ctx, &st)
-        .domains
+    me.domain
+        .forwards
         .iter()
-        .filter(|d| d.name != name)
-        .map(|d| config_name(cfg, &d.name, Some(d)))
-        .filter(|n| n != cfg_name)
-        .collect();
-    running.sort();
-    running.dedup();
-    let mut domains: Vec<crate::model::DomainConfig> = running
-        .iter()
-        .filter_map(|n| cfg.domains.get(n).map(|d| d.domain.clone()))
-        .collect();
-    let me_idx = domains.len();
-    domains.push(me.domain.clone());
-    crate::plan::find_conflicts(&domains)
-        .into_iter()
-        .filter(|c| c.second.0 == me_idx)
-        .map(|c| {
-            format!(
-                "forward {} conflicts with {} of running domain {:?}",
-                me.domain.forwards[c.second.1].short(),
-                domains[c.first.0].forwards[c.first.1].short(),
-                domains[c.first.0].name
-            )
+        .filter_map(|f| {
+            let r = st
+                .ruleset
+                .rules
+                .iter()
+                .filter(|r| r.domain != cfg_name && r.domain != name)
+                .find(|r| crate::plan::conflicts::spec_overlaps_rule(f, r))?;
+            Some(format!(
+                "forward {} conflicts with {}/{} of running domain {:?}",
+                f.short(),
+                r.host_ports,
+                r.proto,
+                r.domain
+            ))
         })
         .collect()
 }
@@ -232,7 +224,7 @@ fn remove_domain(ctx: &Context, cfg: &Config, name: &str, cfg_name: &str, what: 
     let r = reconcile::reconcile_scoped(
         ctx,
         cfg,
-        |st| reconcile::facts_for(ctx, st),
+        |_| reconcile::facts_for_domain(ctx, None),
         |st| mark_stopped(st, name),
         reconcile::Scope::Domain(cfg_name),
     );
@@ -310,29 +302,17 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         Ok(d) => d,
         Err(e) => return refuse(format!("cannot read the domain XML on stdin: {e}")),
     };
-    let run = |scope| {
-        reconcile::reconcile_scoped(
-            ctx,
-            &cfg,
-            |st| reconcile::facts_for(ctx, st),
-            |st| {
-                st.stopped.remove(name);
-                st.started.insert(name.to_string(), domain.clone());
-            },
-            scope,
-        )
-    };
-    let result = match run(reconcile::Scope::All) {
-        // the kernel refused the whole change: maybe another domain's rule; try with only
-        // this domain's forwards changed, so that another entry never fails this guest
-        Err(e) => {
-            tracing::error!(
-                "{what}: applying all forwards failed: {e}; retrying with this domain's only"
-            );
-            run(reconcile::Scope::Domain(&cfg_name))
-        }
-        ok => ok,
-    };
+    // only this domain's forwards change; the kernel gets the delta
+    let result = reconcile::reconcile_scoped(
+        ctx,
+        &cfg,
+        |_| reconcile::facts_for_domain(ctx, Some(&domain)),
+        |st| {
+            st.stopped.remove(name);
+            st.started.insert(name.to_string(), domain.clone());
+        },
+        reconcile::Scope::Domain(&cfg_name),
+    );
     match result {
         Err(e) => refuse(format!("cannot apply forwards: {e}")),
         Ok(out) => {

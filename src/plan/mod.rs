@@ -1,7 +1,7 @@
 //! The planner: a pure function from (config, facts) to a backend-neutral ruleset plus the
 //! status of every configured forward. No I/O here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 
 use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
 use crate::model::{DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto};
+
+pub mod conflicts;
+use conflicts::families;
+pub use conflicts::{Conflict, find_conflicts, find_conflicts_naive};
 
 /// Where a guest address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,62 +212,6 @@ pub struct Plan {
     pub forwards: Vec<ForwardStatus>,
 }
 
-/// A conflict: forward `second` (domain index, forward index) collides with `first`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Conflict {
-    pub first: (usize, usize),
-    pub second: (usize, usize),
-}
-
-fn families(spec: &ForwardSpec) -> Vec<Family> {
-    [Family::Ipv4, Family::Ipv6]
-        .into_iter()
-        .filter(|f| spec.allows_family(*f))
-        .collect()
-}
-
-/// Finds forwards that claim the same listen address, protocol and port. The first in
-/// (domain, forward) order wins.
-pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
-    let all: Vec<((usize, usize), &ForwardSpec)> = domains
-        .iter()
-        .enumerate()
-        .flat_map(|(di, d)| {
-            d.forwards
-                .iter()
-                .enumerate()
-                .map(move |(fi, f)| ((di, fi), f))
-        })
-        .collect();
-    let mut out = Vec::new();
-    let mut losers = BTreeSet::new();
-    for (i, (a_idx, a)) in all.iter().enumerate() {
-        if losers.contains(a_idx) {
-            continue;
-        }
-        for (b_idx, b) in &all[i + 1..] {
-            if losers.contains(b_idx) {
-                continue;
-            }
-            let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
-            // localhost forwards share one key space (127.0.0.1), whatever they listen on
-            let listen_overlap = a.listen.overlaps(&b.listen) || (a.localhost && b.localhost);
-            if a.proto == b.proto
-                && fam_overlap
-                && listen_overlap
-                && a.host_ports.overlaps(&b.host_ports)
-            {
-                out.push(Conflict {
-                    first: *a_idx,
-                    second: *b_idx,
-                });
-                losers.insert(*b_idx);
-            }
-        }
-    }
-    out
-}
-
 /// Stable rule identifier: domain identity (UUID if known, else name) + listen key.
 fn rule_id(domain: &DomainConfig, family: Family, spec: &ForwardSpec, listen: &ListenOn) -> String {
     let mut h = Sha256::new();
@@ -315,27 +263,66 @@ fn nic_bridge(nic: &Nic, facts: &Facts) -> Option<String> {
         .or_else(|| nic_network(nic, facts).map(|n| n.bridge.clone()))
 }
 
-/// Addresses claimed by other domains' NICs (reservations and leases): a learned
-/// (neighbour) address that belongs to someone else is refused.
-fn claimed_by_others(
-    facts: &Facts,
-    own_macs: &[&str],
-    explicit: &BTreeSet<IpAddr>,
-) -> BTreeSet<IpAddr> {
-    let mut out = explicit.clone();
-    for n in &facts.networks {
-        for r in &n.reservations {
-            if !own_macs.iter().any(|m| m.eq_ignore_ascii_case(&r.mac)) {
-                out.insert(r.ip);
+/// Lookups the planner needs per forward, built once per plan so that planning stays
+/// linear in the number of forwards.
+struct Index<'a> {
+    /// Explicit guest addresses and installed guests, with the domains that use them.
+    explicit: BTreeMap<IpAddr, BTreeSet<&'a str>>,
+    /// Reservations by (network name, MAC).
+    reservations: HashMap<(&'a str, String), Vec<IpAddr>>,
+    /// Leases by MAC.
+    leases: HashMap<String, Vec<&'a crate::facts::Lease>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(facts: &'a Facts) -> Index<'a> {
+        let mut reservations: HashMap<(&str, String), Vec<IpAddr>> = HashMap::new();
+        for n in &facts.networks {
+            for r in &n.reservations {
+                reservations
+                    .entry((n.name.as_str(), r.mac.to_ascii_lowercase()))
+                    .or_default()
+                    .push(r.ip);
             }
         }
-    }
-    for l in &facts.leases {
-        if l.expiry > facts.now && !own_macs.iter().any(|m| m.eq_ignore_ascii_case(&l.mac)) {
-            out.insert(l.ip);
+        let mut leases: HashMap<String, Vec<&crate::facts::Lease>> = HashMap::new();
+        for l in &facts.leases {
+            leases
+                .entry(l.mac.to_ascii_lowercase())
+                .or_default()
+                .push(l);
+        }
+        Index {
+            explicit: BTreeMap::new(),
+            reservations,
+            leases,
         }
     }
-    out
+}
+
+/// Whether an address is claimed by another domain (its configured or installed address,
+/// or a reservation or lease of a NIC that is not `own_macs`): a learned (neighbour)
+/// address that belongs to someone else is refused.
+fn claimed_by_other(
+    facts: &Facts,
+    ix: &Index,
+    domain: &str,
+    own_macs: &[&str],
+    ip: &IpAddr,
+) -> bool {
+    let not_own = |mac: &str| !own_macs.iter().any(|m| m.eq_ignore_ascii_case(mac));
+    ix.explicit
+        .get(ip)
+        .is_some_and(|users| users.iter().any(|u| *u != domain))
+        || facts
+            .networks
+            .iter()
+            .flat_map(|n| &n.reservations)
+            .any(|r| r.ip == *ip && not_own(&r.mac))
+        || facts
+            .leases
+            .iter()
+            .any(|l| l.ip == *ip && l.expiry > facts.now && not_own(&l.mac))
 }
 
 /// Finds the guest address of one family for a NIC, in the documented order.
@@ -345,8 +332,8 @@ fn resolve_address(
     nic: Option<&Nic>,
     net: Option<&NetworkFacts>,
     facts: &Facts,
-    dom: &DomainFacts,
-    others_explicit: &BTreeSet<IpAddr>,
+    (dom, domain): (&DomainFacts, &str),
+    ix: &Index,
 ) -> Result<GuestAddr, String> {
     let in_subnet = |ip: &IpAddr| net.is_none_or(|n| n.contains(ip));
     if let Some(ip) = spec
@@ -372,20 +359,25 @@ fn resolve_address(
         );
     };
     let fam_ok = |ip: &IpAddr| Family::of(ip) == family && net.contains(ip);
-    if let Some(r) = net
+    let mac = nic.mac.to_ascii_lowercase();
+    if let Some(ip) = ix
         .reservations
-        .iter()
-        .find(|r| r.mac.eq_ignore_ascii_case(&nic.mac) && fam_ok(&r.ip))
+        .get(&(net.name.as_str(), mac.clone()))
+        .into_iter()
+        .flatten()
+        .find(|ip| fam_ok(ip))
     {
         return Ok(GuestAddr {
-            ip: r.ip,
+            ip: *ip,
             source: AddrSource::Reservation,
         });
     }
-    if let Some(l) = facts
+    if let Some(l) = ix
         .leases
-        .iter()
-        .filter(|l| l.bridge == net.bridge && l.mac.eq_ignore_ascii_case(&nic.mac))
+        .get(&mac)
+        .into_iter()
+        .flatten()
+        .filter(|l| l.bridge == net.bridge)
         .filter(|l| l.expiry > facts.now && fam_ok(&l.ip))
         .max_by_key(|l| l.expiry)
     {
@@ -395,13 +387,12 @@ fn resolve_address(
         });
     }
     let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
-    let others = claimed_by_others(facts, &own, others_explicit);
     if let Some(n) = facts.neighbours.iter().find(|n| {
         n.ifname == net.bridge
             && n.mac.eq_ignore_ascii_case(&nic.mac)
             && fam_ok(&n.ip)
-            && !others.contains(&n.ip)
             && !is_link_local(&n.ip)
+            && !claimed_by_other(facts, ix, domain, &own, &n.ip)
     }) {
         return Ok(GuestAddr {
             ip: n.ip,
@@ -445,7 +436,7 @@ fn plan_forward(
     dom: &DomainFacts,
     spec: &ForwardSpec,
     facts: &Facts,
-    others_explicit: &BTreeSet<IpAddr>,
+    ix: &Index,
 ) -> (ForwardStatus, Vec<Rule>) {
     let mut st = ForwardStatus {
         domain: domain.name.clone(),
@@ -506,7 +497,7 @@ fn plan_forward(
         {
             continue;
         }
-        match resolve_address(family, spec, nic, net, facts, dom, others_explicit) {
+        match resolve_address(family, spec, nic, net, facts, (dom, &domain.name), ix) {
             Ok(ga) => {
                 let id = rule_id(domain, family, spec, &listen);
                 st.rule_ids.push(id.clone());
@@ -628,24 +619,29 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
         .enumerate()
         .filter_map(|(i, d)| facts.domain(&d.name, d.uuid.as_deref()).map(|f| (i, f)))
         .collect();
+    let running_of: BTreeMap<usize, &DomainFacts> = running.iter().copied().collect();
     let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
     let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(&competing)
         .into_iter()
         .map(|c| ((running[c.second.0].0, c.second.1), c))
         .collect();
+    // explicit guest addresses and installed guests, by the domains that use them
+    let mut ix = Index::new(facts);
+    for o in domains {
+        for ip in o.forwards.iter().flat_map(|f| f.guest_addresses.iter()) {
+            ix.explicit.entry(*ip).or_default().insert(o.name.as_str());
+        }
+    }
+    for r in carried {
+        ix.explicit
+            .entry(r.guest_ip)
+            .or_default()
+            .insert(r.domain.as_str());
+    }
     let mut rules: Vec<Rule> = carried.to_vec();
     let mut statuses = Vec::new();
     for (di, d) in domains.iter().enumerate() {
-        let dom = running.iter().find(|(i, _)| *i == di).map(|(_, f)| *f);
-        let others_explicit: BTreeSet<IpAddr> = domains
-            .iter()
-            .filter(|o| o.name != d.name)
-            .flat_map(|o| {
-                o.forwards
-                    .iter()
-                    .flat_map(|f| f.guest_addresses.iter().copied())
-            })
-            .collect();
+        let dom = running_of.get(&di).copied();
         for (fi, spec) in d.forwards.iter().enumerate() {
             if let Some(c) = conflicts.get(&(di, fi)) {
                 let winner = &competing[c.first.0];
@@ -661,16 +657,18 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
                 statuses.push(status(d, spec, ForwardState::Stopped, None));
                 continue;
             };
-            let (mut st, rs) = plan_forward(d, dom, spec, facts, &others_explicit);
-            // a port still held by a rule kept for a domain with an invalid config
-            if let Some(holder) = rs
-                .iter()
-                .find_map(|r| rules.iter().find(|x| rules_overlap(r, x)))
-            {
+            let (mut st, rs) = plan_forward(d, dom, spec, facts, &ix);
+            // a port still held by a rule installed for another domain and kept as it is
+            // (its config is invalid now, or only this domain is being planned)
+            if let Some(holder) = rs.iter().find_map(|r| {
+                carried
+                    .iter()
+                    .find(|x| x.domain != d.name && rules_overlap(r, x))
+            }) {
                 st.state = ForwardState::Conflict;
                 st.reason = Some(format!(
-                    "conflicts with a forward kept for domain {:?}, whose config is invalid",
-                    holder.domain
+                    "conflicts with {}/{} installed for domain {:?}, which keeps it",
+                    holder.host_ports, holder.proto, holder.domain
                 ));
                 st.rule_ids.clear();
                 statuses.push(st);

@@ -1,0 +1,191 @@
+//! Conflicts between forwards: two forwards conflict when they use the same protocol, a
+//! common address family, listen selectors that can receive the same packet (or are both
+//! reachable from localhost) and overlapping host ports. The first (in the given order)
+//! wins; a loser never blocks anyone.
+//!
+//! [`find_conflicts`] runs in O(n log n) (plus the overlaps it reports): forwards that
+//! won are kept in per-(protocol, family, listen class) interval maps, and each forward
+//! asks only the classes its listen selector can overlap. [`find_conflicts_naive`] is the
+//! pairwise definition, kept for the property test that checks the two agree.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use crate::model::{DomainConfig, Family, ForwardSpec, Listen, PortRange, Proto};
+
+/// A conflict: forward `second` (domain index, forward index) collides with `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    pub first: (usize, usize),
+    pub second: (usize, usize),
+}
+
+pub(crate) fn families(spec: &ForwardSpec) -> Vec<Family> {
+    [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .filter(|f| spec.allows_family(*f))
+        .collect()
+}
+
+/// Whether two forwards could receive the same packet.
+pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
+    let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
+    // localhost forwards share one key space (127.0.0.1), whatever they listen on
+    let listen_overlap = a.listen.overlaps(&b.listen) || (a.localhost && b.localhost);
+    a.proto == b.proto && fam_overlap && listen_overlap && a.host_ports.overlaps(&b.host_ports)
+}
+
+/// Whether a forward could receive a packet an installed rule receives.
+pub fn spec_overlaps_rule(spec: &ForwardSpec, r: &crate::plan::Rule) -> bool {
+    use crate::plan::ListenOn;
+    let listen = match (&spec.listen, &r.listen) {
+        (Listen::Address(a), ListenOn::Address(b)) => a == b,
+        (Listen::Interface(a), ListenOn::Interface(b)) => a == b,
+        _ => true,
+    };
+    spec.proto == r.proto
+        && spec.allows_family(r.family)
+        && (listen || (spec.localhost && r.localhost))
+        && spec.host_ports.overlaps(&r.host_ports)
+}
+
+fn all_forwards(domains: &[DomainConfig]) -> Vec<((usize, usize), &ForwardSpec)> {
+    domains
+        .iter()
+        .enumerate()
+        .flat_map(|(di, d)| {
+            d.forwards
+                .iter()
+                .enumerate()
+                .map(move |(fi, f)| ((di, fi), f))
+        })
+        .collect()
+}
+
+/// The pairwise definition: O(n^2). Use [`find_conflicts`].
+pub fn find_conflicts_naive(domains: &[DomainConfig]) -> Vec<Conflict> {
+    let all = all_forwards(domains);
+    let mut out = Vec::new();
+    let mut losers = BTreeSet::new();
+    for (i, (a_idx, a)) in all.iter().enumerate() {
+        if losers.contains(a_idx) {
+            continue;
+        }
+        for (b_idx, b) in &all[i + 1..] {
+            if !losers.contains(b_idx) && specs_overlap(a, b) {
+                out.push(Conflict {
+                    first: *a_idx,
+                    second: *b_idx,
+                });
+                losers.insert(*b_idx);
+            }
+        }
+    }
+    out
+}
+
+/// Ports painted by the first forward that claimed them: disjoint ranges, start -> (end,
+/// position of the forward).
+#[derive(Debug, Default)]
+struct Painted(BTreeMap<u16, (u16, usize)>);
+
+impl Painted {
+    /// The earliest forward holding a port of `r`.
+    fn earliest(&self, r: PortRange) -> Option<usize> {
+        self.0
+            .range(..=r.end)
+            .rev()
+            .take_while(|(_, (end, _))| *end >= r.start)
+            .map(|(_, (_, pos))| *pos)
+            .min()
+    }
+
+    /// Paints the ports of `r` nobody holds yet with `pos`.
+    fn paint(&mut self, r: PortRange, pos: usize) {
+        let taken: Vec<(u16, u16)> = self
+            .0
+            .range(..=r.end)
+            .rev()
+            .take_while(|(_, (end, _))| *end >= r.start)
+            .map(|(s, (e, _))| (*s, *e))
+            .collect();
+        let mut next = u32::from(r.start);
+        for (s, e) in taken.into_iter().rev() {
+            if u32::from(s) > next {
+                self.0.insert(next as u16, (s - 1, pos));
+            }
+            next = next.max(u32::from(e) + 1);
+        }
+        if next <= u32::from(r.end) {
+            self.0.insert(next as u16, (r.end, pos));
+        }
+    }
+}
+
+/// The listen classes a winner is recorded in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Class {
+    Addr(IpAddr),
+    If(String),
+    /// Any address (and hooks.json's default-route address): overlaps everything.
+    Wild,
+    AnyAddr,
+    AnyIf,
+    All,
+    Localhost,
+}
+
+/// Finds forwards that claim the same listen address, protocol and port. The first in
+/// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
+pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
+    let all = all_forwards(domains);
+    let mut index: HashMap<(Proto, Family, Class), Painted> = HashMap::new();
+    let mut out = Vec::new();
+    for (pos, (idx, f)) in all.iter().enumerate() {
+        let fams = families(f);
+        let (own, aggregate, ask): (Class, Option<Class>, Vec<Class>) = match &f.listen {
+            Listen::Address(a) => (
+                Class::Addr(*a),
+                Some(Class::AnyAddr),
+                vec![Class::Addr(*a), Class::AnyIf, Class::Wild],
+            ),
+            Listen::Interface(i) => (
+                Class::If(i.clone()),
+                Some(Class::AnyIf),
+                vec![Class::If(i.clone()), Class::AnyAddr, Class::Wild],
+            ),
+            Listen::Any | Listen::DefaultRoute => (Class::Wild, None, vec![Class::All]),
+        };
+        let mut ask = ask;
+        if f.localhost {
+            ask.push(Class::Localhost);
+        }
+        let winner = fams
+            .iter()
+            .flat_map(|fam| ask.iter().map(move |c| (f.proto, *fam, c.clone())))
+            .filter_map(|k| index.get(&k).and_then(|p| p.earliest(f.host_ports)))
+            .min();
+        if let Some(w) = winner {
+            out.push(Conflict {
+                first: all[w].0,
+                second: *idx,
+            });
+            continue;
+        }
+        let mut classes = vec![own, Class::All];
+        classes.extend(aggregate);
+        if f.localhost {
+            classes.push(Class::Localhost);
+        }
+        for fam in &fams {
+            for c in &classes {
+                index
+                    .entry((f.proto, *fam, c.clone()))
+                    .or_default()
+                    .paint(f.host_ports, pos);
+            }
+        }
+    }
+    out.sort();
+    out
+}
