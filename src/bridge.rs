@@ -25,10 +25,17 @@ pub fn set(port: &str, on: bool) -> std::io::Result<()> {
 
 /// Makes hairpin mode on exactly for `wanted`; `saved` holds the value each port had
 /// before virtgate turned it on, and is updated.
-pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>, recheck: bool) {
-    for port in wanted {
+///
+/// `only`: look at these ports alone (a hook changes one domain's), else at every port.
+pub fn sync(
+    wanted: &[String],
+    saved: &mut BTreeMap<String, bool>,
+    only: Option<&std::collections::BTreeSet<String>>,
+) {
+    let concerned = |p: &String| only.is_none_or(|o| o.contains(p));
+    for port in wanted.iter().filter(|p| concerned(p)) {
         if saved.contains_key(port) {
-            if recheck && get(port) == Some(false) {
+            if get(port) == Some(false) {
                 let _ = set(port, true);
             }
             continue;
@@ -47,7 +54,7 @@ pub fn sync(wanted: &[String], saved: &mut BTreeMap<String, bool>, recheck: bool
     let wanted: std::collections::BTreeSet<&String> = wanted.iter().collect();
     let gone: Vec<String> = saved
         .keys()
-        .filter(|p| !wanted.contains(p))
+        .filter(|p| concerned(p) && !wanted.contains(p))
         .cloned()
         .collect();
     for port in gone {

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Default time limit of one external command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -81,22 +81,28 @@ pub fn run_raw(
         }
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(ExecError::Timeout {
-                    program,
-                    secs: timeout.as_secs(),
-                });
+    // wait in a thread of its own (no polling delay); kill at the deadline
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(timeout) {
+        Ok(Ok(st)) => st,
+        Ok(Err(source)) => return Err(ExecError::Spawn { program, source }),
+        Err(_) => {
+            // SAFETY: signals our own child, which is not reaped yet (the waiter holds it)
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(source) => return Err(ExecError::Spawn { program, source }),
+            let _ = waiter.join();
+            return Err(ExecError::Timeout {
+                program,
+                secs: timeout.as_secs(),
+            });
         }
     };
+    let _ = waiter.join();
     let _ = writer.join();
     let stdout = String::from_utf8_lossy(&reader_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&reader_err.join().unwrap_or_default()).into_owned();

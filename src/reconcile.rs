@@ -41,9 +41,14 @@ pub enum ReconcileError {
 /// What a reconcile did.
 #[derive(Debug)]
 pub struct Outcome {
-    pub plan: Plan,
+    /// The status of every forward planned.
+    pub forwards: Vec<plan::ForwardStatus>,
+    /// Rules installed now.
+    pub rules: usize,
     pub changed: bool,
     pub backend: &'static str,
+    /// The state after the reconcile (what is installed now).
+    pub state: State,
 }
 
 /// Rules installed before for domains whose config is invalid now: kept unchanged while
@@ -136,14 +141,17 @@ pub fn reconcile_scoped(
         Scope::Domain(name) => plan_domain(config, &facts, &state, name),
     };
     let backend = ctx.backend_for(config);
-    let result = apply_plan(ctx, &mut state, &plan, backend.as_ref(), scope);
+    let Plan { ruleset, forwards } = plan;
+    let result = apply_plan(ctx, &mut state, ruleset, backend.as_ref(), scope);
     // what the hook recorded (started, stopped) is kept even if the change failed
     dir.save(&state)?;
     let changed = result?;
     Ok(Outcome {
-        plan,
+        forwards,
+        rules: state.ruleset.rules.len(),
         changed,
         backend: backend.name(),
+        state,
     })
 }
 
@@ -157,14 +165,17 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
         .get(name)
         .map(|d| vec![d.domain.clone()])
         .unwrap_or_default();
-    let (mine, others): (Vec<&Rule>, Vec<&Rule>) =
-        state.ruleset.rules.iter().partition(|r| r.domain == name);
-    let mut carried: Vec<Rule> = others.into_iter().cloned().collect();
     // an invalid config keeps what is installed for the domain while it runs
-    if config.invalid_domains.contains(name) && facts.domains.iter().any(|d| d.name == name) {
-        carried.extend(mine.into_iter().cloned());
-    }
-    let mut plan = plan::plan(&domains, facts, &carried);
+    let keep_mine =
+        config.invalid_domains.contains(name) && facts.domains.iter().any(|d| d.name == name);
+    let carried: Vec<Rule> = state
+        .ruleset
+        .rules
+        .iter()
+        .filter(|r| keep_mine || r.domain != name)
+        .cloned()
+        .collect();
+    let mut plan = plan::plan_with(&domains, facts, carried);
     // ports of other domains' bridge ports stay as they are
     let own_taps: std::collections::BTreeSet<&String> = plan
         .ruleset
@@ -206,10 +217,14 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
 fn apply_plan(
     ctx: &Context,
     state: &mut State,
-    plan: &Plan,
+    ruleset: plan::Ruleset,
     backend: &dyn Backend,
     scope: Scope,
 ) -> Result<bool, ReconcileError> {
+    let plan = Plan {
+        ruleset,
+        forwards: Vec::new(),
+    };
     // switching backends: the old one removes what it installed
     if let Some(old) = state.backend.clone()
         && old != backend.name()
@@ -225,11 +240,21 @@ fn apply_plan(
         Scope::Domain(_) if backend.has_delta() => true,
         _ => {
             if same && backend.in_sync(&plan.ruleset, &state.fingerprint)? {
-                crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved, true);
+                crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved, None);
                 return Ok(false);
             }
             !same && backend.has_delta() && backend.in_sync(&state.ruleset, &state.fingerprint)?
         }
+    };
+    let old_taps: Vec<String> = match scope {
+        Scope::Domain(name) => state
+            .ruleset
+            .rules
+            .iter()
+            .filter(|r| r.domain == name)
+            .filter_map(|r| r.tap.clone())
+            .collect(),
+        Scope::All => Vec::new(),
     };
     let old = &state.ruleset;
     let mut result = if delta_ok {
@@ -252,15 +277,29 @@ fn apply_plan(
         return Err(e.into());
     }
     let changed = !same || !delta_ok;
-    state.ruleset = plan.ruleset.clone();
     state.fingerprint = backend.fingerprint()?;
-    // a hook re-checks no port but its own domain's (new ports are always looked at)
-    let recheck = matches!(scope, Scope::All);
+    // a hook looks at its own domain's ports only
+    let own: Option<std::collections::BTreeSet<String>> = match scope {
+        Scope::All => None,
+        Scope::Domain(name) => Some(
+            old_taps
+                .into_iter()
+                .chain(
+                    plan.ruleset
+                        .rules
+                        .iter()
+                        .filter(|r| r.domain == name)
+                        .filter_map(|r| r.tap.clone()),
+                )
+                .collect(),
+        ),
+    };
     crate::bridge::sync(
         &plan.ruleset.hairpin_ports,
         &mut state.hairpin_saved,
-        recheck,
+        own.as_ref(),
     );
+    state.ruleset = plan.ruleset;
     state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
     Ok(changed)
 }

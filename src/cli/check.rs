@@ -8,7 +8,8 @@ use crate::model::Listen;
 pub fn run(ctx: &Context) -> Result<bool, String> {
     // forwards in the <metadata> of running domains are checked too
     let running = facts::libvirt::read_running_domains(&ctx.libvirt);
-    let cfg = load_config(ctx)?.with_metadata(&running);
+    let base = load_config(ctx)?;
+    let cfg = base.with_metadata(&running);
     for d in &cfg.diagnostics {
         println!("{d}");
     }

@@ -119,7 +119,7 @@ pub fn uninstall(ctx: &Context) -> Result<bool, String> {
     firewall::backend_with_state(backend, &ctx.state_dir)
         .apply(&Default::default())
         .map_err(|e| format!("removing rules: {e}"))?;
-    crate::bridge::sync(&[], &mut st.hairpin_saved, true);
+    crate::bridge::sync(&[], &mut st.hairpin_saved, None);
     // nothing of virtgate's is left: its state goes too (the lock file stays while held)
     for f in ["state.json", "iptables-created.json"] {
         let _ = fs::remove_file(dir.path().join(f));

@@ -131,13 +131,12 @@ fn apply(ctx: &Context) -> Result<bool, String> {
     }
     let out = reconcile::reconcile(ctx, &cfg, |st| reconcile::facts_for(ctx, st), |_| {})
         .map_err(|e| format!("apply failed, the kernel keeps its previous ruleset: {e}"))?;
-    let active = out.plan.ruleset.rules.len();
+    let active = out.rules;
     println!(
         "{} ({} backend): {active} rule(s) for {} forward(s)",
         if out.changed { "applied" } else { "unchanged" },
         out.backend,
-        out.plan
-            .forwards
+        out.forwards
             .iter()
             .filter(|f| f.state == crate::plan::ForwardState::Active)
             .count()

@@ -76,7 +76,7 @@ pub struct ConfiguredDomain {
 }
 
 /// The whole config.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Config {
     pub domains: BTreeMap<String, ConfiguredDomain>,
     /// Domains with an error: they are skipped, and whatever virtgate installed for them
@@ -116,7 +116,13 @@ impl Config {
 
     /// This config plus the forwards that running domains carry in their `<metadata>`
     /// (a domain in the config file wins over its metadata).
-    pub fn with_metadata(&self, domains: &[crate::facts::DomainFacts]) -> Config {
+    pub fn with_metadata(
+        &self,
+        domains: &[crate::facts::DomainFacts],
+    ) -> std::borrow::Cow<'_, Config> {
+        if domains.iter().all(|d| d.metadata.is_none()) {
+            return std::borrow::Cow::Borrowed(self);
+        }
         let mut cfg = Config {
             domains: self.domains.clone(),
             invalid_domains: self.invalid_domains.clone(),
@@ -184,7 +190,7 @@ impl Config {
                 .retain(|d| !d.message.contains(" conflicts with forward "));
             add_conflicts(&mut cfg);
         }
-        cfg
+        std::borrow::Cow::Owned(cfg)
     }
 
     /// The domains as the planner wants them.
@@ -229,6 +235,14 @@ pub fn parse_file(path: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
 /// Loads the main file and `conf.d/*.toml` next to it (sorted by name). A missing main
 /// file is an empty config. A file that cannot be read or parsed at all fails the load.
 pub fn load(main: &Path) -> Result<Config, ConfigError> {
+    let mut cfg = load_unchecked(main)?;
+    add_conflicts(&mut cfg);
+    Ok(cfg)
+}
+
+/// [`load`] without the conflict diagnostics: for the hook, which checks its own domain
+/// against what is installed and ignores config-wide conflicts anyway.
+pub fn load_unchecked(main: &Path) -> Result<Config, ConfigError> {
     let mut files = Vec::new();
     if main.exists() {
         files.push(main.to_path_buf());
@@ -248,13 +262,20 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
         let text = read_checked(f)?;
         parsed.push(parse_file(f, &text).map_err(ConfigError::Syntax)?);
     }
-    let mut cfg = merge(parsed);
+    let mut cfg = merge_unchecked(parsed);
     cfg.files = files;
     Ok(cfg)
 }
 
-/// Merges parsed files: the first definition of a domain wins, later ones are errors.
+/// Merges parsed files: the first definition of a domain wins, later ones are errors;
+/// conflicting forwards are errors too.
 pub fn merge(parsed: Vec<ParsedFile>) -> Config {
+    let mut cfg = merge_unchecked(parsed);
+    add_conflicts(&mut cfg);
+    cfg
+}
+
+fn merge_unchecked(parsed: Vec<ParsedFile>) -> Config {
     let mut cfg = Config::default();
     for p in parsed {
         cfg.diagnostics.extend(p.diagnostics);
@@ -289,7 +310,6 @@ pub fn merge(parsed: Vec<ParsedFile>) -> Config {
     for d in &cfg.invalid_domains {
         cfg.domains.remove(d);
     }
-    add_conflicts(&mut cfg);
     cfg
 }
 

@@ -38,11 +38,13 @@ pub const FORWARD_KEYS: &[&str] = &[
 struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
+    lines: super::diag::LineIndex,
 }
 
 impl Ctx<'_> {
     fn origin(&self, span: Option<std::ops::Range<usize>>) -> Origin {
-        Origin::at(self.file, self.text, span.map(|s| s.start).unwrap_or(0))
+        self.lines
+            .origin(self.file, self.text, span.map(|s| s.start).unwrap_or(0))
     }
 }
 
@@ -56,7 +58,11 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
         domain: None,
         message: format!("TOML syntax: {}", e.message()),
     })?;
-    let ctx = Ctx { file, text };
+    let ctx = Ctx {
+        file,
+        text,
+        lines: super::diag::LineIndex::new(text),
+    };
     let mut out = ParsedFile::default();
     for (key, item) in doc.as_table().iter() {
         let key_span = doc.as_table().key(key).and_then(|k| k.span());

@@ -110,7 +110,7 @@ pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8
 }
 
 fn load_config(ctx: &Context, what: &str) -> Option<Config> {
-    match config::load(&ctx.config_path) {
+    match config::load_unchecked(&ctx.config_path) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!("{what}: {e}; nothing changed");
@@ -136,10 +136,7 @@ fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
         f
     };
     match reconcile::reconcile(ctx, &cfg, gather, |_| {}) {
-        Ok(o) if o.changed => tracing::info!(
-            "{what}: ruleset re-applied ({} rules)",
-            o.plan.ruleset.rules.len()
-        ),
+        Ok(o) if o.changed => tracing::info!("{what}: ruleset re-applied ({} rules)", o.rules),
         Ok(_) => tracing::debug!("{what}: ruleset unchanged"),
         Err(e) => tracing::error!("{what}: {e}"),
     }
@@ -229,10 +226,21 @@ fn remove_domain(ctx: &Context, cfg: &Config, name: &str, cfg_name: &str, what: 
         reconcile::Scope::Domain(cfg_name),
     );
     match r {
-        Ok(o) if o.changed => tracing::info!("{what}: forwards removed"),
-        Ok(_) => {}
+        Ok(o) => {
+            if o.changed {
+                tracing::info!("{what}: forwards removed");
+            }
+            exiting(o);
+        }
         Err(e) => tracing::error!("{what}: cannot remove its forwards: {e}"),
     }
+}
+
+/// The hook process ends right after it is done: what it loaded (the config, the state
+/// of every installed forward) is left to the exit instead of being freed piece by piece
+/// (measurable with 10,000 forwards).
+fn exiting<T>(big: T) {
+    std::mem::forget(big);
 }
 
 fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
@@ -250,6 +258,13 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         }
         return 0;
     };
+    let code = qemu_with(ctx, &cfg, name, op, xml, &what);
+    exiting(cfg);
+    code
+}
+
+fn qemu_with(ctx: &Context, cfg: &Config, name: &str, op: &str, xml: &str, what: &str) -> u8 {
+    let stopping = matches!(op, "stopped" | "release");
     let parsed = libvirt::parse_domain_xml(xml);
     // the domain's own <metadata> forwards count for its checks here
     let own = match &parsed {
@@ -263,7 +278,7 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         return 0;
     }
     if stopping {
-        remove_domain(ctx, &cfg, name, &cfg_name, &what);
+        remove_domain(ctx, cfg, name, &cfg_name, what);
         return 0;
     }
     let fail_closed = own.fail_closed.contains(&cfg_name);
@@ -273,7 +288,7 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
             tracing::error!("{what}: {msg}; refusing to start (fail_closed = true)");
             if op != "prepare" {
                 // libvirt aborts the start: take back what was applied for it
-                remove_domain(ctx, &cfg, name, &cfg_name, &what);
+                remove_domain(ctx, cfg, name, &cfg_name, what);
             }
             1
         } else {
@@ -305,7 +320,7 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     // only this domain's forwards change; the kernel gets the delta
     let result = reconcile::reconcile_scoped(
         ctx,
-        &cfg,
+        cfg,
         |_| reconcile::facts_for_domain(ctx, Some(&domain)),
         |st| {
             st.stopped.remove(name);
@@ -316,8 +331,24 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     match result {
         Err(e) => refuse(format!("cannot apply forwards: {e}")),
         Ok(out) => {
+            let code = outcome_code(&out, &cfg_name, &own_errors, what, refuse);
+            exiting(out);
+            code
+        }
+    }
+}
+
+/// The exit status for a started domain's reconcile outcome.
+fn outcome_code(
+    out: &reconcile::Outcome,
+    cfg_name: &str,
+    own_errors: &[String],
+    what: &str,
+    refuse: impl Fn(String) -> u8,
+) -> u8 {
+    {
+        {
             let mine: Vec<_> = out
-                .plan
                 .forwards
                 .iter()
                 .filter(|f| f.domain == cfg_name)

@@ -122,48 +122,82 @@ impl Painted {
     }
 }
 
-/// The listen classes a winner is recorded in.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Class {
-    Addr(IpAddr),
-    If(String),
+/// Winners of one (protocol, family), by listen class.
+#[derive(Debug, Default)]
+struct Classes {
+    addr: HashMap<IpAddr, Painted>,
+    iface: HashMap<String, Painted>,
     /// Any address (and hooks.json's default-route address): overlaps everything.
-    Wild,
-    AnyAddr,
-    AnyIf,
-    All,
-    Localhost,
+    wild: Painted,
+    any_addr: Painted,
+    any_if: Painted,
+    all: Painted,
+    localhost: Painted,
+}
+
+impl Classes {
+    /// The earliest winner a forward overlaps.
+    fn earliest(&self, f: &ForwardSpec) -> Option<usize> {
+        let r = f.host_ports;
+        let lo = if f.localhost {
+            self.localhost.earliest(r)
+        } else {
+            None
+        };
+        let listen = match &f.listen {
+            Listen::Address(a) => [
+                self.addr.get(a).and_then(|p| p.earliest(r)),
+                self.any_if.earliest(r),
+                self.wild.earliest(r),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Listen::Interface(i) => [
+                self.iface.get(i).and_then(|p| p.earliest(r)),
+                self.any_addr.earliest(r),
+                self.wild.earliest(r),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Listen::Any | Listen::DefaultRoute => self.all.earliest(r),
+        };
+        lo.into_iter().chain(listen).min()
+    }
+
+    fn record(&mut self, f: &ForwardSpec, pos: usize) {
+        let r = f.host_ports;
+        self.all.paint(r, pos);
+        match &f.listen {
+            Listen::Address(a) => {
+                self.addr.entry(*a).or_default().paint(r, pos);
+                self.any_addr.paint(r, pos);
+            }
+            Listen::Interface(i) => {
+                self.iface.entry(i.clone()).or_default().paint(r, pos);
+                self.any_if.paint(r, pos);
+            }
+            Listen::Any | Listen::DefaultRoute => self.wild.paint(r, pos),
+        }
+        if f.localhost {
+            self.localhost.paint(r, pos);
+        }
+    }
 }
 
 /// Finds forwards that claim the same listen address, protocol and port. The first in
 /// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
 pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
     let all = all_forwards(domains);
-    let mut index: HashMap<(Proto, Family, Class), Painted> = HashMap::new();
+    let mut index: HashMap<(Proto, Family), Classes> = HashMap::new();
     let mut out = Vec::new();
     for (pos, (idx, f)) in all.iter().enumerate() {
-        let fams = families(f);
-        let (own, aggregate, ask): (Class, Option<Class>, Vec<Class>) = match &f.listen {
-            Listen::Address(a) => (
-                Class::Addr(*a),
-                Some(Class::AnyAddr),
-                vec![Class::Addr(*a), Class::AnyIf, Class::Wild],
-            ),
-            Listen::Interface(i) => (
-                Class::If(i.clone()),
-                Some(Class::AnyIf),
-                vec![Class::If(i.clone()), Class::AnyAddr, Class::Wild],
-            ),
-            Listen::Any | Listen::DefaultRoute => (Class::Wild, None, vec![Class::All]),
-        };
-        let mut ask = ask;
-        if f.localhost {
-            ask.push(Class::Localhost);
-        }
+        let fams = [Family::Ipv4, Family::Ipv6].map(|fam| f.allows_family(fam).then_some(fam));
         let winner = fams
             .iter()
-            .flat_map(|fam| ask.iter().map(move |c| (f.proto, *fam, c.clone())))
-            .filter_map(|k| index.get(&k).and_then(|p| p.earliest(f.host_ports)))
+            .flatten()
+            .filter_map(|fam| index.get(&(f.proto, *fam)).and_then(|c| c.earliest(f)))
             .min();
         if let Some(w) = winner {
             out.push(Conflict {
@@ -172,18 +206,8 @@ pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
             });
             continue;
         }
-        let mut classes = vec![own, Class::All];
-        classes.extend(aggregate);
-        if f.localhost {
-            classes.push(Class::Localhost);
-        }
-        for fam in &fams {
-            for c in &classes {
-                index
-                    .entry((f.proto, *fam, c.clone()))
-                    .or_default()
-                    .paint(f.host_ports, pos);
-            }
+        for fam in fams.iter().flatten() {
+            index.entry((f.proto, *fam)).or_default().record(f, pos);
         }
     }
     out.sort();

@@ -144,36 +144,49 @@ impl Ruleset {
     pub fn from_rules(mut rules: Vec<Rule>, networks: &[NetworkFacts]) -> Ruleset {
         rules.sort();
         rules.dedup();
+        // what accepts and hairpins depend on: (bridge, family), and the guest address
+        // where the bridge is no libvirt network
+        let mut keys: BTreeSet<(&str, Family, Option<IpAddr>)> = BTreeSet::new();
+        let mut last = None;
+        for r in &rules {
+            let known = networks.iter().any(|n| n.bridge == r.bridge);
+            let k = (r.bridge.as_str(), r.family, (!known).then_some(r.guest_ip));
+            if last != Some(k) {
+                keys.insert(k);
+                last = Some(k);
+            }
+        }
         let mut accepts = BTreeSet::new();
         let mut hairpins = BTreeSet::new();
-        for r in &rules {
-            let net = networks.iter().find(|n| n.bridge == r.bridge);
+        for (bridge, family, guest) in keys {
+            let net = networks.iter().find(|n| n.bridge == bridge);
             accepts.insert(BridgeAccept {
-                bridge: r.bridge.clone(),
-                family: r.family,
+                bridge: bridge.to_string(),
+                family,
                 firewall: net.map(|n| n.firewall).unwrap_or_default(),
             });
-            match net {
-                Some(n) => {
-                    for s in n.subnets().filter(|s| Family::of_net(s) == r.family) {
+            match (net, guest) {
+                (Some(n), _) => {
+                    for s in n.subnets().filter(|s| Family::of_net(s) == family) {
                         hairpins.insert(Hairpin {
-                            bridge: r.bridge.clone(),
+                            bridge: bridge.to_string(),
                             subnet: s,
                         });
                     }
                 }
-                None => {
-                    let host = match r.guest_ip {
+                (None, Some(ip)) => {
+                    let host = match ip {
                         IpAddr::V4(_) => 32,
                         IpAddr::V6(_) => 128,
                     };
-                    if let Ok(n) = IpNet::new(r.guest_ip, host) {
+                    if let Ok(n) = IpNet::new(ip, host) {
                         hairpins.insert(Hairpin {
-                            bridge: r.bridge.clone(),
+                            bridge: bridge.to_string(),
                             subnet: n,
                         });
                     }
                 }
+                (None, None) => {}
             }
         }
         Ruleset {
@@ -266,8 +279,10 @@ fn nic_bridge(nic: &Nic, facts: &Facts) -> Option<String> {
 /// Lookups the planner needs per forward, built once per plan so that planning stays
 /// linear in the number of forwards.
 struct Index<'a> {
-    /// Explicit guest addresses and installed guests, with the domains that use them.
-    explicit: BTreeMap<IpAddr, BTreeSet<&'a str>>,
+    /// Explicit guest addresses and installed guests, with the domains that use them
+    /// (built on first use: only the neighbour-table fallback needs it).
+    explicit: std::cell::OnceCell<BTreeMap<IpAddr, BTreeSet<&'a str>>>,
+    claims: Vec<(IpAddr, &'a str)>,
     /// Reservations by (network name, MAC).
     reservations: HashMap<(&'a str, String), Vec<IpAddr>>,
     /// Leases by MAC.
@@ -293,10 +308,21 @@ impl<'a> Index<'a> {
                 .push(l);
         }
         Index {
-            explicit: BTreeMap::new(),
+            explicit: Default::default(),
+            claims: Vec::new(),
             reservations,
             leases,
         }
+    }
+
+    fn explicit(&self) -> &BTreeMap<IpAddr, BTreeSet<&'a str>> {
+        self.explicit.get_or_init(|| {
+            let mut m: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
+            for (ip, d) in &self.claims {
+                m.entry(*ip).or_default().insert(d);
+            }
+            m
+        })
     }
 }
 
@@ -311,7 +337,7 @@ fn claimed_by_other(
     ip: &IpAddr,
 ) -> bool {
     let not_own = |mac: &str| !own_macs.iter().any(|m| m.eq_ignore_ascii_case(mac));
-    ix.explicit
+    ix.explicit()
         .get(ip)
         .is_some_and(|users| users.iter().any(|u| *u != domain))
         || facts
@@ -613,6 +639,11 @@ fn drop_contested_neighbours(statuses: &mut [ForwardStatus], rules: &mut Vec<Rul
 /// holding their ports first). `carried` are rules installed before for running domains
 /// whose config is now invalid: they are kept as they are.
 pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
+    plan_with(domains, facts, carried.to_vec())
+}
+
+/// [`plan`], taking the carried rules by value (no copy of what is installed).
+pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) -> Plan {
     // only running domains compete for ports
     let running: Vec<(usize, &DomainFacts)> = domains
         .iter()
@@ -629,16 +660,13 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
     let mut ix = Index::new(facts);
     for o in domains {
         for ip in o.forwards.iter().flat_map(|f| f.guest_addresses.iter()) {
-            ix.explicit.entry(*ip).or_default().insert(o.name.as_str());
+            ix.claims.push((*ip, o.name.as_str()));
         }
     }
-    for r in carried {
-        ix.explicit
-            .entry(r.guest_ip)
-            .or_default()
-            .insert(r.domain.as_str());
+    for r in &carried {
+        ix.claims.push((r.guest_ip, r.domain.as_str()));
     }
-    let mut rules: Vec<Rule> = carried.to_vec();
+    let mut rules: Vec<Rule> = Vec::new();
     let mut statuses = Vec::new();
     for (di, d) in domains.iter().enumerate() {
         let dom = running_of.get(&di).copied();
@@ -679,7 +707,10 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
         }
     }
     drop_contested_neighbours(&mut statuses, &mut rules);
-    let mut ruleset = Ruleset::from_rules(rules, &facts.networks);
+    drop(ix);
+    let mut all = carried;
+    all.extend(rules);
+    let mut ruleset = Ruleset::from_rules(all, &facts.networks);
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
         let ports: BTreeSet<String> = ruleset.rules.iter().filter_map(|r| r.tap.clone()).collect();
         ruleset.hairpin_ports = ports.into_iter().collect();

@@ -130,6 +130,31 @@ pub fn elem_bytes(e: &Elem) -> (Vec<u8>, Vec<u8>) {
     (lo, data)
 }
 
+/// An element as a netlink message carries it (`interval`: the set has `flags interval`,
+/// so the key end is sent too).
+pub fn elem_netlink(e: &Elem, interval: bool) -> nfnl::ElemBytes {
+    let (mut lo, mut hi) = (Vec::new(), Vec::new());
+    for f in &e.key {
+        field_bytes(f, &mut lo, &mut hi);
+    }
+    let data = match &e.data {
+        None => None,
+        Some(Data::Fields(d)) => {
+            let (mut l, mut h) = (Vec::new(), Vec::new());
+            for f in d {
+                field_bytes(f, &mut l, &mut h);
+            }
+            Some(nfnl::ElemData::Value(l))
+        }
+        Some(Data::Goto(c)) => Some(nfnl::ElemData::Verdict(NFT_GOTO, c.clone())),
+    };
+    nfnl::ElemBytes {
+        key: lo,
+        key_end: interval.then_some(hi),
+        data,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

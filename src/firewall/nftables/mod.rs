@@ -306,27 +306,80 @@ fn elements_stmt(out: &mut String, verb: &str, set: &str, elems: &[String]) {
     }
 }
 
-/// The statements that turn `old` into `new` (element, chain and source set changes only).
-fn delta_batch(old: &Layout, new: &Layout) -> String {
-    let mut out = String::new();
-    let empty = BTreeSet::new();
-    let sets: BTreeSet<&String> = old.elements.keys().chain(new.elements.keys()).collect();
-    let diff = |set: &String| {
-        let o = old.elements.get(set).unwrap_or(&empty);
-        let n = new.elements.get(set).unwrap_or(&empty);
-        (
-            o.difference(n).map(encode::elem_text).collect::<Vec<_>>(),
-            n.difference(o).map(encode::elem_text).collect::<Vec<_>>(),
-        )
-    };
-    type Gone = Vec<String>;
-    type Added = Vec<String>;
-    let diffs: Vec<(&String, (Gone, Added))> = sets.into_iter().map(|s| (s, diff(s))).collect();
-    // 1. elements go (vmap entries release the chains they point to)
-    for (set, (gone, _)) in &diffs {
-        elements_stmt(&mut out, "delete", set, gone);
+/// What turns one layout into another: element changes per set, and `nft` statements for
+/// the chains and source sets of forwards with an allow-list.
+#[derive(Debug, Default)]
+struct Delta<'a> {
+    gone: Vec<(&'a String, Vec<&'a Elem>)>,
+    added: Vec<(&'a String, Vec<&'a Elem>)>,
+    /// Statements between the element deletions and additions.
+    statements: String,
+}
+
+impl Delta<'_> {
+    /// The whole delta as `nft -f` text.
+    fn text(&self) -> String {
+        let mut out = String::new();
+        let texts = |v: &[&Elem]| v.iter().map(|e| encode::elem_text(e)).collect::<Vec<_>>();
+        for (set, gone) in &self.gone {
+            elements_stmt(&mut out, "delete", set, &texts(gone));
+        }
+        out.push_str(&self.statements);
+        for (set, added) in &self.added {
+            elements_stmt(&mut out, "add", set, &texts(added));
+        }
+        out
     }
-    // 2. chains and source sets of forwards with an allow-list
+
+    /// The delta as a netlink batch, when it is element changes only.
+    fn batch(&self) -> Option<nfnl::Batch> {
+        if !self.statements.is_empty() {
+            return None;
+        }
+        let interval: BTreeSet<String> = declarations()
+            .into_iter()
+            .filter(|d| d.interval)
+            .map(|d| d.name)
+            .collect();
+        let mut b = nfnl::Batch::default();
+        let bytes = |set: &String, v: &[&Elem]| {
+            v.iter()
+                .map(|e| encode::elem_netlink(e, interval.contains(set)))
+                .collect::<Vec<_>>()
+        };
+        for (set, gone) in &self.gone {
+            b.delete(TABLE, set, &bytes(set, gone));
+        }
+        for (set, added) in &self.added {
+            b.add(TABLE, set, &bytes(set, added));
+        }
+        Some(b)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.added.is_empty() && self.statements.is_empty()
+    }
+}
+
+/// The changes that turn `old` into `new` (elements, chains and source sets only).
+fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
+    static EMPTY: BTreeSet<Elem> = BTreeSet::new();
+    let mut d = Delta::default();
+    let empty = &EMPTY;
+    let sets: BTreeSet<&String> = old.elements.keys().chain(new.elements.keys()).collect();
+    for set in sets {
+        let o = old.elements.get(set).unwrap_or(empty);
+        let n = new.elements.get(set).unwrap_or(empty);
+        let gone: Vec<&Elem> = o.difference(n).collect();
+        let added: Vec<&Elem> = n.difference(o).collect();
+        if !gone.is_empty() {
+            d.gone.push((set, gone));
+        }
+        if !added.is_empty() {
+            d.added.push((set, added));
+        }
+    }
+    let out = &mut d.statements;
     for (name, rules) in &old.chains {
         match new.chains.get(name) {
             Some(r) if r == rules => {}
@@ -353,14 +406,14 @@ fn delta_batch(old: &Layout, new: &Layout) -> String {
         if old.source_sets.get(name) == Some(&(*fam, nets.clone())) {
             continue;
         }
-        let d = source_set_decl(name, *fam, nets);
+        let decl = source_set_decl(name, *fam, nets);
         let _ = writeln!(
             out,
             "add set inet {TABLE} {name} {{ type {}; flags interval; }}",
-            d.key_type
+            decl.key_type
         );
         let e: Vec<String> = nets.iter().map(IpNet::to_string).collect();
-        elements_stmt(&mut out, "add", name, &e);
+        elements_stmt(out, "add", name, &e);
     }
     for (name, rules) in &new.chains {
         if old.chains.get(name) == Some(rules) {
@@ -371,20 +424,57 @@ fn delta_batch(old: &Layout, new: &Layout) -> String {
             let _ = writeln!(out, "add rule inet {TABLE} {name} {r}");
         }
     }
-    // 3. new elements
-    for (set, (_, added)) in &diffs {
-        elements_stmt(&mut out, "add", set, added);
+    d
+}
+
+/// Rules in one list but not the other (both sorted, as [`Ruleset`] keeps them): a merge,
+/// linear in the number of rules.
+fn changed_rules<'a>(a: &'a [Rule], b: &'a [Rule]) -> impl Iterator<Item = &'a Rule> {
+    let sorted = |v: &'a [Rule]| {
+        let mut r: Vec<&Rule> = v.iter().collect();
+        if !v.is_sorted() {
+            r.sort();
+        }
+        r
+    };
+    let (a, b) = (sorted(a), sorted(b));
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                out.push(*x);
+                i += 1;
+            }
+            (Some(_), Some(y)) => {
+                out.push(*y);
+                j += 1;
+            }
+            (Some(x), None) => {
+                out.push(*x);
+                i += 1;
+            }
+            (None, Some(y)) => {
+                out.push(*y);
+                j += 1;
+            }
+            (None, None) => break,
+        }
     }
-    out
+    out.into_iter()
 }
 
 /// The part of the layout that the rules which differ between `old` and `new` touch:
 /// every element depends only on rules with the same guest address (and hairpins only on
 /// the hairpin list), so diffing these parts gives the whole difference.
 fn touched_layouts(old: &Ruleset, new: &Ruleset) -> (Layout, Layout) {
-    let o: BTreeSet<&Rule> = old.rules.iter().collect();
-    let n: BTreeSet<&Rule> = new.rules.iter().collect();
-    let guests: BTreeSet<IpAddr> = o.symmetric_difference(&n).map(|r| r.guest_ip).collect();
+    let guests: BTreeSet<IpAddr> = changed_rules(&old.rules, &new.rules)
+        .map(|r| r.guest_ip)
+        .collect();
     let part = |rs: &Ruleset| {
         let mut l = Layout::of_guests(rs, &guests);
         let h = Layout::of(&Ruleset {
@@ -550,9 +640,22 @@ impl Backend for Nftables {
             return self.apply(new);
         }
         let (o, n) = touched_layouts(old, new);
-        let mut batch = delta_batch(&o, &n);
-        batch.push_str(&placement::nft_batch(&new.accepts)?);
+        let d = delta(&o, &n);
+        let placement = placement::nft_batch(&new.accepts)?;
         let xt = xt_specs(old) != xt_specs(new);
+        // element changes alone go in-process, as one netlink transaction
+        if placement.is_empty() && !xt {
+            if d.is_empty() {
+                return Ok(());
+            }
+            if let Some(b) = d.batch() {
+                return b.commit().map_err(|e| {
+                    FirewallError::Rejected(format!("nf_tables refused the change: {e}"))
+                });
+            }
+        }
+        let mut batch = d.text();
+        batch.push_str(&placement);
         self.commit(new, &batch, xt)
     }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::facts::DomainFacts;
 use crate::plan::Ruleset;
 
+mod rows;
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtgate";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,7 @@ pub enum StateError {
 pub struct State {
     /// Backend the ruleset was applied with.
     pub backend: Option<String>,
+    #[serde(default, with = "rows")]
     pub ruleset: Ruleset,
     /// Fingerprint of virtgate's rules in the kernel right after the last apply.
     pub fingerprint: Option<String>,
@@ -139,7 +142,7 @@ impl StateDir {
 
     pub fn save(&self, st: &State) -> Result<(), StateError> {
         let p = self.file();
-        let text = serde_json::to_vec_pretty(st).map_err(|e| StateError::Corrupt {
+        let text = serde_json::to_vec(st).map_err(|e| StateError::Corrupt {
             path: p.clone(),
             msg: e.to_string(),
         })?;
@@ -150,9 +153,9 @@ impl StateDir {
 /// Reads the state without locking (for `status`); a missing file is the empty state.
 pub fn read_state(p: &Path) -> Result<State, StateError> {
     match fs::read(p) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Corrupt {
+        Ok(b) => parse(&b).map_err(|msg| StateError::Corrupt {
             path: p.to_path_buf(),
-            msg: e.to_string(),
+            msg,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(source) => Err(StateError::Io {
@@ -162,6 +165,113 @@ pub fn read_state(p: &Path) -> Result<State, StateError> {
     }
 }
 
+/// Parses a state file; one written by an earlier release (rules as objects) is converted.
+fn parse(b: &[u8]) -> Result<State, String> {
+    let err = match serde_json::from_slice::<State>(b) {
+        Ok(s) => return Ok(s),
+        Err(e) => e.to_string(),
+    };
+    let mut v: serde_json::Value = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+    let legacy = v
+        .get_mut("ruleset")
+        .map(serde_json::Value::take)
+        .filter(|r| r.is_object())
+        .ok_or_else(|| err.clone())?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("ruleset");
+    }
+    let mut st: State = serde_json::from_value(v).map_err(|_| err.clone())?;
+    let legacy: Ruleset = serde_json::from_value(legacy).map_err(|_| err)?;
+    // the same checks as for the current format
+    let text = serde_json::to_vec(&State {
+        ruleset: legacy,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    st.ruleset = serde_json::from_slice::<State>(&text)
+        .map_err(|e| e.to_string())?
+        .ruleset;
+    tracing::info!("state written by an earlier release: converted");
+    Ok(st)
+}
+
 pub fn state_file(dir: &Path) -> PathBuf {
     dir.join("state.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{ListenOn, Rule};
+
+    fn rule() -> Rule {
+        Rule {
+            id: "0123456789abcdef".into(),
+            domain: "web \"x\"".into(),
+            family: crate::model::Family::Ipv4,
+            proto: crate::model::Proto::Tcp,
+            listen: ListenOn::Interface("eth0".into()),
+            host_ports: crate::model::PortRange::new(9000, 9002).unwrap(),
+            guest_ip: "192.168.122.10".parse().unwrap(),
+            guest_ports: crate::model::PortRange::new(9100, 9102).unwrap(),
+            sources: vec!["203.0.113.0/24".parse().unwrap()],
+            localhost: false,
+            bridge: "virbr0".into(),
+            tap: Some("vnet0".into()),
+            description: Some("d".into()),
+        }
+    }
+
+    #[test]
+    fn rules_round_trip() {
+        let st = State {
+            ruleset: Ruleset::from_rules(vec![rule()], &[]),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&st).unwrap();
+        assert!(text.len() < 300, "{text}");
+        assert_eq!(parse(text.as_bytes()).unwrap(), st);
+    }
+
+    #[test]
+    fn state_of_an_earlier_release_loads() {
+        let st = State {
+            ruleset: Ruleset::from_rules(vec![rule()], &[]),
+            ..Default::default()
+        };
+        // the earlier format: the ruleset as nested objects
+        let mut v = serde_json::to_value(&st).unwrap();
+        v["ruleset"] = serde_json::to_value(&st.ruleset).unwrap();
+        let legacy = serde_json::to_vec_pretty(&v).unwrap();
+        assert!(String::from_utf8_lossy(&legacy).contains("\"guest_ports\""));
+        assert_eq!(parse(&legacy).unwrap(), st);
+    }
+
+    #[test]
+    fn edited_values_never_reach_a_rule() {
+        let hostile = [
+            |r: &mut Rule| r.bridge = "br\"; chain x { type filter hook input priority -500; policy drop; }".into(),
+            |r: &mut Rule| r.listen = ListenOn::Interface("eth0 accept".into()),
+            |r: &mut Rule| r.tap = Some("vnet0\n".into()),
+            |r: &mut Rule| r.id = "../x".into(),
+            |r: &mut Rule| r.host_ports = crate::model::PortRange { start: 9002, end: 9000 },
+            |r: &mut Rule| r.guest_ip = "fd00::1".parse().unwrap(),
+        ];
+        for (i, edit) in hostile.iter().enumerate() {
+            let mut r = rule();
+            edit(&mut r);
+            let st = State {
+                ruleset: Ruleset::from_rules(vec![r], &[]),
+                ..Default::default()
+            };
+            let text = serde_json::to_string(&st).unwrap();
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert!(e.contains("installed ruleset"), "{i}: {e}");
+        }
+        let text = serde_json::to_string(&State::default()).unwrap();
+        for garbage in ["\"ruleset\":\"!!", "\"ruleset\":\"AAAAAAAA"] {
+            let bad = text.replacen("\"ruleset\":\"", garbage, 1);
+            assert!(parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 }
