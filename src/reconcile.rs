@@ -121,6 +121,7 @@ pub fn reconcile_scoped(
 ) -> Result<Outcome, ReconcileError> {
     let dir = StateDir::lock(&ctx.state_dir)?;
     let mut state = dir.load()?;
+    let before = state.without_ruleset();
     // a new boot: nothing a hook reported as running before runs now
     let boot = crate::state::boot_id();
     if boot.is_some() && state.boot_id != boot {
@@ -143,8 +144,11 @@ pub fn reconcile_scoped(
     let backend = ctx.backend_for(config);
     let Plan { ruleset, forwards } = plan;
     let result = apply_plan(ctx, &mut state, ruleset, backend.as_ref(), scope);
-    // what the hook recorded (started, stopped) is kept even if the change failed
-    dir.save(&state)?;
+    // what the hook recorded (started, stopped) is kept even if the change failed; an
+    // unchanged state is not written again
+    if !matches!(result, Ok(false)) || state.without_ruleset() != before {
+        dir.save(&state)?;
+    }
     let changed = result?;
     Ok(Outcome {
         forwards,

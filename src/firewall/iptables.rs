@@ -15,9 +15,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use super::xtables::{self, Jump, TableSpec};
-use super::{Backend, Counters, FirewallError, digest, nftables, placement, strip_counters};
+use super::{Backend, Counters, FirewallError, nftables, placement};
 use crate::exec;
-use crate::model::{Family, PortRange};
+use crate::model::{Family, PortRange, Proto};
 use crate::plan::{ListenOn, Rule, Ruleset};
 
 #[derive(Debug, Default, Clone)]
@@ -66,6 +66,62 @@ fn comment(r: &Rule) -> String {
     format!("-m comment --comment \"vg:{} {}\"", r.id, r.comment())
 }
 
+/// DNAT rules keyed by (protocol, host ports), spread over chains by port so that a new
+/// connection walks a few dozen rules, not one per forward: `VIRTGATE_DNAT` jumps by
+/// `port >> 10` to `VIRTGATE_D<p><hi>`, which jumps by `port >> 5` to
+/// `VIRTGATE_D<p><hi>_<lo>` holding the rules of 32 ports. A port range that does not fit
+/// one such chain stays in the top chain. Few rules stay in the top chain as they are.
+fn bucketed(top: &str, rules: Vec<(Proto, PortRange, String)>) -> Vec<(String, Vec<String>)> {
+    const FLAT: usize = 32;
+    if rules.len() <= FLAT {
+        return vec![(top.to_string(), rules.into_iter().map(|r| r.2).collect())];
+    }
+    let mut wide = Vec::new();
+    // (proto, hi) -> lo -> rules
+    let mut tree: BTreeMap<(Proto, u16), BTreeMap<u16, Vec<String>>> = BTreeMap::new();
+    for (proto, ports, rule) in rules {
+        if ports.start >> 5 == ports.end >> 5 {
+            tree.entry((proto, ports.start >> 10))
+                .or_default()
+                .entry((ports.start >> 5) & 31)
+                .or_default()
+                .push(rule);
+        } else {
+            wide.push(rule);
+        }
+    }
+    let letter = |p: Proto| match p {
+        Proto::Tcp => "T",
+        Proto::Udp => "U",
+        Proto::Sctp => "S",
+    };
+    let mut top_rules = wide;
+    let mut chains = Vec::new();
+    for ((proto, hi), leaves) in tree {
+        let mid = format!("{top}_{}{hi}", letter(proto));
+        let lo_port = hi << 10;
+        top_rules.push(format!(
+            "-p {proto} -m {proto} --dport {}:{} -j {mid}",
+            lo_port,
+            lo_port | 1023
+        ));
+        let mut mid_rules = Vec::new();
+        for (lo, rules) in leaves {
+            let leaf = format!("{mid}_{lo}");
+            let start = lo_port | (lo << 5);
+            mid_rules.push(format!(
+                "-p {proto} -m {proto} --dport {}:{} -j {leaf}",
+                start,
+                start | 31
+            ));
+            chains.push((leaf, rules));
+        }
+        chains.push((mid, mid_rules));
+    }
+    chains.insert(0, (top.to_string(), top_rules));
+    chains
+}
+
 /// Both families' table specs.
 pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
     let rules: Vec<&Rule> = rs.rules.iter().filter(|r| r.family == family).collect();
@@ -78,7 +134,10 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
         ..Default::default()
     };
     if !rules.is_empty() {
-        let (mut pre, mut dnat, mut out, mut post) = (vec![], vec![], vec![], vec![]);
+        let (mut pre, mut dnat, mut out) = (vec![], vec![], vec![]);
+        // hairpin masquerade per (bridge, subnet); localhost masquerade
+        let mut hairpin: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut lo_masq = Vec::new();
         for r in &rules {
             let m = proto_match(r, &r.host_ports);
             let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
@@ -89,15 +148,19 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             };
             for s in &srcs {
                 match &r.listen {
-                    ListenOn::Any => dnat.push(format!("{s}{m} {target}")),
-                    ListenOn::Address(a) => dnat.push(format!("{s}-d {} {m} {target}", host(a))),
+                    ListenOn::Any => dnat.push((r.proto, r.host_ports, format!("{s}{m} {target}"))),
+                    ListenOn::Address(a) => dnat.push((
+                        r.proto,
+                        r.host_ports,
+                        format!("{s}-d {} {m} {target}", host(a)),
+                    )),
                     ListenOn::Interface(i) => pre.push(format!("{s}-i {i} {m} {target}")),
                 }
             }
             if r.localhost {
                 out.push(format!("-d 127.0.0.0/8 {m} {target}"));
-                post.push(format!(
-                    "-s 127.0.0.0/8 -d {} {} -m conntrack --ctstate DNAT -j MASQUERADE",
+                lo_masq.push(format!(
+                    "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
                     host(&r.guest_ip),
                     proto_match(r, &r.guest_ports)
                 ));
@@ -107,13 +170,16 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
                 .iter()
                 .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
             {
-                post.push(format!(
-                    "-s {} -d {} -o {} {} -m conntrack --ctstate DNAT -j MASQUERADE",
-                    h.subnet,
-                    host(&r.guest_ip),
-                    h.bridge,
-                    proto_match(r, &r.guest_ports)
-                ));
+                hairpin
+                    .entry((h.bridge.clone(), h.subnet.to_string()))
+                    .or_default()
+                    .push(format!(
+                        "-s {} -d {} -o {} {} -j MASQUERADE",
+                        h.subnet,
+                        host(&r.guest_ip),
+                        h.bridge,
+                        proto_match(r, &r.guest_ports)
+                    ));
             }
         }
         pre.push("-j VIRTGATE_DNAT".into());
@@ -123,12 +189,23 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             out.push("-d ::1/128 -j RETURN".into());
         }
         out.push("-j VIRTGATE_DNAT".into());
-        nat.chains = vec![
-            ("VIRTGATE_DNAT".into(), dnat),
-            ("VIRTGATE_PREROUTING".into(), pre),
-            ("VIRTGATE_OUTPUT".into(), out),
-            ("VIRTGATE_POSTROUTING".into(), post),
-        ];
+        // postrouting: only DNAT'ed flows, dispatched by where they come from
+        let mut post = vec!["-m conntrack ! --ctstate DNAT -j RETURN".to_string()];
+        let mut post_chains = Vec::new();
+        if !lo_masq.is_empty() {
+            post.push("-s 127.0.0.0/8 -j VIRTGATE_LOCALHOST".into());
+            post_chains.push(("VIRTGATE_LOCALHOST".to_string(), lo_masq));
+        }
+        for (i, ((bridge, subnet), rules)) in hairpin.into_iter().enumerate() {
+            let chain = format!("VIRTGATE_HAIRPIN{i}");
+            post.push(format!("-s {subnet} -o {bridge} -j {chain}"));
+            post_chains.push((chain, rules));
+        }
+        nat.chains = bucketed("VIRTGATE_DNAT", dnat);
+        nat.chains.push(("VIRTGATE_PREROUTING".into(), pre));
+        nat.chains.push(("VIRTGATE_OUTPUT".into(), out));
+        nat.chains.push(("VIRTGATE_POSTROUTING".into(), post));
+        nat.chains.extend(post_chains);
         nat.jumps = vec![
             Jump {
                 builtin: "PREROUTING",
@@ -148,26 +225,12 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
         ];
     }
     if placement::needs_xt(&rs.accepts, family) {
-        let accepts = rules
-            .iter()
-            .filter(|r| {
-                rs.accepts.iter().any(|a| {
-                    a.bridge == r.bridge
-                        && a.family == family
-                        && a.firewall == crate::facts::LibvirtFirewall::Iptables
-                })
-            })
-            .map(|r| {
-                format!(
-                    "-d {} -o {} {} -m conntrack --ctstate DNAT {} -j ACCEPT",
-                    host(&r.guest_ip),
-                    r.bridge,
-                    proto_match(r, &r.guest_ports),
-                    comment(r)
-                )
-            })
-            .collect();
-        filter.chains = vec![(placement::XT_FORWARD.into(), accepts)];
+        // one accept per bridge for DNAT'ed flows (per forward, every packet of every
+        // flow would walk one rule per forward)
+        filter.chains = vec![(
+            placement::XT_FORWARD.into(),
+            placement::xt_bridge_rules(&rs.accepts, family),
+        )];
         filter.jumps = vec![Jump {
             builtin: "FORWARD",
             matches: "",
@@ -175,6 +238,50 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
         }];
     }
     vec![nat, filter]
+}
+
+/// The restore script that turns `old` into `new` for one table, touching only the chains
+/// whose rules differ (each rewritten whole), or None when the jumps from built-in
+/// chains would change too (then the whole table is rewritten).
+fn delta_script(old: &TableSpec, new: &TableSpec) -> Option<String> {
+    if old.jumps != new.jumps || old.chains.is_empty() != new.chains.is_empty() {
+        return None;
+    }
+    let before: BTreeMap<&String, &Vec<String>> = old.chains.iter().map(|(n, r)| (n, r)).collect();
+    let after: BTreeMap<&String, &Vec<String>> = new.chains.iter().map(|(n, r)| (n, r)).collect();
+    let changed: Vec<(&String, &Vec<String>)> = new
+        .chains
+        .iter()
+        .filter(|(n, r)| before.get(n) != Some(&r))
+        .map(|(n, r)| (n, r))
+        .collect();
+    let removed: Vec<&String> = old
+        .chains
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !after.contains_key(n))
+        .collect();
+    if changed.is_empty() && removed.is_empty() {
+        return Some(String::new());
+    }
+    let mut s = format!("*{}\n", new.table);
+    // declaring a chain in --noflush mode creates it or flushes it
+    for (name, _) in &changed {
+        s.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    for (name, rules) in &changed {
+        for r in rules.iter() {
+            s.push_str(&format!("-A {name} {r}\n"));
+        }
+    }
+    for name in &removed {
+        s.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    for name in &removed {
+        s.push_str(&format!("-X {name}\n"));
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
 }
 
 /// Tables and chains of iptables-nft present now, as `family table [chain]` (from nft:
@@ -355,14 +462,57 @@ impl Backend for Iptables {
         Ok(())
     }
 
-    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
-        let mut text = String::new();
-        xtables::describe(&["nat", "filter"], &mut text)?;
-        placement::describe(&mut text)?;
-        if text.is_empty() {
-            return Ok(None);
+    fn apply_delta(&self, old: &Ruleset, new: &Ruleset) -> Result<(), FirewallError> {
+        if old.is_empty() || new.is_empty() {
+            return self.apply(new);
         }
-        Ok(Some(digest(&strip_counters(&text))))
+        let mut scripts = Vec::new();
+        for f in [Family::Ipv4, Family::Ipv6] {
+            let mut script = String::new();
+            // filter (accept) before nat (DNAT), as in apply
+            for (o, n) in specs(old, f).iter().zip(specs(new, f).iter()).rev() {
+                match delta_script(o, n) {
+                    Some(s) => script.push_str(&s),
+                    None => return self.apply(new),
+                }
+            }
+            if !script.is_empty() {
+                scripts.push((f, script));
+            }
+        }
+        let nft = placement::nft_batch(&new.accepts)?;
+        if !nft.is_empty() {
+            nftables::nft_apply(&nft)?;
+        }
+        for (f, script) in scripts {
+            xtables::restore(f, &script)?;
+        }
+        Ok(())
+    }
+
+    fn has_delta(&self) -> bool {
+        true
+    }
+
+    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
+        // drift is found by comparing the kernel with the ruleset ([`Backend::in_sync`])
+        Ok(None)
+    }
+
+    fn in_sync(&self, rs: &Ruleset, _recorded: &Option<String>) -> Result<bool, FirewallError> {
+        if !placement::nft_batch(&rs.accepts)?.is_empty() {
+            return Ok(false);
+        }
+        for f in [Family::Ipv4, Family::Ipv6] {
+            for spec in specs(rs, f) {
+                let cur = xtables::try_save(f, spec.table, false)?;
+                if !xtables::in_sync(&spec, &cur) {
+                    tracing::debug!("iptables: {f:?} {} differs from the plan", spec.table);
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn counters(&self, _rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError> {

@@ -102,6 +102,10 @@ impl Painted {
 
     /// Paints the ports of `r` nobody holds yet with `pos`.
     fn paint(&mut self, r: PortRange, pos: usize) {
+        if self.earliest(r).is_none() {
+            self.0.insert(r.start, (r.end, pos));
+            return;
+        }
         let taken: Vec<(u16, u16)> = self
             .0
             .range(..=r.end)
@@ -190,14 +194,22 @@ impl Classes {
 /// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
 pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
     let all = all_forwards(domains);
-    let mut index: HashMap<(Proto, Family), Classes> = HashMap::new();
+    // one slot per (protocol, family)
+    let slot = |p: Proto, f: Family| {
+        (match p {
+            Proto::Tcp => 0,
+            Proto::Udp => 2,
+            Proto::Sctp => 4,
+        }) + usize::from(f == Family::Ipv6)
+    };
+    let mut index: Vec<Classes> = (0..6).map(|_| Classes::default()).collect();
     let mut out = Vec::new();
     for (pos, (idx, f)) in all.iter().enumerate() {
         let fams = [Family::Ipv4, Family::Ipv6].map(|fam| f.allows_family(fam).then_some(fam));
         let winner = fams
             .iter()
             .flatten()
-            .filter_map(|fam| index.get(&(f.proto, *fam)).and_then(|c| c.earliest(f)))
+            .filter_map(|fam| index[slot(f.proto, *fam)].earliest(f))
             .min();
         if let Some(w) = winner {
             out.push(Conflict {
@@ -207,7 +219,7 @@ pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
             continue;
         }
         for fam in fams.iter().flatten() {
-            index.entry((f.proto, *fam)).or_default().record(f, pos);
+            index[slot(f.proto, *fam)].record(f, pos);
         }
     }
     out.sort();

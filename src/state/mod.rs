@@ -54,6 +54,21 @@ pub struct State {
     pub boot_id: Option<String>,
 }
 
+impl State {
+    /// Everything but the installed ruleset (small), to tell whether a run changed it.
+    pub fn without_ruleset(&self) -> State {
+        State {
+            backend: self.backend.clone(),
+            ruleset: Ruleset::default(),
+            fingerprint: self.fingerprint.clone(),
+            started: self.started.clone(),
+            hairpin_saved: self.hairpin_saved.clone(),
+            stopped: self.stopped.clone(),
+            boot_id: self.boot_id.clone(),
+        }
+    }
+}
+
 /// This boot's identifier.
 pub fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -250,11 +265,19 @@ mod tests {
     #[test]
     fn edited_values_never_reach_a_rule() {
         let hostile = [
-            |r: &mut Rule| r.bridge = "br\"; chain x { type filter hook input priority -500; policy drop; }".into(),
+            |r: &mut Rule| {
+                r.bridge =
+                    "br\"; chain x { type filter hook input priority -500; policy drop; }".into()
+            },
             |r: &mut Rule| r.listen = ListenOn::Interface("eth0 accept".into()),
             |r: &mut Rule| r.tap = Some("vnet0\n".into()),
             |r: &mut Rule| r.id = "../x".into(),
-            |r: &mut Rule| r.host_ports = crate::model::PortRange { start: 9002, end: 9000 },
+            |r: &mut Rule| {
+                r.host_ports = crate::model::PortRange {
+                    start: 9002,
+                    end: 9000,
+                }
+            },
             |r: &mut Rule| r.guest_ip = "fd00::1".parse().unwrap(),
         ];
         for (i, edit) in hostile.iter().enumerate() {

@@ -155,6 +155,44 @@ pub fn elem_netlink(e: &Elem, interval: bool) -> nfnl::ElemBytes {
     }
 }
 
+/// The guest target (address . protocol . ports) of a counting element's canonical key
+/// bytes, as [`elem_bytes`] writes them.
+pub fn target_of(key: &[u8]) -> Option<Elem> {
+    let half = key.len() / 2;
+    let (lo, hi) = key.split_at(half);
+    let ip_len = match half {
+        12 => 4,
+        24 => 16,
+        _ => return None,
+    };
+    let ip = |b: &[u8]| -> Option<IpAddr> {
+        Some(match ip_len {
+            4 => IpAddr::from(<[u8; 4]>::try_from(&b[..4]).ok()?),
+            _ => IpAddr::from(<[u8; 16]>::try_from(&b[..16]).ok()?),
+        })
+    };
+    let proto = match lo[ip_len] {
+        6 => Proto::Tcp,
+        17 => Proto::Udp,
+        132 => Proto::Sctp,
+        _ => return None,
+    };
+    let port = |b: &[u8]| u16::from_be_bytes([b[ip_len + 4], b[ip_len + 5]]);
+    let ip_field = match (ip(lo)?, ip(hi)?) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => Field::V4(a, b),
+        (IpAddr::V6(a), IpAddr::V6(b)) => Field::V6(a, b),
+        _ => return None,
+    };
+    Some(Elem {
+        key: vec![
+            ip_field,
+            Field::Proto(proto),
+            Field::Port(port(lo), port(hi)),
+        ],
+        data: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -750,20 +750,17 @@ impl Backend for Nftables {
     }
 
     fn counters(&self, rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError> {
-        let kept = kept_counters()?;
-        let l = Layout::of(rs);
         let index = layout::traffic_index(&rs.rules);
         let mut m = BTreeMap::new();
-        for d in declarations().iter().filter(|d| d.counter) {
-            for e in l.elements.get(&d.name).into_iter().flatten() {
-                let Some((packets, bytes)) = kept.get(&encode::elem_bytes(e).0) else {
-                    continue;
-                };
-                if let Some(r) = layout::traffic_owner(&index, e) {
-                    let c: &mut Counters = m.entry(r.id.clone()).or_default();
-                    c.packets += packets;
-                    c.bytes += bytes;
-                }
+        // one read of the counting sets; their keys say which guest target they count
+        for (key, (packets, bytes)) in kept_counters()? {
+            let Some(e) = encode::target_of(&key) else {
+                continue;
+            };
+            if let Some(r) = layout::traffic_owner(&index, &e) {
+                let c: &mut Counters = m.entry(r.id.clone()).or_default();
+                c.packets += packets;
+                c.bytes += bytes;
             }
         }
         Ok(m)

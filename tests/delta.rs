@@ -1,0 +1,254 @@
+//! The change a hook or `apply` makes is the delta, on the real kernel: other forwards
+//! keep their counters and the table stays the same object; a kernel that no longer holds
+//! what the state says is noticed (`status` drifted) and repaired, also when a hook's
+//! delta is refused; the iptables backend's port buckets forward real traffic.
+
+mod common;
+
+use common::{Lab, LibvirtForm, PUBLIC, sa};
+
+/// Domains hooks report as running (libvirt's status files do not list them).
+fn lab() -> Lab {
+    let lab = Lab::new(LibvirtForm::Iptables);
+    for g in ["g1", "g2", "g3"] {
+        lab.remove_domain_status(g);
+    }
+    lab
+}
+
+fn start(lab: &Lab, backend: &str, g: &str) {
+    let (code, out, err) = lab.hook(
+        backend,
+        &["qemu", g, "started", "begin", "-"],
+        &lab.domain_xml(g),
+    );
+    assert_eq!((code, out.as_str()), (0, ""), "{g} started: {err}");
+}
+
+fn stop(lab: &Lab, backend: &str, g: &str) {
+    let (code, _, err) = lab.hook(
+        backend,
+        &["qemu", g, "stopped", "end", "-"],
+        &lab.domain_xml(g),
+    );
+    assert_eq!(code, 0, "{g} stopped: {err}");
+}
+
+fn status(lab: &Lab, backend: &str) -> serde_json::Value {
+    let (ok, out, err) = lab.virtgate(backend, &["status", "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn row<'a>(v: &'a serde_json::Value, dom: &str, port: &str) -> &'a serde_json::Value {
+    v["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["domain"] == dom && r["host_ports"] == port)
+        .unwrap_or_else(|| panic!("no row {dom} {port}: {v}"))
+}
+
+fn table_handle(lab: &Lab) -> String {
+    let out = lab.host.exec(&["nft", "-a", "list", "tables"]);
+    out.lines()
+        .find(|l| l.contains("inet virtgate"))
+        .unwrap_or_else(|| panic!("no table: {out}"))
+        .to_string()
+}
+
+const CONFIG: &str = "[domain.g1]\nforwards = [\"8080:80\"]\n[domain.g2]\nforwards = [\"8081:80\"]\n[domain.g3]\nforwards = [\"8083:80\"]\n";
+
+#[test]
+fn hooks_change_only_their_domain() {
+    if !common::can_run_netns("hooks_change_only_their_domain") {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(CONFIG);
+    start(&lab, "nftables", "g1");
+    let handle = table_handle(&lab);
+    let c = &lab.client;
+    for _ in 0..3 {
+        assert!(
+            c.tcp(sa(&format!("{PUBLIC}:8080")))
+                .unwrap()
+                .starts_with("g1")
+        );
+    }
+    let before = row(&status(&lab, "nftables"), "g1", "8080")["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(before > 0, "g1's counter moved");
+    // another domain starts and stops: g1's elements (and their counters) are untouched,
+    // the table is the same object
+    start(&lab, "nftables", "g2");
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8081")))
+            .unwrap()
+            .starts_with("g2")
+    );
+    stop(&lab, "nftables", "g2");
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8081"))).is_err(),
+        "g2's forward is gone"
+    );
+    let v = status(&lab, "nftables");
+    assert_eq!(
+        row(&v, "g1", "8080")["packets"].as_u64().unwrap(),
+        before,
+        "{v}"
+    );
+    assert_eq!(row(&v, "g1", "8080")["state"], "active", "{v}");
+    assert_eq!(table_handle(&lab), handle, "the table was not replaced");
+    // apply with nothing to change writes nothing
+    let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}");
+    // one forward more: applied as a delta too
+    lab.write_config(&CONFIG.replace("[\"8080:80\"]", "[\"8080:80\", \"8090:80\"]"));
+    let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("applied"), "{out}");
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8090")))
+            .unwrap()
+            .starts_with("g1")
+    );
+    let v = status(&lab, "nftables");
+    assert!(
+        row(&v, "g1", "8080")["packets"].as_u64().unwrap() >= before,
+        "{v}"
+    );
+    assert_eq!(table_handle(&lab), handle, "the table was not replaced");
+    stop(&lab, "nftables", "g1");
+}
+
+#[test]
+fn drift_of_one_element_is_found_and_repaired() {
+    if !common::can_run_netns("drift_of_one_element_is_found_and_repaired") {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(CONFIG);
+    start(&lab, "nftables", "g1");
+    start(&lab, "nftables", "g2");
+    let c = &lab.client;
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8081")))
+            .unwrap()
+            .starts_with("g2")
+    );
+    // someone deletes g2's DNAT element by hand
+    lab.host.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "virtgate",
+        "dnat_any4",
+        "{ tcp . 8081 : 192.168.122.11 . 80 }",
+    ]);
+    assert!(c.tcp(sa(&format!("{PUBLIC}:8081"))).is_err());
+    assert_eq!(
+        row(&status(&lab, "nftables"), "g2", "8081")["state"],
+        "drifted"
+    );
+    // stopping g2 now asks the kernel to delete what is no longer there: the delta is
+    // refused, the whole ruleset is written instead, and it is right
+    stop(&lab, "nftables", "g2");
+    assert_eq!(
+        row(&status(&lab, "nftables"), "g1", "8080")["state"],
+        "active"
+    );
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8080")))
+            .unwrap()
+            .starts_with("g1")
+    );
+    // again, and `apply` repairs it
+    start(&lab, "nftables", "g2");
+    lab.host.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "virtgate",
+        "dnat_any4",
+        "{ tcp . 8081 : 192.168.122.11 . 80 }",
+    ]);
+    let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("applied"), "{out}");
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8081")))
+            .unwrap()
+            .starts_with("g2")
+    );
+    assert_eq!(
+        row(&status(&lab, "nftables"), "g2", "8081")["state"],
+        "active"
+    );
+}
+
+#[test]
+fn iptables_buckets_forward_and_hooks_rewrite_only_their_chains() {
+    if !common::can_run_netns("iptables_buckets_forward_and_hooks_rewrite_only_their_chains") {
+        return;
+    }
+    let lab = lab();
+    // 100 forwards for g1 (bucketed by port), one range that spans buckets, and g2
+    let many: Vec<String> = (0..100)
+        .map(|i| format!("\"{}:80\"", 10000 + i * 7))
+        .collect();
+    lab.write_config(&format!(
+        "[domain.g1]\nforwards = [{}, \"9000-9002:9100-9102\"]\n[domain.g2]\nforwards = [\"20001:80\"]\n",
+        many.join(", ")
+    ));
+    start(&lab, "iptables", "g1");
+    let nat = lab.host.exec(&["iptables-save", "-t", "nat"]);
+    assert!(nat.contains("-j VIRTGATE_DNAT_T9"), "bucketed:\n{nat}");
+    let c = &lab.client;
+    for port in [10000, 10000 + 99 * 7, 10000 + 50 * 7] {
+        assert!(
+            c.tcp(sa(&format!("{PUBLIC}:{port}")))
+                .unwrap()
+                .starts_with("g1"),
+            "port {port}"
+        );
+    }
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:9001")))
+            .unwrap()
+            .starts_with("g1 port 9101")
+    );
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:10001"))).is_err(),
+        "no forward on 10001"
+    );
+    // the leaf of port 10000, with its counters (it saw a connection)
+    let leaf = || {
+        lab.host
+            .exec(&["iptables-save", "-c", "-t", "nat"])
+            .lines()
+            .filter(|l| l.contains("-A VIRTGATE_DNAT_T9_24 "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let leaf_before = leaf();
+    assert!(
+        leaf_before.iter().any(|l| l.starts_with("[1:")),
+        "{leaf_before:?}"
+    );
+    start(&lab, "iptables", "g2");
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:20001")))
+            .unwrap()
+            .starts_with("g2")
+    );
+    // g1's chains were not rewritten: their counters are still there
+    assert_eq!(leaf_before, leaf());
+    let (ok, out, _) = lab.virtgate("iptables", &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}");
+    stop(&lab, "iptables", "g2");
+    stop(&lab, "iptables", "g1");
+    let nat = lab.host.exec(&["iptables-save", "-t", "nat"]);
+    assert!(!nat.contains("VIRTGATE"), "all gone:\n{nat}");
+}
