@@ -169,3 +169,27 @@ pub fn whole_table(ns: &Netns, text: &str) -> Run {
         &[],
     )
 }
+
+/// The kernel's floor for deletions: one `nft` process adding one element to a trivial
+/// table, and one deleting it (no other rules anywhere in the namespace).
+pub fn kernel_floor(runs: usize) -> (Vec<Run>, Vec<Run>) {
+    let ns = Netns::new("f");
+    ns.exec_stdin(
+        &["nft", "-f", "-"],
+        "table inet floor {\n\tset s {\n\t\ttype ipv4_addr\n\t}\n}\n",
+    );
+    let nft = |stmt: &str| {
+        run_in(
+            &ns.name,
+            &["nft".into(), "-f".into(), "-".into()],
+            Some(stmt),
+            &[],
+        )
+    };
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        add.push(nft("add element inet floor s { 192.0.2.1 }\n"));
+        del.push(nft("delete element inet floor s { 192.0.2.1 }\n"));
+    }
+    (add, del)
+}

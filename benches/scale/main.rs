@@ -101,7 +101,8 @@ fn virtgate_figures(backend: &'static str, n: usize, cfg: &Config, out: &mut Vec
     // P1: the hook starts and stops web (10 forwards) with N installed
     let xml = world::domain_xml("web", w.web());
     let (mut start, mut stop) = (Vec::new(), Vec::new());
-    for _ in 0..cfg.runs {
+    // hooks are short: more runs against the noise of a shared machine
+    for _ in 0..cfg.runs * 2 + 1 {
         start.push(run_in(
             &ns,
             &vg(&["hook", "qemu", "web", "started", "begin", "-"]),
@@ -307,6 +308,19 @@ fn main() {
         per_rule_figures(n, &cfg, &mut figs);
     }
     extrapolate(&mut figs, &cfg.sizes);
+    let (add, del) = baseline::kernel_floor(cfg.runs.max(5));
+    figs.push(figure(
+        "K",
+        "kernel: nft add one element, trivial table",
+        0,
+        &add,
+    ));
+    figs.push(figure(
+        "K",
+        "kernel: nft delete one element, trivial table",
+        0,
+        &del,
+    ));
     eprintln!("bench: data path ({:.0?})", started.elapsed());
     let dp = datapath_figures(&cfg);
     for (b, one, many) in &dp {

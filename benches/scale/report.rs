@@ -144,6 +144,16 @@ fn targets(out: &mut String, figs: &[Figure], dp: &[(String, Vec<f64>, Vec<f64>)
             "| P4 | new TCP connections/s, {b}, many vs 1 installed | | {pct:.0}% | >= {limit}% | >= {goal}% | {v} |"
         );
     }
+    if let (Some(a), Some(d)) = (
+        median(figs, "kernel: nft add one element, trivial table", 0),
+        median(figs, "kernel: nft delete one element, trivial table", 0),
+    ) {
+        let _ = writeln!(
+            out,
+            "\nKernel floor in this run: one `nft` adding one element to a trivial table takes {a:.1} ms, deleting it {d:.1} ms: every transaction that deletes something pays about {:.1} ms more, whatever the table holds.",
+            d - a
+        );
+    }
     out.push('\n');
 }
 

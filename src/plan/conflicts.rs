@@ -126,17 +126,46 @@ impl Painted {
     }
 }
 
+/// [`Painted`] for the classes most forwards fall in: one slot per port (allocated on
+/// first use), so a single port costs O(1) to look up and to paint.
+#[derive(Debug, Default)]
+struct Dense(Vec<u32>);
+
+impl Dense {
+    const FREE: u32 = u32::MAX;
+
+    fn earliest(&self, r: PortRange) -> Option<usize> {
+        let m = *self
+            .0
+            .get(r.start as usize..=r.end as usize)?
+            .iter()
+            .min()?;
+        (m != Self::FREE).then_some(m as usize)
+    }
+
+    fn paint(&mut self, r: PortRange, pos: usize) {
+        if self.0.is_empty() {
+            self.0 = vec![Self::FREE; 65536];
+        }
+        for slot in &mut self.0[r.start as usize..=r.end as usize] {
+            if *slot == Self::FREE {
+                *slot = pos as u32;
+            }
+        }
+    }
+}
+
 /// Winners of one (protocol, family), by listen class.
 #[derive(Debug, Default)]
 struct Classes {
     addr: HashMap<IpAddr, Painted>,
     iface: HashMap<String, Painted>,
     /// Any address (and hooks.json's default-route address): overlaps everything.
-    wild: Painted,
-    any_addr: Painted,
-    any_if: Painted,
-    all: Painted,
-    localhost: Painted,
+    wild: Dense,
+    any_addr: Dense,
+    any_if: Dense,
+    all: Dense,
+    localhost: Dense,
 }
 
 impl Classes {
