@@ -63,6 +63,17 @@ fn forward_rules(port: u16, guest: &str) -> [Vec<String>; 4] {
     ]
 }
 
+/// The argument vector of one `iptables` process for a rule of [`forward_rules`].
+fn iptables_argv(rule: &[String], verb_for: impl Fn(&str) -> &'static str) -> Vec<String> {
+    let (table, chain, rest) = (&rule[..2], &rule[2], &rule[3..]);
+    let mut argv: Vec<String> = vec!["iptables".into(), "-w".into()];
+    argv.extend(table.iter().cloned());
+    argv.push(verb_for(chain).into());
+    argv.push(chain.clone());
+    argv.extend(rest.iter().cloned());
+    argv
+}
+
 /// `iptables-restore --noflush` input holding the rules of `n` forwards.
 fn preload(n: usize) -> String {
     let mut nat = String::from("*nat\n");
@@ -100,17 +111,11 @@ impl PerRule {
         let mut total = Duration::ZERO;
         for k in 0..10 {
             for rule in forward_rules(WEB_PORT + k, "192.168.250.1") {
-                let (table, chain, rest) = (&rule[..2], &rule[2], &rule[3..]);
-                let verb = match (add, chain.as_str()) {
+                let argv = iptables_argv(&rule, |chain| match (add, chain) {
                     (true, "FORWARD") => "-I",
                     (true, _) => "-A",
                     (false, _) => "-D",
-                };
-                let mut argv: Vec<String> = vec!["iptables".into(), "-w".into()];
-                argv.extend(table.iter().cloned());
-                argv.push(verb.into());
-                argv.push(chain.clone());
-                argv.extend(rest.iter().cloned());
+                });
                 total += run_in(&self.host.name, &argv, None, &[]).time;
             }
         }
@@ -128,13 +133,8 @@ impl PerRule {
         for i in 0..n {
             let g = ip(i / 10);
             for rule in forward_rules(20000 + i as u16, &g) {
-                let (table, chain, rest) = (&rule[..2], &rule[2], &rule[3..]);
-                let verb = if chain == "FORWARD" { "-I" } else { "-A" };
-                let mut argv: Vec<String> = vec!["iptables".into(), "-w".into()];
-                argv.extend(table.iter().cloned());
-                argv.push(verb.into());
-                argv.push(chain.clone());
-                argv.extend(rest.iter().cloned());
+                let argv =
+                    iptables_argv(&rule, |chain| if chain == "FORWARD" { "-I" } else { "-A" });
                 total += run_in(&host.name, &argv, None, &[]).time;
             }
         }

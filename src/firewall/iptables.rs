@@ -494,11 +494,6 @@ impl Backend for Iptables {
         true
     }
 
-    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
-        // drift is found by comparing the kernel with the ruleset ([`Backend::in_sync`])
-        Ok(None)
-    }
-
     fn in_sync(&self, rs: &Ruleset, _recorded: &Option<String>) -> Result<bool, FirewallError> {
         if !placement::nft_batch(&rs.accepts)?.is_empty() {
             return Ok(false);

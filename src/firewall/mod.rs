@@ -61,10 +61,12 @@ pub trait Backend {
         false
     }
 
-    /// A fingerprint of what virtgate owns in the kernel now (counters excluded), recorded
-    /// after a change for [`Backend::in_sync`]; `None` if nothing of virtgate's is present
-    /// or the backend compares the kernel with the ruleset directly.
-    fn fingerprint(&self) -> Result<Option<String>, FirewallError>;
+    /// A fingerprint of what virtgate owns in the kernel now, recorded after a change for
+    /// [`Backend::in_sync`]; `None` for backends that compare the kernel with the ruleset
+    /// itself (both of virtgate's do).
+    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
+        Ok(None)
+    }
 
     /// Whether the kernel holds exactly `rs` (`recorded`: the fingerprint taken after it
     /// was applied).

@@ -89,6 +89,36 @@ fn put_str(buf: &mut Vec<u8>, kind: u16, s: &str) {
     put_attr(buf, kind, &d);
 }
 
+/// The netlink messages in one received buffer: (type, payload after the header).
+fn messages(data: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 16 > data.len() {
+            return None;
+        }
+        let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+        let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
+        if len < 16 || off + len > data.len() {
+            off = data.len();
+            return Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            )));
+        }
+        let payload = &data[off + 16..off + len];
+        off += (len + 3) & !3;
+        Some(Ok((kind, payload)))
+    })
+}
+
+/// The error code of an NLMSG_ERROR payload (0: an acknowledgement).
+fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
 /// Sends one request and returns the payloads (after the nfgenmsg header) of the
 /// answers. `Ok(None)` when the kernel says the object does not exist.
 fn request(
@@ -119,25 +149,12 @@ fn request(
         if data.is_empty() {
             return Ok(Some(out));
         }
-        let mut off = 0;
-        while off + 16 <= data.len() {
-            let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-            let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
-            if len < 16 || off + len > data.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated netlink message",
-                ));
-            }
-            let payload = &data[off + 16..off + len];
+        for m in messages(&data) {
+            let (kind, payload) = m?;
             match kind {
                 NLMSG_DONE => return Ok(Some(out)),
                 NLMSG_ERROR => {
-                    let code = payload
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
-                    return match -code {
+                    return match -error_code(payload) {
                         0 => Ok(Some(out)),
                         libc::ENOENT => Ok(None),
                         e => Err(io::Error::from_raw_os_error(e)),
@@ -145,7 +162,6 @@ fn request(
                 }
                 _ => out.push(payload.get(4..).unwrap_or_default().to_vec()),
             }
-            off += (len + 3) & !3;
         }
     }
 }
@@ -470,29 +486,15 @@ impl Batch {
             if data.is_empty() {
                 break;
             }
-            let mut off = 0;
-            while off + 16 <= data.len() {
-                let len =
-                    u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-                let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
-                if len < 16 || off + len > data.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
+            for m in messages(&data) {
+                let (kind, payload) = m?;
                 if kind == NLMSG_ERROR {
-                    let p = &data[off + 16..off + len];
-                    let code = p
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
+                    let code = error_code(payload);
                     if code != 0 {
                         return Err(io::Error::from_raw_os_error(-code));
                     }
                     acked += 1;
                 }
-                off += (len + 3) & !3;
             }
         }
         Ok(())

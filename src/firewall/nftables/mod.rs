@@ -663,11 +663,6 @@ impl Backend for Nftables {
         true
     }
 
-    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
-        // drift is found by comparing the kernel with the ruleset ([`Backend::in_sync`])
-        Ok(None)
-    }
-
     fn in_sync(&self, rs: &Ruleset, _recorded: &Option<String>) -> Result<bool, FirewallError> {
         if !placement::nft_batch(&rs.accepts)?.is_empty() {
             tracing::debug!("nftables: placement differs");
