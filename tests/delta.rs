@@ -252,3 +252,64 @@ fn iptables_buckets_forward_and_hooks_rewrite_only_their_chains() {
     let nat = lab.host.exec(&["iptables-save", "-t", "nat"]);
     assert!(!nat.contains("VIRTGATE"), "all gone:\n{nat}");
 }
+
+#[test]
+fn deltas_carry_ranges_and_allow_lists() {
+    if !common::can_run_netns("deltas_carry_ranges_and_allow_lists") {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(
+        "[domain.g2]\nforwards = [\"8081:80\"]\n\
+         [domain.g1]\nforwards = [\"9100-9102\", \"9000-9002:9100-9102\"]\n\
+         [[domain.g1.forward]]\nhost_port = 8084\nguest_port = 80\nsource = [\"203.0.113.0/24\"]\n",
+    );
+    // g2 creates the table; g1 arrives as a delta (interval elements over netlink, a chain
+    // and a source set through nft)
+    start(&lab, "nftables", "g2");
+    let handle = table_handle(&lab);
+    start(&lab, "nftables", "g1");
+    assert_eq!(table_handle(&lab), handle, "a delta, not a new table");
+    let (c, d) = (&lab.client, &lab.client2);
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:9101")))
+            .unwrap()
+            .starts_with("g1 port 9101")
+    );
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:9002")))
+            .unwrap()
+            .starts_with("g1 port 9102")
+    );
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8084")))
+            .unwrap()
+            .starts_with("g1")
+    );
+    assert!(
+        d.tcp(sa("198.51.100.1:8084")).is_err(),
+        "source not allowed"
+    );
+    let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
+    assert!(
+        ok && out.starts_with("unchanged"),
+        "the kernel holds the plan: {out}"
+    );
+    // and it goes again as a delta
+    stop(&lab, "nftables", "g1");
+    assert!(c.tcp(sa(&format!("{PUBLIC}:9101"))).is_err());
+    assert!(c.tcp(sa(&format!("{PUBLIC}:8084"))).is_err());
+    assert!(
+        c.tcp(sa(&format!("{PUBLIC}:8081")))
+            .unwrap()
+            .starts_with("g2")
+    );
+    assert_eq!(table_handle(&lab), handle);
+    let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}");
+    let table = lab.host.exec(&["nft", "list", "table", "inet", "virtgate"]);
+    assert!(
+        !table.contains("chain f_") && !table.contains("set s_"),
+        "{table}"
+    );
+}
