@@ -5,6 +5,7 @@
 //! tens (BENCHMARKS.md). Every value read back is validated into the same types config
 //! values have before it can reach a rule.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -17,33 +18,35 @@ use crate::plan::{BridgeAccept, Hairpin, ListenOn, Rule, Ruleset};
 /// id, domain (index into `domains`), family (4|6), proto, listen (`*`, `a:ADDR`,
 /// `i:IFNAME`), host ports, guest address, guest ports, sources, localhost, bridge (index
 /// into `bridges`), tap, description.
-type Row = (
-    String,
+type Row<'a> = (
+    Cow<'a, str>,
     usize,
     u8,
     Proto,
-    String,
+    Cow<'a, str>,
     (u16, u16),
     IpAddr,
     (u16, u16),
     Vec<IpNet>,
     bool,
     usize,
-    Option<String>,
-    Option<String>,
+    Option<Cow<'a, str>>,
+    Option<Cow<'a, str>>,
 );
 
+/// Strings are borrowed from the ruleset when writing (no copies), owned when reading.
 #[derive(Serialize, Deserialize)]
-struct Stored {
+struct Stored<'a> {
     /// Domain and bridge names, once each.
-    domains: Vec<String>,
-    bridges: Vec<String>,
+    domains: Vec<Cow<'a, str>>,
+    bridges: Vec<Cow<'a, str>>,
     /// In ruleset order.
-    rules: Vec<Row>,
+    #[serde(borrow)]
+    rules: Vec<Row<'a>>,
     /// bridge, family, libvirt firewall
-    accepts: Vec<(String, u8, LibvirtFirewall)>,
-    hairpins: Vec<(String, IpNet)>,
-    hairpin_ports: Vec<String>,
+    accepts: Vec<(Cow<'a, str>, u8, LibvirtFirewall)>,
+    hairpins: Vec<(Cow<'a, str>, IpNet)>,
+    hairpin_ports: Vec<Cow<'a, str>>,
 }
 
 fn fam(f: Family) -> u8 {
@@ -61,18 +64,18 @@ fn unfam(f: u8) -> Result<Family, String> {
     }
 }
 
-fn ifname(s: String) -> Result<String, String> {
-    crate::config::toml_file::validate_ifname(&s).map(|_| s)
+fn ifname(s: Cow<'_, str>) -> Result<String, String> {
+    crate::config::toml_file::validate_ifname(&s).map(|_| s.into_owned())
 }
 
-fn row(r: &Rule, domain: usize, bridge: usize) -> Row {
+fn row(r: &Rule, domain: usize, bridge: usize) -> Row<'_> {
     let listen = match &r.listen {
-        ListenOn::Any => "*".to_string(),
-        ListenOn::Address(a) => format!("a:{a}"),
-        ListenOn::Interface(i) => format!("i:{i}"),
+        ListenOn::Any => Cow::Borrowed("*"),
+        ListenOn::Address(a) => Cow::Owned(format!("a:{a}")),
+        ListenOn::Interface(i) => Cow::Owned(format!("i:{i}")),
     };
     (
-        r.id.clone(),
+        Cow::Borrowed(&r.id),
         domain,
         fam(r.family),
         r.proto,
@@ -83,12 +86,12 @@ fn row(r: &Rule, domain: usize, bridge: usize) -> Row {
         r.sources.clone(),
         r.localhost,
         bridge,
-        r.tap.clone(),
-        r.description.clone(),
+        r.tap.as_deref().map(Cow::Borrowed),
+        r.description.as_deref().map(Cow::Borrowed),
     )
 }
 
-fn unrow(domains: &[String], bridges: &[String], r: Row) -> Result<Rule, String> {
+fn unrow(domains: &[Cow<'_, str>], bridges: &[String], r: Row<'_>) -> Result<Rule, String> {
     let (
         id,
         domain,
@@ -107,7 +110,7 @@ fn unrow(domains: &[String], bridges: &[String], r: Row) -> Result<Rule, String>
     let domain = domains
         .get(domain)
         .ok_or_else(|| format!("rule {id}: no domain {domain}"))?
-        .clone();
+        .to_string();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.len() > 64 {
         return Err(format!("rule id {id:?} is not a hexadecimal identifier"));
     }
@@ -117,7 +120,7 @@ fn unrow(domains: &[String], bridges: &[String], r: Row) -> Result<Rule, String>
         Some(("a", a)) => {
             ListenOn::Address(a.parse().map_err(|_| format!("listen address {a:?}"))?)
         }
-        Some(("i", i)) => ListenOn::Interface(ifname(i.to_string())?),
+        Some(("i", i)) => ListenOn::Interface(ifname(Cow::Borrowed(i))?),
         _ => return Err(format!("listen {listen:?}")),
     };
     let host_ports = PortRange::new(h.0, h.1)?;
@@ -137,7 +140,7 @@ fn unrow(domains: &[String], bridges: &[String], r: Row) -> Result<Rule, String>
         .ok_or_else(|| format!("rule {id}: no bridge {bridge}"))?
         .clone();
     Ok(Rule {
-        id,
+        id: id.into_owned(),
         domain,
         family,
         proto,
@@ -149,24 +152,24 @@ fn unrow(domains: &[String], bridges: &[String], r: Row) -> Result<Rule, String>
         localhost,
         bridge,
         tap: tap.map(ifname).transpose()?,
-        description,
+        description: description.map(Cow::into_owned),
     })
 }
 
 /// Names stored once, referred to by index.
 #[derive(Default)]
-struct Names {
-    names: Vec<String>,
-    index: std::collections::HashMap<String, usize>,
+struct Names<'a> {
+    names: Vec<Cow<'a, str>>,
+    index: std::collections::HashMap<&'a str, usize>,
 }
 
-impl Names {
-    fn index(&mut self, name: &str) -> usize {
+impl<'a> Names<'a> {
+    fn index(&mut self, name: &'a str) -> usize {
         if let Some(i) = self.index.get(name) {
             return *i;
         }
-        self.names.push(name.to_string());
-        self.index.insert(name.to_string(), self.names.len() - 1);
+        self.names.push(Cow::Borrowed(name));
+        self.index.insert(name, self.names.len() - 1);
         self.names.len() - 1
     }
 }
@@ -177,7 +180,7 @@ pub fn serialize<S: Serializer>(rs: &Ruleset, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes))
 }
 
-fn stored(rs: &Ruleset) -> Stored {
+fn stored(rs: &Ruleset) -> Stored<'_> {
     let (mut domains, mut bridges) = (Names::default(), Names::default());
     let rules: Vec<Row> = rs
         .rules
@@ -191,14 +194,18 @@ fn stored(rs: &Ruleset) -> Stored {
         accepts: rs
             .accepts
             .iter()
-            .map(|a| (a.bridge.clone(), fam(a.family), a.firewall))
+            .map(|a| (Cow::Borrowed(a.bridge.as_str()), fam(a.family), a.firewall))
             .collect(),
         hairpins: rs
             .hairpins
             .iter()
-            .map(|h| (h.bridge.clone(), h.subnet))
+            .map(|h| (Cow::Borrowed(h.bridge.as_str()), h.subnet))
             .collect(),
-        hairpin_ports: rs.hairpin_ports.clone(),
+        hairpin_ports: rs
+            .hairpin_ports
+            .iter()
+            .map(|p| Cow::Borrowed(p.as_str()))
+            .collect(),
     }
 }
 
