@@ -1,6 +1,7 @@
 //! The one level-triggered reconcile: desired state (config + facts) -> plan -> compare
-//! with what is installed (state + kernel fingerprint) -> at most one atomic change.
-//! CLI `apply`, the libvirt hook and (later) the daemon all call this.
+//! with what is installed (the state, and the kernel read back) -> at most one atomic
+//! change, the delta where the kernel holds what the state says. CLI `apply`, the libvirt
+//! hook (narrowed to its domain: [`plan_domain`]) and (later) the daemon all call this.
 
 use std::path::PathBuf;
 

@@ -1,6 +1,8 @@
 //! Firewall backends. One trait, one module per backend (as netavark does). A backend
-//! renders the backend-neutral [`Ruleset`] into its own language, applies it in one atomic
-//! transaction, and reads the kernel back (fingerprint for drift, counters for status).
+//! renders the backend-neutral [`Ruleset`] into its own language, applies it (whole, or as
+//! the delta from what is installed) in one atomic transaction per tool, and reads the
+//! kernel back: [`Backend::in_sync`] compares it with a ruleset (drift), counters feed
+//! `status`.
 //!
 //! Placement of the accept in libvirt's forward path is shared by both backends and lives
 //! in [`placement`]: it depends on libvirt's firewall form, not on virtgate's.
@@ -102,16 +104,7 @@ pub fn resolve(choice: BackendChoice) -> BackendChoice {
     }
 }
 
-/// Hex SHA-256 of a text, for fingerprints.
-pub fn digest(text: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Removes `counter packets N bytes M` / `[N:M]` so fingerprints ignore traffic.
+/// Removes `counter packets N bytes M` / `[N:M]` so that listings compare without traffic.
 pub fn strip_counters(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
