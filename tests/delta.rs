@@ -57,6 +57,19 @@ fn table_handle(lab: &Lab) -> String {
         .to_string()
 }
 
+/// Someone deletes g2's DNAT element by hand.
+fn drop_g2_element(lab: &Lab) {
+    lab.host.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "virtgate",
+        "dnat_any4",
+        "{ tcp . 8081 : 192.168.122.11 . 80 }",
+    ]);
+}
+
 const CONFIG: &str = "[domain.g1]\nforwards = [\"8080:80\"]\n[domain.g2]\nforwards = [\"8081:80\"]\n[domain.g3]\nforwards = [\"8083:80\"]\n";
 
 #[test]
@@ -138,15 +151,7 @@ fn drift_of_one_element_is_found_and_repaired() {
             .starts_with("g2")
     );
     // someone deletes g2's DNAT element by hand
-    lab.host.exec(&[
-        "nft",
-        "delete",
-        "element",
-        "inet",
-        "virtgate",
-        "dnat_any4",
-        "{ tcp . 8081 : 192.168.122.11 . 80 }",
-    ]);
+    drop_g2_element(&lab);
     assert!(c.tcp(sa(&format!("{PUBLIC}:8081"))).is_err());
     assert_eq!(
         row(&status(&lab, "nftables"), "g2", "8081")["state"],
@@ -166,15 +171,7 @@ fn drift_of_one_element_is_found_and_repaired() {
     );
     // again, and `apply` repairs it
     start(&lab, "nftables", "g2");
-    lab.host.exec(&[
-        "nft",
-        "delete",
-        "element",
-        "inet",
-        "virtgate",
-        "dnat_any4",
-        "{ tcp . 8081 : 192.168.122.11 . 80 }",
-    ]);
+    drop_g2_element(&lab);
     let (ok, out, _) = lab.virtgate("nftables", &["apply"]);
     assert!(ok && out.starts_with("applied"), "{out}");
     assert!(

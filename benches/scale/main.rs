@@ -258,14 +258,17 @@ fn main() {
         let backend = args.get(i + 2).map(String::as_str).unwrap_or("nftables");
         let w = World::new(n);
         let r = run_in(&w.host.name, &w.virtgate(backend, &["apply"]), None, &[]);
+        // web's XML for `hook` by hand, in the world's own (private) temporary directory
+        let xml = w.dir.path().join("web.xml");
+        std::fs::write(&xml, world::domain_xml("web", w.web())).expect("write");
         println!(
-            "netns {} ok={} {:?}\n{}",
+            "netns {} ok={} {:?}\n{}\n{}",
             w.host.name,
             r.ok,
             r.time,
-            w.virtgate(backend, &[]).join(" ")
+            w.virtgate(backend, &[]).join(" "),
+            xml.display()
         );
-        std::fs::write("/tmp/web.xml", world::domain_xml("web", w.web())).expect("write");
         std::thread::sleep(Duration::from_secs(3600));
         return;
     }

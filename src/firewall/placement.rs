@@ -83,19 +83,6 @@ pub fn libvirt_nft_bridges() -> BTreeSet<String> {
     out
 }
 
-/// Appends virtgate's rules in libvirt's `guest_input` chains, with their positions, to
-/// a fingerprint text (a buried accept changes it).
-pub fn describe(text: &mut String) -> Result<(), FirewallError> {
-    for fam in [Family::Ipv4, Family::Ipv6] {
-        if let Some(rules) = list_guest_input(fam)? {
-            for (i, r) in rules.iter().enumerate().filter(|(_, r)| is_ours(r)) {
-                text.push_str(&format!("guest_input {fam:?} {i}: {:?}\n", r.oifs));
-            }
-        }
-    }
-    Ok(())
-}
-
 pub fn nft_accept_rule(bridge: &str) -> String {
     format!("oifname \"{bridge}\" ct status dnat accept comment \"{NFT_MARK}\"")
 }

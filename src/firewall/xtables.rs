@@ -207,23 +207,6 @@ pub fn in_sync(spec: &TableSpec, current: &str) -> bool {
     spec.jumps.iter().all(|j| cur.contains_key(j.builtin))
 }
 
-/// Appends virtgate's chains and its jumps (with their positions) in `tables` to a
-/// fingerprint text.
-pub fn describe(tables: &[&str], text: &mut String) -> Result<(), FirewallError> {
-    for f in [Family::Ipv4, Family::Ipv6] {
-        for t in tables {
-            for (chain, rules) in parse_save(&try_save(f, t, false)?) {
-                for (i, r) in rules.iter().enumerate() {
-                    if chain.starts_with(CHAIN_PREFIX) || r.contains(CHAIN_PREFIX) {
-                        text.push_str(&format!("{f:?} {t} {i}: {r}\n"));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Runs one restore transaction per family.
 pub fn restore(family: Family, script: &str) -> Result<(), FirewallError> {
     let out = exec::run_raw(

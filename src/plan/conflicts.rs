@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::model::{DomainConfig, Family, ForwardSpec, Listen, PortRange, Proto};
+use crate::plan::{ListenOn, Rule};
 
 /// A conflict: forward `second` (domain index, forward index) collides with `first`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,9 +36,21 @@ pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
     a.proto == b.proto && fam_overlap && listen_overlap && a.host_ports.overlaps(&b.host_ports)
 }
 
+/// Whether two rules could receive the same packet.
+pub(crate) fn rules_overlap(a: &Rule, b: &Rule) -> bool {
+    let listen = match (&a.listen, &b.listen) {
+        (ListenOn::Address(x), ListenOn::Address(y)) => x == y,
+        (ListenOn::Interface(x), ListenOn::Interface(y)) => x == y,
+        _ => true,
+    };
+    a.family == b.family
+        && a.proto == b.proto
+        && (listen || (a.localhost && b.localhost))
+        && a.host_ports.overlaps(&b.host_ports)
+}
+
 /// Whether a forward could receive a packet an installed rule receives.
-pub fn spec_overlaps_rule(spec: &ForwardSpec, r: &crate::plan::Rule) -> bool {
-    use crate::plan::ListenOn;
+pub fn spec_overlaps_rule(spec: &ForwardSpec, r: &Rule) -> bool {
     let listen = match (&spec.listen, &r.listen) {
         (Listen::Address(a), ListenOn::Address(b)) => a == b,
         (Listen::Interface(a), ListenOn::Interface(b)) => a == b,

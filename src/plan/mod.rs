@@ -12,8 +12,8 @@ use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
 use crate::model::{DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto};
 
 pub mod conflicts;
-use conflicts::families;
 pub use conflicts::{Conflict, find_conflicts, find_conflicts_naive};
+use conflicts::{families, rules_overlap};
 
 /// Where a guest address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -575,19 +575,6 @@ fn plan_forward(
         st.reason = reasons.into_iter().next();
     }
     (st, rules)
-}
-
-/// Whether two rules could receive the same packet.
-fn rules_overlap(a: &Rule, b: &Rule) -> bool {
-    let listen = match (&a.listen, &b.listen) {
-        (ListenOn::Address(x), ListenOn::Address(y)) => x == y,
-        (ListenOn::Interface(x), ListenOn::Interface(y)) => x == y,
-        _ => true,
-    };
-    a.family == b.family
-        && a.proto == b.proto
-        && (listen || (a.localhost && b.localhost))
-        && a.host_ports.overlaps(&b.host_ports)
 }
 
 fn status(
