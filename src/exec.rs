@@ -141,10 +141,16 @@ pub fn run(argv: &[&str], stdin: Option<&[u8]>) -> Result<String, ExecError> {
 
 /// Whether a program is on `PATH` (without running it: that costs a process).
 pub fn installed(program: &str) -> bool {
+    find(program).is_some()
+}
+
+/// Where `program` is on PATH (an executable regular file), symlinks not resolved.
+pub fn find(program: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).any(|d| {
-        std::fs::metadata(d.join(program))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }

@@ -71,7 +71,13 @@ pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
     let config = config.with_metadata(&facts.domains);
     // domains that hold their ports now keep them against newcomers
     let mut domains = config.domain_configs();
-    domains.sort_by_key(|d| !state.ruleset.rules.iter().any(|r| r.domain == d.name));
+    let installed: std::collections::HashSet<&str> = state
+        .ruleset
+        .rules
+        .iter()
+        .map(|r| r.domain.as_str())
+        .collect();
+    domains.sort_by_cached_key(|d| !installed.contains(d.name.as_str()));
     plan::plan(&domains, facts, &carried_rules(&config, facts, state))
 }
 
@@ -129,6 +135,7 @@ pub fn reconcile_scoped(
         state.started.clear();
         state.stopped.clear();
         state.hairpin_saved.clear();
+        state.generation = None;
         state.boot_id = boot;
     }
     update(&mut state);
@@ -182,29 +189,23 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
         .collect();
     let mut plan = plan::plan_with(&domains, facts, carried);
     // ports of other domains' bridge ports stay as they are
-    let own_taps: std::collections::BTreeSet<&String> = plan
-        .ruleset
-        .rules
-        .iter()
-        .filter(|r| r.domain == name)
-        .filter_map(|r| r.tap.as_ref())
-        .collect();
-    let other_taps: std::collections::BTreeSet<&String> = state
+    let other_taps: std::collections::HashSet<&str> = state
         .ruleset
         .rules
         .iter()
         .filter(|r| r.domain != name)
-        .filter_map(|r| r.tap.as_ref())
+        .filter_map(|r| r.tap.as_deref())
         .collect();
     let mut ports: Vec<String> = state
         .ruleset
         .hairpin_ports
         .iter()
-        .filter(|p| other_taps.contains(p))
+        .filter(|p| other_taps.contains(p.as_str()))
         .cloned()
         .collect();
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
-        ports.extend(own_taps.into_iter().cloned());
+        let own = plan.ruleset.rules.iter().filter(|r| r.domain == name);
+        ports.extend(own.filter_map(|r| r.tap.clone()));
     }
     ports.sort();
     ports.dedup();
@@ -238,19 +239,24 @@ fn apply_plan(
         let choice = BackendChoice::parse(&old).unwrap_or_default();
         firewall::backend_with_state(choice, &ctx.state_dir).apply(&Default::default())?;
         state.ruleset = Default::default();
-        state.fingerprint = None;
+        state.generation = None;
     }
     let same = plan.ruleset == state.ruleset;
-    let delta_ok = match scope {
-        Scope::Domain(_) if backend.has_delta() => true,
+    // whether the kernel holds the state's ruleset (a delta can start from it), and the
+    // generation at which it is known to
+    let (held, known) = match scope {
+        Scope::Domain(_) if backend.has_delta() => (true, state.generation),
         _ => {
-            if same && backend.in_sync(&plan.ruleset, &state.fingerprint)? {
+            let (holds, seen) = firewall::holds(backend, &state.ruleset, state.generation)?;
+            if same && holds {
+                state.generation = seen;
                 crate::bridge::sync(&plan.ruleset.hairpin_ports, &mut state.hairpin_saved, None);
                 return Ok(false);
             }
-            !same && backend.has_delta() && backend.in_sync(&state.ruleset, &state.fingerprint)?
+            (holds, seen)
         }
     };
+    let delta_ok = backend.has_delta() && held;
     let old_taps: Vec<String> = match scope {
         Scope::Domain(name) => state
             .ruleset
@@ -262,6 +268,10 @@ fn apply_plan(
         Scope::All => Vec::new(),
     };
     let old = &state.ruleset;
+    let before = backend.generation(old)?;
+    // the change is all that is committed between `before` and after it: the kernel then
+    // holds the plan at the generation after, as far as the delta started from what it held
+    let trusted = !delta_ok || (before.is_some() && before == known);
     let mut result = if delta_ok {
         backend.apply_delta(old, &plan.ruleset)
     } else {
@@ -279,10 +289,15 @@ fn apply_plan(
         if let Err(r) = backend.apply(old) {
             tracing::error!("rolling back after a failed change also failed: {r}");
         }
+        state.generation = None;
         return Err(e.into());
     }
+    let after = backend.generation(&plan.ruleset)?;
+    state.generation = match (trusted, before, after) {
+        (true, Some(b), Some(a)) if a == firewall::next_generation(b) => Some(a),
+        _ => None,
+    };
     let changed = !same || !delta_ok;
-    state.fingerprint = backend.fingerprint()?;
     // a hook looks at its own domain's ports only
     let own: Option<std::collections::BTreeSet<String>> = match scope {
         Scope::All => None,

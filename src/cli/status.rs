@@ -94,9 +94,9 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let plan = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
     let counters = backend.counters(&st.ruleset).unwrap_or_default();
-    let drifted = !backend
-        .in_sync(&st.ruleset, &st.fingerprint)
-        .map_err(|e| e.to_string())?;
+    let drifted = !crate::firewall::holds(backend.as_ref(), &st.ruleset, st.generation)
+        .map_err(|e| e.to_string())?
+        .0;
     let installed: std::collections::BTreeSet<&str> =
         st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
     let mut warnings = Vec::new();

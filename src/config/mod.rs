@@ -243,6 +243,11 @@ pub fn load(main: &Path) -> Result<Config, ConfigError> {
 /// [`load`] without the conflict diagnostics: for the hook, which checks its own domain
 /// against what is installed and ignores config-wide conflicts anyway.
 pub fn load_unchecked(main: &Path) -> Result<Config, ConfigError> {
+    load_only(main, None)
+}
+
+/// [`load_unchecked`], reading only the entries one libvirt domain answers to in full.
+pub fn load_only(main: &Path, only: Option<toml_file::Only>) -> Result<Config, ConfigError> {
     let mut files = Vec::new();
     if main.exists() {
         files.push(main.to_path_buf());
@@ -260,7 +265,13 @@ pub fn load_unchecked(main: &Path) -> Result<Config, ConfigError> {
     let mut parsed = Vec::new();
     for f in &files {
         let text = read_checked(f)?;
-        parsed.push(parse_file(f, &text).map_err(ConfigError::Syntax)?);
+        let p = match only {
+            Some(o) if f.extension().is_some_and(|e| e == "toml") => {
+                toml_file::parse_only(f, &text, Some(o))
+            }
+            _ => parse_file(f, &text),
+        };
+        parsed.push(p.map_err(ConfigError::Syntax)?);
     }
     let mut cfg = merge_unchecked(parsed);
     cfg.files = files;

@@ -52,6 +52,32 @@ type DomainResult<T> = Result<T, (Origin, String)>;
 
 /// Parses one TOML file. A syntax error makes the whole file an error (`Err`).
 pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
+    parse_only(file, text, None)
+}
+
+/// One libvirt domain, for a hook: only the config entries it answers to (its name, or
+/// a pinned `uuid` equal to its UUID) are read in full; the others are skipped, their
+/// errors too (`apply` and `check` report them).
+#[derive(Debug, Clone, Copy)]
+pub struct Only<'a> {
+    pub name: &'a str,
+    pub uuid: Option<&'a str>,
+}
+
+impl Only<'_> {
+    fn wants(&self, name: &str, item: &Item) -> bool {
+        name == self.name
+            || self.uuid.is_some_and(|u| {
+                item.as_table_like()
+                    .and_then(|t| t.get("uuid"))
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|v| v.eq_ignore_ascii_case(u))
+            })
+    }
+}
+
+/// [`parse`], limited to the domains `only` wants.
+pub fn parse_only(file: &Path, text: &str, only: Option<Only>) -> Result<ParsedFile, Diagnostic> {
     let doc = Document::parse(text).map_err(|e| Diagnostic {
         origin: Origin::at(file, text, e.span().map(|s| s.start).unwrap_or(0)),
         severity: Severity::Error,
@@ -68,7 +94,7 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
         let key_span = doc.as_table().key(key).and_then(|k| k.span());
         match key {
             "domain" => match item.as_table() {
-                Some(domains) => parse_domains(&ctx, domains, &mut out),
+                Some(domains) => parse_domains(&ctx, domains, only, &mut out),
                 None => out.diagnostics.push(Diagnostic {
                     origin: ctx.origin(item.span().or(key_span)),
                     severity: Severity::Error,
@@ -126,8 +152,11 @@ fn err(origin: Origin, domain: Option<&str>, msg: &str) -> Diagnostic {
     }
 }
 
-fn parse_domains(ctx: &Ctx, domains: &Table, out: &mut ParsedFile) {
+fn parse_domains(ctx: &Ctx, domains: &Table, only: Option<Only>, out: &mut ParsedFile) {
     for (name, item) in domains.iter() {
+        if only.is_some_and(|o| !o.wants(name, item)) {
+            continue;
+        }
         let origin = ctx.origin(domains.key(name).and_then(|k| k.span()));
         if item
             .as_table_like()

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use super::xtables::{self, Jump, TableSpec};
-use super::{Backend, Counters, FirewallError, nftables, placement};
+use super::{Backend, Counters, FirewallError, nfnl, nftables, placement};
 use crate::exec;
 use crate::model::{Family, PortRange, Proto};
 use crate::plan::{ListenOn, Rule, Ruleset};
@@ -494,7 +494,17 @@ impl Backend for Iptables {
         true
     }
 
-    fn in_sync(&self, rs: &Ruleset, _recorded: &Option<String>) -> Result<bool, FirewallError> {
+    fn generation(&self, _rs: &Ruleset) -> Result<Option<u32>, FirewallError> {
+        if ![Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .all(xtables::on_nf_tables)
+        {
+            return Ok(None);
+        }
+        Ok(nfnl::generation().ok())
+    }
+
+    fn in_sync(&self, rs: &Ruleset) -> Result<bool, FirewallError> {
         if !placement::nft_batch(&rs.accepts)?.is_empty() {
             return Ok(false);
         }

@@ -63,22 +63,47 @@ pub trait Backend {
         false
     }
 
-    /// A fingerprint of what virtgate owns in the kernel now, recorded after a change for
-    /// [`Backend::in_sync`]; `None` for backends that compare the kernel with the ruleset
-    /// itself (both of virtgate's do).
-    fn fingerprint(&self) -> Result<Option<String>, FirewallError> {
+    /// The kernel's count of committed ruleset changes, when it counts every change to
+    /// what `rs` puts there (the nf_tables generation: `nft` and iptables-nft alike); `None`
+    /// when part of it is not counted (iptables-legacy). See [`holds`].
+    fn generation(&self, rs: &Ruleset) -> Result<Option<u32>, FirewallError> {
+        let _ = rs;
         Ok(None)
     }
 
-    /// Whether the kernel holds exactly `rs` (`recorded`: the fingerprint taken after it
-    /// was applied).
-    fn in_sync(&self, rs: &Ruleset, recorded: &Option<String>) -> Result<bool, FirewallError> {
-        let _ = rs;
-        Ok(recorded.is_some() && self.fingerprint()? == *recorded)
-    }
+    /// Whether the kernel holds exactly `rs`, read back in full.
+    fn in_sync(&self, rs: &Ruleset) -> Result<bool, FirewallError>;
 
     /// Counters per rule id of `rs`.
     fn counters(&self, rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError>;
+}
+
+/// Whether the kernel holds exactly `rs`, and the generation at which it was seen to.
+///
+/// `seen`: the generation at which the kernel last held `rs` (recorded in the state).
+/// When nothing was committed since, nothing changed and nothing is read back; else the
+/// kernel is compared in full, and the comparison counts for a generation only if none
+/// was committed while it read.
+pub fn holds(
+    backend: &dyn Backend,
+    rs: &Ruleset,
+    seen: Option<u32>,
+) -> Result<(bool, Option<u32>), FirewallError> {
+    let before = backend.generation(rs)?;
+    if before.is_some() && before == seen {
+        return Ok((true, before));
+    }
+    let holds = backend.in_sync(rs)?;
+    let after = backend.generation(rs)?;
+    Ok((holds, before.filter(|_| holds && after == before)))
+}
+
+/// The generation after `g` once one transaction was committed (the kernel skips 0).
+pub fn next_generation(g: u32) -> u32 {
+    match g.wrapping_add(1) {
+        0 => 1,
+        n => n,
+    }
 }
 
 /// The backend chosen by name; `auto` prefers nftables when `nft` is installed.

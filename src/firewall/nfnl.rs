@@ -9,7 +9,121 @@
 
 use std::io;
 
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+thread_local! {
+    /// This thread's socket, with the network namespace it was opened in.
+    static SOCKET: RefCell<Option<(Socket, u64)>> = const { RefCell::new(None) };
+}
+
+/// Whether this process committed a deletion: closing its socket then waits for the
+/// kernel to free what was deleted ([`release`]).
+static DELETED: AtomicBool = AtomicBool::new(false);
+
+/// The inode of this thread's network namespace.
+fn netns_id() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// Runs one exchange on this thread's socket, opened on first use (and again after a
+/// failed exchange, or in another network namespace).
+fn with_socket<T>(f: impl FnOnce(&mut Socket) -> io::Result<T>) -> io::Result<T> {
+    let ns = netns_id()?;
+    SOCKET.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(_, n)| *n != ns) {
+            let mut socket = Socket::new(NETLINK_NETFILTER)?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            *slot = Some((socket, ns));
+        }
+        let Some((socket, _)) = slot.as_mut() else {
+            return Err(io::Error::other("no netlink socket"));
+        };
+        let r = f(socket);
+        if r.is_err() {
+            // whatever the kernel still has to say belongs to the failed exchange
+            *slot = None;
+        }
+        r
+    })
+}
+
+/// Closes every descriptor but `a` and `b` (`a < b`). Async-signal-safe.
+unsafe fn close_all_but(a: i32, b: i32) {
+    let ranges = [(0, a - 1), (a + 1, b - 1), (b + 1, i32::MAX)];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        // SAFETY: close_range takes two descriptor numbers and flags
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0) };
+        if r != 0 {
+            // before Linux 5.9: one by one, as far as descriptors usually go
+            for fd in first..=last.min(65_535) {
+                // SAFETY: closing a number that may not be open is harmless
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
+/// Closes this thread's socket without making the caller wait for the kernel.
+///
+/// Since Linux 6.x ("flush pending destroy work before netlink notifier"), releasing
+/// any nf_tables netlink socket waits until the kernel has freed what earlier
+/// transactions deleted, an RCU grace period (10-15 ms here, PERF-FACTS.md's delete
+/// floor). The deletion itself is committed and in force long before. A hook that
+/// deleted something therefore hands its socket to a short-lived child, which closes it
+/// once this process has exited; the child holds no other descriptor (not libvirt's
+/// pipes, not the state lock), so nothing waits for it. Call this last, just before the
+/// process exits.
+pub fn release() {
+    let Some((socket, _)) = SOCKET.with(|c| c.borrow_mut().take()) else {
+        return;
+    };
+    if !DELETED.load(Ordering::Relaxed) {
+        return;
+    }
+    let fd = socket.as_raw_fd();
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: the child calls only async-signal-safe functions (close, read, _exit).
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            close_all_but(fd.min(pipe[0]), fd.max(pipe[0]));
+            // until the parent has exited (its end of the pipe closes with it), then the
+            // last close of the socket, which waits for the kernel here
+            let mut b = 0u8;
+            while libc::read(pipe[0], (&raw mut b).cast(), 1) > 0 {}
+            libc::close(fd);
+            libc::_exit(0);
+        },
+        pid if pid > 0 => {
+            // not the last reference now: closing it here does not wait
+            drop(socket);
+            // SAFETY: our own descriptor, read end only; the write end stays open until
+            // this process exits
+            unsafe { libc::close(pipe[0]) };
+        }
+        _ => {
+            // no child: close it here, and wait
+            // SAFETY: our own descriptors
+            unsafe {
+                libc::close(pipe[0]);
+                libc::close(pipe[1]);
+            }
+        }
+    }
+}
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
@@ -17,6 +131,7 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_GETGEN: u16 = 16;
 
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
@@ -127,9 +242,6 @@ fn request(
     dump: bool,
     attrs: &[(u16, &str)],
 ) -> io::Result<Option<Vec<Vec<u8>>>> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
     let mut body = vec![family, 0, 0, 0];
     for (k, v) in attrs {
         put_str(&mut body, *k, v);
@@ -142,28 +254,44 @@ fn request(
     buf.extend_from_slice(&1u32.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.extend_from_slice(&body);
-    socket.send(&buf, 0)?;
-    let mut out = Vec::new();
-    loop {
-        let (data, _) = socket.recv_from_full()?;
-        if data.is_empty() {
-            return Ok(Some(out));
-        }
-        for m in messages(&data) {
-            let (kind, payload) = m?;
-            match kind {
-                NLMSG_DONE => return Ok(Some(out)),
-                NLMSG_ERROR => {
-                    return match -error_code(payload) {
-                        0 => Ok(Some(out)),
-                        libc::ENOENT => Ok(None),
-                        e => Err(io::Error::from_raw_os_error(e)),
-                    };
+    with_socket(|socket| {
+        socket.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = socket.recv_from_full()?;
+            if data.is_empty() {
+                return Ok(Some(out));
+            }
+            for m in messages(&data) {
+                let (kind, payload) = m?;
+                match kind {
+                    NLMSG_DONE => return Ok(Some(out)),
+                    NLMSG_ERROR => {
+                        return match -error_code(payload) {
+                            0 => Ok(Some(out)),
+                            libc::ENOENT => Ok(None),
+                            e => Err(io::Error::from_raw_os_error(e)),
+                        };
+                    }
+                    _ => out.push(payload.get(4..).unwrap_or_default().to_vec()),
                 }
-                _ => out.push(payload.get(4..).unwrap_or_default().to_vec()),
             }
         }
-    }
+    })
+}
+
+/// The ruleset generation of this network namespace: the kernel adds one for every
+/// nf_tables transaction it commits (any table, `nft` and iptables-nft alike), so an
+/// unchanged generation means an unchanged ruleset.
+pub fn generation() -> io::Result<u32> {
+    // AF_UNSPEC; the answer holds NFTA_GEN_ID = 1, big-endian
+    let answers = request(NFT_MSG_GETGEN, 0, false, &[])?.unwrap_or_default();
+    answers
+        .iter()
+        .find_map(|m| attr(m, 1))
+        .and_then(|b| b.get(..4))
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| io::Error::other("nf_tables answered without a generation"))
 }
 
 /// Whether a table exists.
@@ -447,9 +575,6 @@ impl Batch {
         if self.msgs.is_empty() {
             return Ok(());
         }
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         let mut buf = Vec::new();
         let subsys = NFNL_SUBSYS_NFTABLES.to_be_bytes();
         let batch_hdr = [0u8, 0, subsys[0], subsys[1]];
@@ -478,24 +603,31 @@ impl Batch {
             last,
             &batch_hdr,
         );
-        socket.send(&buf, 0)?;
-        // one acknowledgement per message; the first error aborts the whole transaction
-        let mut acked = 0;
-        while acked < self.msgs.len() {
-            let (data, _) = socket.recv_from_full()?;
-            if data.is_empty() {
-                break;
-            }
-            for m in messages(&data) {
-                let (kind, payload) = m?;
-                if kind == NLMSG_ERROR {
-                    let code = error_code(payload);
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
+        let deletes = self.msgs.iter().any(|(m, _)| *m == NFT_MSG_DELSETELEM);
+        with_socket(|socket| {
+            socket.send(&buf, 0)?;
+            // one acknowledgement per message; the first error aborts the whole transaction
+            let mut acked = 0;
+            while acked < self.msgs.len() {
+                let (data, _) = socket.recv_from_full()?;
+                if data.is_empty() {
+                    break;
+                }
+                for m in messages(&data) {
+                    let (kind, payload) = m?;
+                    if kind == NLMSG_ERROR {
+                        let code = error_code(payload);
+                        if code != 0 {
+                            return Err(io::Error::from_raw_os_error(-code));
+                        }
+                        acked += 1;
                     }
-                    acked += 1;
                 }
             }
+            Ok(())
+        })?;
+        if deletes {
+            DELETED.store(true, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -55,6 +55,15 @@ pub fn restore_cmd(family: Family) -> &'static str {
 /// `iptables-save -t TABLE` (empty if the tool is not installed: then nothing of
 /// virtgate's can be there). A failing tool is an error, not an empty table: acting on a
 /// wrong picture would add a second jump or leave a chain behind.
+/// Whether `family`'s iptables tools are the nf_tables flavour (iptables-nft): their
+/// rules are nf_tables rules then, and the ruleset generation counts their changes.
+pub fn on_nf_tables(family: Family) -> bool {
+    crate::exec::find(restore_cmd(family))
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().contains("nft")))
+        .unwrap_or(false)
+}
+
 pub fn try_save(family: Family, table: &str, counters: bool) -> Result<String, FirewallError> {
     let mut argv = vec![save_cmd(family), "-t", table];
     if counters {

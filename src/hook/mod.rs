@@ -251,21 +251,37 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
         _ => return 0,
     }
     let stopping = matches!(op, "stopped" | "release");
-    let Some(cfg) = load_config(ctx, &what) else {
-        // an unusable config changes nothing, except that a stopping guest's forwards go
-        if stopping {
-            remove_domain(ctx, &Config::default(), name, name, &what);
-        }
-        return 0;
+    let parsed = libvirt::parse_domain_xml(xml);
+    // only the config entries this domain answers to are read in full
+    let only = config::toml_file::Only {
+        name,
+        uuid: parsed.as_ref().ok().and_then(|d| d.uuid.as_deref()),
     };
-    let code = qemu_with(ctx, &cfg, name, op, xml, &what);
+    let cfg = match config::load_only(&ctx.config_path, Some(only)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{what}: {e}; nothing changed");
+            // an unusable config changes nothing, except that a stopping guest's forwards go
+            if stopping {
+                remove_domain(ctx, &Config::default(), name, name, &what);
+            }
+            return 0;
+        }
+    };
+    let code = qemu_with(ctx, &cfg, name, op, parsed, &what);
     exiting(cfg);
     code
 }
 
-fn qemu_with(ctx: &Context, cfg: &Config, name: &str, op: &str, xml: &str, what: &str) -> u8 {
+fn qemu_with(
+    ctx: &Context,
+    cfg: &Config,
+    name: &str,
+    op: &str,
+    parsed: Result<DomainFacts, String>,
+    what: &str,
+) -> u8 {
     let stopping = matches!(op, "stopped" | "release");
-    let parsed = libvirt::parse_domain_xml(xml);
     // the domain's own <metadata> forwards count for its checks here
     let own = match &parsed {
         Ok(d) => cfg.with_metadata(std::slice::from_ref(d)),

@@ -1,5 +1,5 @@
 //! virtgate's state directory: what was last applied (so removal is exact even after the
-//! config changed), the kernel fingerprint after it (drift detection), the domains hooks
+//! config changed), the kernel generation at which it was seen (drift detection), the domains hooks
 //! reported as started, and the lock that serializes concurrent runs.
 
 use std::collections::BTreeMap;
@@ -38,8 +38,10 @@ pub struct State {
     pub backend: Option<String>,
     #[serde(default, with = "rows")]
     pub ruleset: Ruleset,
-    /// Fingerprint of virtgate's rules in the kernel right after the last apply.
-    pub fingerprint: Option<String>,
+    /// The nf_tables generation at which the kernel was last seen (or made) to hold
+    /// `ruleset` ([`crate::firewall::holds`]): while it stays, nothing is read back.
+    #[serde(default)]
+    pub generation: Option<u32>,
     /// Domains a hook reported as started (name -> facts from its XML).
     pub started: BTreeMap<String, DomainFacts>,
     /// Bridge ports virtgate put in hairpin mode, with their previous value.
@@ -60,7 +62,7 @@ impl State {
         State {
             backend: self.backend.clone(),
             ruleset: Ruleset::default(),
-            fingerprint: self.fingerprint.clone(),
+            generation: self.generation,
             started: self.started.clone(),
             hairpin_saved: self.hairpin_saved.clone(),
             stopped: self.stopped.clone(),

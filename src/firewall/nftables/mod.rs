@@ -663,7 +663,14 @@ impl Backend for Nftables {
         true
     }
 
-    fn in_sync(&self, rs: &Ruleset, _recorded: &Option<String>) -> Result<bool, FirewallError> {
+    fn generation(&self, rs: &Ruleset) -> Result<Option<u32>, FirewallError> {
+        if xt_specs(rs).iter().any(|(f, _)| !xtables::on_nf_tables(*f)) {
+            return Ok(None);
+        }
+        Ok(nfnl::generation().ok())
+    }
+
+    fn in_sync(&self, rs: &Ruleset) -> Result<bool, FirewallError> {
         if !placement::nft_batch(&rs.accepts)?.is_empty() {
             tracing::debug!("nftables: placement differs");
             return Ok(false);
