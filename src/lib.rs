@@ -7,6 +7,7 @@
 pub mod bridge;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod exec;
 pub mod facts;
 pub mod firewall;

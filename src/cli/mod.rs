@@ -77,6 +77,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep the forwards working: reconcile whenever the ruleset, libvirt's files or the
+    /// config change (systemd Type=notify; SIGHUP reloads, SIGTERM leaves forwards in place)
+    #[command(
+        after_help = "Repairs within a second what a firewall reload, `nft flush ruleset` or libvirt's own
+reload removed, and turns a forward live as soon as its guest's DHCP lease appears.
+Hooks keep working with or without it.
+Example:
+  virtgate install --daemon && systemctl enable --now virtgate
+  virtgate -v daemon    # in the foreground"
+    )]
+    Daemon,
     /// libvirt hook entry point: `hook qemu|network|daemon OBJECT OP SUBOP EXTRA`, XML on stdin
     #[command(
         after_help = "libvirt runs it as /etc/libvirt/hooks/qemu.d/virtgate NAME OP SUBOP EXTRA.\nExample (by hand):\n  virsh dumpxml web | virtgate hook qemu web started begin -"
@@ -183,7 +194,8 @@ pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
-    crate::logging::init(cli.verbose, hook);
+    let daemon = matches!(cli.command, Command::Daemon);
+    crate::logging::init(cli.verbose.max(u8::from(daemon)), hook);
     let ctx = cli.context();
     let result = match &cli.command {
         Command::Hook { driver, args } => {
@@ -199,6 +211,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => check::run(&ctx),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
+        Command::Daemon => crate::daemon::run(&ctx).map(|_| true),
         Command::Status { json } => status::run(&ctx, *json).map(|_| true),
         Command::Completions { shell } => docs::completions(*shell).map(|_| true),
         Command::Man => docs::man().map(|_| true),

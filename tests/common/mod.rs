@@ -405,19 +405,6 @@ impl Lab {
                 tap,
             });
         }
-        let (restore4, restore6) = match xt {
-            Xt::Nft => ("iptables-restore", "ip6tables-restore"),
-            Xt::Legacy => ("iptables-legacy-restore", "ip6tables-legacy-restore"),
-        };
-        match form {
-            LibvirtForm::Iptables => {
-                host.exec_stdin(&[restore4, "--noflush"], &libvirt_rules::iptables_v4());
-                host.exec_stdin(&[restore6, "--noflush"], &libvirt_rules::iptables_v6());
-            }
-            LibvirtForm::Nftables => {
-                host.exec_stdin(&["nft", "-f", "-"], &libvirt_rules::nft_ruleset());
-            }
-        }
         let lab = Lab {
             host,
             client,
@@ -435,6 +422,7 @@ impl Lab {
                 std::os::unix::fs::symlink(format!("/usr/sbin/{target}"), bin.join(t)).unwrap();
             }
         }
+        lab.load_libvirt_firewall();
         lab.write_libvirt_files();
         lab.wait_ipv6();
         lab
@@ -605,6 +593,20 @@ impl Lab {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> (bool, String, String) {
+        let out = self
+            .command(config, backend, args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `virtgate ARGS` in the host namespace, with the lab's paths, not started.
+    pub fn command(&self, config: &Path, backend: &str, args: &[&str]) -> Command {
         let bin = env!("CARGO_BIN_EXE_virtgate");
         let state = self.state_dir();
         let root = self.root();
@@ -628,18 +630,31 @@ impl Lab {
             ),
             Xt::Nft => std::env::var("PATH").unwrap_or_default(),
         };
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.host.name])
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host.name])
             .args(&argv)
-            .env("PATH", path)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .env("PATH", path);
+        c
+    }
+
+    /// Loads libvirt's own firewall rules for the lab's networks (again, after a flush).
+    pub fn load_libvirt_firewall(&self) {
+        let (restore4, restore6) = match self.xt {
+            Xt::Nft => ("iptables-restore", "ip6tables-restore"),
+            Xt::Legacy => ("iptables-legacy-restore", "ip6tables-legacy-restore"),
+        };
+        match self.form {
+            LibvirtForm::Iptables => {
+                self.host
+                    .exec_stdin(&[restore4, "--noflush"], &libvirt_rules::iptables_v4());
+                self.host
+                    .exec_stdin(&[restore6, "--noflush"], &libvirt_rules::iptables_v6());
+            }
+            LibvirtForm::Nftables => {
+                self.host
+                    .exec_stdin(&["nft", "-f", "-"], &libvirt_rules::nft_ruleset());
+            }
+        }
     }
 
     pub fn apply(&self, backend: &str) {

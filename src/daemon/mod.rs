@@ -1,0 +1,273 @@
+//! `virtgate daemon`: the same level-triggered reconcile as `apply`, run whenever
+//! something it depends on changes, so that forwards heal without a hook.
+//!
+//! What wakes it ([`watch`]): every committed nf_tables transaction (a firewall reload,
+//! `nft flush ruleset`, libvirt re-creating its rules after its own hook ran), libvirt's
+//! status and lease files (a domain or network started or stopped, a guest got its DHCP
+//! lease), the config files, SIGHUP (reload) and SIGTERM/SIGINT (exit, leaving the
+//! forwards in place). Events are debounced; a reconcile with nothing to change costs
+//! one generation read (the kernel's count of commits), so the daemon's own commits
+//! coming back as events cost nothing. Something that keeps removing virtgate's rules
+//! makes it back off rather than fight.
+//!
+//! Hooks keep working with or without it: both take the one state lock.
+
+pub mod notify;
+pub mod watch;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+use crate::config::{self, Config};
+use crate::reconcile::{self, Context};
+use watch::{Fired, Watch};
+
+/// Quiet time after an event before reconciling (a reload is a burst of commits).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A burst that never goes quiet is reconciled after this long anyway.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
+/// A reconcile at least this often: iptables-legacy changes and sysctls send no event.
+const PERIODIC: Duration = Duration::from_secs(30);
+/// More repairs than this within [`HEAL_WINDOW`] is a fight: back off.
+const HEALS_BEFORE_BACKOFF: usize = 5;
+const HEAL_WINDOW: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What the daemon reports in `STATE/daemon.json` (read by `virtgate status`).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Report {
+    pub pid: u32,
+    /// Reconciles run, and those that changed the kernel.
+    pub reconciles: u64,
+    pub applies: u64,
+    /// Changes made after the ruleset was changed by someone else.
+    pub heals: u64,
+    /// Seconds the next repair waits, when something keeps removing virtgate's rules.
+    pub backoff_secs: u64,
+    pub last_error: Option<String>,
+}
+
+pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("daemon.json")
+}
+
+/// The daemon's report, if one is running (its pid is alive).
+pub fn running_report(state_dir: &std::path::Path) -> Option<Report> {
+    let text = std::fs::read_to_string(report_file(state_dir)).ok()?;
+    let r: Report = serde_json::from_str(&text).ok()?;
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid as i32), None).is_ok();
+    alive.then_some(r)
+}
+
+/// The directories whose changes matter.
+fn watched_dirs(ctx: &Context) -> Vec<PathBuf> {
+    let mut dirs = vec![
+        ctx.libvirt.qemu_status_dir(),
+        ctx.libvirt.network_status_dir(),
+        ctx.libvirt.network_config_dir(),
+        ctx.libvirt.dnsmasq_dir(),
+    ];
+    if let Some(d) = ctx.config_path.parent() {
+        dirs.push(d.to_path_buf());
+        dirs.push(d.join("conf.d"));
+    }
+    dirs
+}
+
+struct Daemon<'a> {
+    ctx: &'a Context,
+    config: Config,
+    report: Report,
+    heals: VecDeque<Instant>,
+    backoff: Duration,
+    not_before: Option<Instant>,
+}
+
+impl Daemon<'_> {
+    /// Reloads the config; a config that cannot be used keeps the old one.
+    fn reload(&mut self, why: &str) {
+        match config::load(&self.ctx.config_path) {
+            Ok(c) => {
+                for d in c.errors() {
+                    tracing::warn!("{d}");
+                }
+                self.config = c;
+                tracing::info!("config reloaded ({why})");
+            }
+            Err(e) => {
+                tracing::error!("config unusable ({e}); keeping the one loaded before");
+                self.report.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// One reconcile. `foreign`: the ruleset changed under us since the last one.
+    fn reconcile(&mut self, foreign: bool) {
+        let ctx = self.ctx;
+        self.report.reconciles += 1;
+        match reconcile::reconcile(
+            ctx,
+            &self.config,
+            |st| reconcile::facts_for(ctx, st),
+            |_| {},
+        ) {
+            Ok(out) => {
+                self.report.last_error = None;
+                if out.changed {
+                    self.report.applies += 1;
+                    if foreign {
+                        self.healed();
+                    } else {
+                        tracing::info!("applied: {} rule(s)", out.rules);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("reconcile failed, the kernel keeps its previous ruleset: {e}");
+                self.report.last_error = Some(e.to_string());
+            }
+        }
+        self.write_report();
+    }
+
+    fn healed(&mut self) {
+        let now = Instant::now();
+        self.report.heals += 1;
+        self.heals.push_back(now);
+        while self
+            .heals
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > HEAL_WINDOW)
+        {
+            self.heals.pop_front();
+        }
+        if self.heals.len() > HEALS_BEFORE_BACKOFF {
+            self.backoff = (self.backoff * 2).clamp(Duration::from_secs(1), BACKOFF_MAX);
+            self.not_before = Some(now + self.backoff);
+            tracing::warn!(
+                "something keeps removing virtgate's rules ({} repairs in {} s): next repair in {} s",
+                self.heals.len(),
+                HEAL_WINDOW.as_secs(),
+                self.backoff.as_secs()
+            );
+        } else {
+            tracing::info!("repaired virtgate's rules after a change by someone else");
+            if self.heals.len() <= 1 {
+                self.backoff = Duration::ZERO;
+            }
+        }
+        self.report.backoff_secs = self.backoff.as_secs();
+    }
+
+    fn write_report(&self) {
+        if let Ok(text) = serde_json::to_vec(&self.report) {
+            let _ = crate::state::write_atomic(&report_file(&self.ctx.state_dir), &text);
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(ctx: &Context) -> Result<(), String> {
+    let notifier = notify::Notifier::from_env();
+    // subscribed before the first reconcile: nothing that happens after it is missed
+    let mut watch = Watch::new(&watched_dirs(ctx))?;
+    let config = config::load(&ctx.config_path)
+        .map_err(|e| format!("config unusable, not starting: {e}"))?;
+    for d in config.errors() {
+        tracing::warn!("{d}");
+    }
+    let mut d = Daemon {
+        ctx,
+        config,
+        report: Report {
+            pid: std::process::id(),
+            ..Default::default()
+        },
+        heals: VecDeque::new(),
+        backoff: Duration::ZERO,
+        not_before: None,
+    };
+    d.reconcile(false);
+    notifier.ready(&format!("{} reconcile(s)", d.report.reconciles));
+    tracing::info!("daemon ready (pid {})", d.report.pid);
+    let watchdog = notify::watchdog_interval();
+    let mut last_ping = Instant::now();
+    let mut last_run = Instant::now();
+    // pending work: since when, the last event, and whether the ruleset changed
+    let mut pending: Option<(Instant, Instant)> = None;
+    let mut foreign = false;
+    loop {
+        let now = Instant::now();
+        let mut due = last_run + PERIODIC;
+        if let Some((first, last)) = pending {
+            due = due.min((last + DEBOUNCE).min(first + DEBOUNCE_MAX));
+        }
+        if let Some(nb) = d.not_before {
+            due = due.max(nb);
+        }
+        if let Some(w) = watchdog {
+            due = due.min(last_ping + w);
+        }
+        for f in watch.wait(due.saturating_duration_since(now))? {
+            match f {
+                Fired::Signal(Signal::SIGHUP) => {
+                    d.reload("SIGHUP");
+                    pending.get_or_insert((Instant::now(), Instant::now()));
+                }
+                Fired::Signal(sig) => {
+                    tracing::info!("{sig}: exiting, forwards stay in place");
+                    notifier.stopping();
+                    return Ok(());
+                }
+                Fired::Dir(dir) => {
+                    if ctx.config_path.parent().is_some_and(|p| dir.starts_with(p)) {
+                        d.reload("config file changed");
+                    }
+                    let t = Instant::now();
+                    pending = Some((pending.map_or(t, |p| p.0), t));
+                }
+                Fired::Ruleset => {
+                    foreign = true;
+                    let t = Instant::now();
+                    pending = Some((pending.map_or(t, |p| p.0), t));
+                }
+            }
+        }
+        let now = Instant::now();
+        if let Some(w) = watchdog
+            && now >= last_ping + w
+        {
+            notifier.watchdog();
+            last_ping = now;
+        }
+        let settled = pending
+            .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX);
+        let periodic = now >= last_run + PERIODIC;
+        let held = d.not_before.is_some_and(|nb| now < nb);
+        if (settled || periodic) && !held {
+            if periodic {
+                watch.watch_missing();
+            }
+            d.not_before = None;
+            d.reconcile(foreign);
+            // our own commits come back as events: a reconcile then finds nothing to do
+            foreign = false;
+            pending = None;
+            last_run = Instant::now();
+            notifier.status(&format!(
+                "{} reconcile(s), {} repair(s){}",
+                d.report.reconciles,
+                d.report.heals,
+                d.report
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+}

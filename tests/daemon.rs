@@ -1,0 +1,292 @@
+//! `virtgate daemon` on the real kernel: it tells systemd it is ready, repairs within a
+//! second what `nft flush ruleset` and libvirt's reload removed (both libvirt firewall
+//! forms, both backends), turns a forward live when its guest's lease appears, stays
+//! bounded under a burst of reloads, backs off from something that keeps removing its
+//! rules, keeps a good config over a bad one on SIGHUP, and leaves forwards on SIGTERM.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Lab, LibvirtForm, PUBLIC, sa};
+
+const CONFIG: &str =
+    "[domain.g1]\nforwards = [\"8080:80\"]\n[domain.g2]\nforwards = [\"8082:80\"]\n";
+
+/// A running daemon, stopped on drop.
+struct Daemon {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Starts it in the lab's host namespace and waits for READY=1 on a notify socket.
+    fn start(lab: &Lab, backend: &str) -> Daemon {
+        let sock_path = lab.dir.path().join("notify.sock");
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let log = lab.dir.path().join(format!("daemon-{backend}.log"));
+        let child = lab
+            .command(&lab.config_path(), backend, &["daemon"])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("VIRTGATE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child: Some(child),
+            log,
+        };
+        let mut buf = [0u8; 512];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no READY from the daemon ({e}):\n{}", d.log()));
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no READY:\n{}", d.log());
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        // `ip netns exec` execs the daemon: the child's pid is the daemon's
+        common::run(&["kill", &format!("-{sig}"), &pid]);
+    }
+
+    /// Waits for it to exit; its exit status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The daemon's report.
+fn report(lab: &Lab) -> serde_json::Value {
+    let text = std::fs::read_to_string(lab.state_dir().join("daemon.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Whether `cond` holds within `limit`.
+fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if t.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long until `port` answers with `guest`'s name (None: not within `limit`).
+fn answers_within(lab: &Lab, port: u16, guest: &str, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if lab
+            .client
+            .tcp(sa(&format!("{PUBLIC}:{port}")))
+            .is_ok_and(|r| r.starts_with(guest))
+        {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn heals_flush(form: LibvirtForm, backend: &str) {
+    let lab = Lab::new(form);
+    lab.write_config(CONFIG);
+    let d = Daemon::start(&lab, backend);
+    assert!(
+        answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some(),
+        "the first reconcile applied:\n{}",
+        d.log()
+    );
+    // everything gone, then libvirt loads its own rules again (as after a firewalld
+    // reload): nothing runs virtgate's hook
+    lab.host.exec(&["nft", "flush", "ruleset"]);
+    if backend == "iptables" || form == LibvirtForm::Iptables {
+        lab.host.exec(&["iptables", "-t", "nat", "-F"]);
+    }
+    lab.load_libvirt_firewall();
+    let took = answers_within(&lab, 8080, "g1", Duration::from_secs(1));
+    assert!(
+        took.is_some(),
+        "{form:?}/{backend}: not healed within 1 s:\n{}\n{}",
+        d.log(),
+        lab.ruleset()
+    );
+    // the report is written once the repair's transaction is done: the port may answer first
+    assert!(
+        within(Duration::from_secs(1), || report(&lab)["heals"].as_u64()
+            >= Some(1)),
+        "{}",
+        d.log()
+    );
+    // and the status says all is well
+    let (ok, out, err) = lab.virtgate(backend, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["domain"] == "g1")
+            .all(|f| f["state"] == "active"),
+        "{v}"
+    );
+}
+
+#[test]
+fn daemon_heals_a_flushed_ruleset_nftables_backend() {
+    if !common::can_run_netns("daemon_heals_a_flushed_ruleset_nftables_backend") {
+        return;
+    }
+    heals_flush(LibvirtForm::Iptables, "nftables");
+    heals_flush(LibvirtForm::Nftables, "nftables");
+}
+
+#[test]
+fn daemon_heals_a_flushed_ruleset_iptables_backend() {
+    if !common::can_run_netns("daemon_heals_a_flushed_ruleset_iptables_backend") {
+        return;
+    }
+    heals_flush(LibvirtForm::Iptables, "iptables");
+    heals_flush(LibvirtForm::Nftables, "iptables");
+}
+
+#[test]
+fn daemon_turns_a_forward_live_when_the_lease_appears() {
+    if !common::can_run_netns("daemon_turns_a_forward_live_when_the_lease_appears") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    // g2 has no reservation: without its lease (and no neighbour entry) it is pending
+    let leases = lab.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
+    let lease_text = std::fs::read_to_string(&leases).unwrap();
+    std::fs::write(&leases, "[]\n").unwrap();
+    lab.host.exec(&["ip", "neigh", "flush", "all"]);
+    let d = Daemon::start(&lab, "nftables");
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    assert!(
+        lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
+        "g2 is pending"
+    );
+    // libvirt's leases helper writes the new file and renames it into place
+    let new = leases.with_extension("status.new");
+    std::fs::write(&new, lease_text).unwrap();
+    std::fs::rename(&new, &leases).unwrap();
+    assert!(
+        answers_within(&lab, 8082, "g2", Duration::from_secs(1)).is_some(),
+        "g2 went live without a hook or apply:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn daemon_stays_bounded_under_a_burst_and_backs_off_from_a_fight() {
+    if !common::can_run_netns("daemon_stays_bounded_under_a_burst_and_backs_off_from_a_fight") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    lab.write_config(CONFIG);
+    let d = Daemon::start(&lab, "nftables");
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    let before = report(&lab)["reconciles"].as_u64().unwrap();
+    // 100 reloads of libvirt's firewall in a row, each one transaction
+    let reload = format!(
+        "add table inet libvirt_network\ndelete table inet libvirt_network\n{}",
+        common::libvirt_rules::nft_ruleset()
+    );
+    let file = lab.dir.path().join("reload.nft");
+    std::fs::write(&file, reload).unwrap();
+    for _ in 0..100 {
+        lab.host.exec(&["nft", "-f", file.to_str().unwrap()]);
+    }
+    assert!(
+        answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some(),
+        "healed after the burst:\n{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let runs = report(&lab)["reconciles"].as_u64().unwrap() - before;
+    assert!(
+        runs <= 20,
+        "{runs} reconciles for 100 reloads:\n{}",
+        d.log()
+    );
+    // something that keeps deleting virtgate's table: repairs slow down, and it says so
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        let _ = lab
+            .host
+            .try_exec(&["nft", "delete", "table", "inet", "virtgate"]);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let r = report(&lab);
+    assert!(r["backoff_secs"].as_u64().unwrap() >= 1, "{r}\n{}", d.log());
+    assert!(r["heals"].as_u64().unwrap() <= 15, "{r}");
+    assert!(d.log().contains("keeps removing"), "{}", d.log());
+}
+
+#[test]
+fn daemon_keeps_a_good_config_on_sighup_and_leaves_forwards_on_sigterm() {
+    if !common::can_run_netns("daemon_keeps_a_good_config_on_sighup_and_leaves_forwards_on_sigterm")
+    {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    let mut d = Daemon::start(&lab, "nftables");
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    // a broken config file: the daemon keeps the one it has
+    lab.write_config("[domain.g1\nforwards = [");
+    d.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(1)).is_some());
+    assert!(
+        d.log().contains("keeping the one loaded before"),
+        "{}",
+        d.log()
+    );
+    // a good one with another port: live without apply
+    lab.write_config(&CONFIG.replace("8080:80", "8090:80"));
+    d.signal("HUP");
+    assert!(
+        answers_within(&lab, 8090, "g1", Duration::from_secs(1)).is_some(),
+        "{}",
+        d.log()
+    );
+    d.signal("TERM");
+    assert!(d.wait().success(), "{}", d.log());
+    assert!(
+        answers_within(&lab, 8090, "g1", Duration::from_secs(1)).is_some(),
+        "forwards stay after the daemon exits"
+    );
+}
