@@ -721,8 +721,14 @@ pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) ->
     all.extend(rules);
     let mut ruleset = Ruleset::from_rules(all, &facts.networks);
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
-        let ports: BTreeSet<String> = ruleset.rules.iter().filter_map(|r| r.tap.clone()).collect();
-        ruleset.hairpin_ports = ports.into_iter().collect();
+        // one tap per guest NIC, shared by its rules: sorted as borrowed names, copied once
+        let ports: BTreeSet<&str> = ruleset
+            .rules
+            .iter()
+            .filter_map(|r| r.tap.as_deref())
+            .collect();
+        let ports: Vec<String> = ports.into_iter().map(str::to_string).collect();
+        ruleset.hairpin_ports = ports;
     }
     Plan {
         ruleset,
