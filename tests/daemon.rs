@@ -19,20 +19,28 @@ const CONFIG: &str =
 struct Daemon {
     child: Option<Child>,
     log: std::path::PathBuf,
+    /// Its notification socket, as systemd's
+    sock: UnixDatagram,
 }
 
 impl Daemon {
     /// Starts it in the lab's host namespace and waits for READY=1 on a notify socket.
     fn start(lab: &Lab, backend: &str) -> Daemon {
+        Daemon::spawn(lab, lab.command(&lab.config_path(), backend, &["daemon"]))
+    }
+
+    /// Runs `cmd` (a daemon) and waits for READY=1 on a notify socket.
+    fn spawn(lab: &Lab, mut cmd: std::process::Command) -> Daemon {
         let sock_path = lab.dir.path().join("notify.sock");
         let _ = std::fs::remove_file(&sock_path);
         let sock = UnixDatagram::bind(&sock_path).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let log = lab.dir.path().join(format!("daemon-{backend}.log"));
-        let child = lab
-            .command(&lab.config_path(), backend, &["daemon"])
+        let log = lab.dir.path().join("daemon.log");
+        let child = cmd
             .env("NOTIFY_SOCKET", &sock_path)
+            // as with WatchdogSec=400ms: it pings every 200 ms
+            .env("WATCHDOG_USEC", "400000")
             .env("VIRTGATE_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -41,11 +49,13 @@ impl Daemon {
         let d = Daemon {
             child: Some(child),
             log,
+            sock,
         };
         let mut buf = [0u8; 512];
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let n = sock
+            let n = d
+                .sock
                 .recv(&mut buf)
                 .unwrap_or_else(|e| panic!("no READY from the daemon ({e}):\n{}", d.log()));
             if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
@@ -54,6 +64,23 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no READY:\n{}", d.log());
         }
         d
+    }
+
+    /// The notifications it sent within `limit`, until one contains `want`.
+    fn notified(&self, want: &str, limit: Duration) -> String {
+        let mut all = String::new();
+        let mut buf = [0u8; 512];
+        let t = Instant::now();
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        while t.elapsed() < limit && !all.contains(want) {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                all.push_str(&String::from_utf8_lossy(&buf[..n]));
+                all.push('\n');
+            }
+        }
+        all
     }
 
     fn log(&self) -> String {
@@ -283,10 +310,98 @@ fn daemon_keeps_a_good_config_on_sighup_and_leaves_forwards_on_sigterm() {
         "{}",
         d.log()
     );
+    let msgs = d.notified("WATCHDOG=1", Duration::from_secs(1));
+    assert!(msgs.contains("WATCHDOG=1"), "watchdog pings: {msgs}");
+    // what is queued goes first: a full queue (10 datagrams) drops new messages
+    d.notified("nothing", Duration::from_millis(300));
     d.signal("TERM");
+    let msgs = d.notified("STOPPING=1", Duration::from_secs(2));
+    assert!(msgs.contains("STOPPING=1"), "{msgs}");
     assert!(d.wait().success(), "{}", d.log());
     assert!(
         answers_within(&lab, 8090, "g1", Duration::from_secs(1)).is_some(),
         "forwards stay after the daemon exits"
+    );
+}
+
+#[test]
+fn install_daemon_writes_a_unit_whose_command_runs_the_daemon() {
+    if !common::can_run_netns("install_daemon_writes_a_unit_whose_command_runs_the_daemon") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    let units = lab.dir.path().join("units");
+    let units_arg = units.to_str().unwrap();
+    let (ok, out, err) = lab.virtgate(
+        "nftables",
+        &["install", "--daemon", "--unit-dir", units_arg],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("systemctl enable --now virtgate.service"),
+        "{out}"
+    );
+    let unit = std::fs::read_to_string(units.join("virtgate.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "{unit}"
+    );
+    // what systemd would run: the binary with install's options (no spaces in these paths)
+    let exec: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!(exec.last(), Some(&"daemon"), "{exec:?}");
+    assert!(
+        exec.contains(&"--state-dir") && exec.contains(&"--backend"),
+        "{exec:?}"
+    );
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &lab.host.name]).args(&exec);
+    let d = Daemon::spawn(&lab, cmd);
+    assert!(
+        answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some(),
+        "{}",
+        d.log()
+    );
+    let (ok, out, err) = lab.virtgate("nftables", &["status"]);
+    assert!(ok && out.contains("daemon: running"), "{out}{err}");
+    let (_, out, _) = lab.virtgate("nftables", &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pid = u64::from(d.child.as_ref().unwrap().id());
+    assert_eq!(v["daemon"]["pid"].as_u64(), Some(pid), "{v}");
+    drop(d);
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(out.contains("daemon: not running"), "{out}");
+    // a plain `install` later keeps (and rewrites) the unit; uninstall removes it
+    let (ok, out, err) = lab.virtgate("nftables", &["install"]);
+    assert!(ok && out.contains("virtgate.service"), "{out}{err}");
+    let (ok, out, err) = lab.virtgate("nftables", &["uninstall"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("systemctl disable --now virtgate.service"),
+        "{out}"
+    );
+    assert!(!units.join("virtgate.service").exists());
+    // a unit virtgate did not write is never replaced
+    let foreign = "[Service]\nExecStart=/bin/true\n";
+    std::fs::write(units.join("virtgate.service"), foreign).unwrap();
+    let (ok, _, err) = lab.virtgate(
+        "nftables",
+        &["install", "--daemon", "--unit-dir", units_arg],
+    );
+    assert!(!ok && err.contains("not written by virtgate"), "{err}");
+    assert!(
+        !lab.root()
+            .join("etc/libvirt/hooks/qemu.d/virtgate")
+            .exists(),
+        "nothing installed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(units.join("virtgate.service")).unwrap(),
+        foreign
     );
 }

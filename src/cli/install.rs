@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::Context;
+use super::{Context, unit};
 use crate::firewall;
 use crate::hook::settings;
 use crate::state::{StateDir, write_atomic_mode};
@@ -29,10 +29,25 @@ fn hook_path(hooks: &Path, driver: &str) -> PathBuf {
     hooks.join(format!("{driver}.d")).join(HOOK_NAME)
 }
 
-pub fn install(ctx: &Context) -> Result<bool, String> {
+/// `unit_dir`: also install the daemon's systemd unit there (`--daemon`).
+pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
     let hooks = ctx.libvirt.hooks_dir();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
     let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    // a unit an earlier `install --daemon` wrote stays recorded (and is rewritten)
+    let unit_file = unit_dir
+        .map(unit::path)
+        .or_else(|| settings::unit(&hooks).filter(|p| p.exists()));
+    // refused before anything is written
+    if let Some(u) = &unit_file
+        && let Ok(old) = fs::read_to_string(u)
+        && !unit::is_ours(&old)
+    {
+        return Err(format!(
+            "{} exists and was not written by virtgate: nothing installed",
+            u.display()
+        ));
+    }
     let mut new_dirs = Vec::new();
     // directories an earlier install created stay ours
     let mut created = settings::created_dirs(&hooks);
@@ -61,9 +76,16 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
     }
     created.sort();
     created.dedup();
+    if let Some(u) = &unit_file {
+        install_unit(ctx, &exe, u)?;
+    }
     let sp = settings::path(&hooks);
-    write_atomic_mode(&sp, settings::render(ctx, &created).as_bytes(), 0o644)
-        .map_err(|e| format!("{}: {e}", sp.display()))?;
+    write_atomic_mode(
+        &sp,
+        settings::render(ctx, &created, unit_file.as_deref()).as_bytes(),
+        0o644,
+    )
+    .map_err(|e| format!("{}: {e}", sp.display()))?;
     for d in DRIVERS {
         let foreign = hooks.join(d);
         if foreign.exists() {
@@ -78,6 +100,10 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
             .map_err(|e| format!("{}: {e}", ctx.config_path.display()))?;
         println!("created an example config: {}", ctx.config_path.display());
     }
+    if let Some(u) = unit_dir {
+        unit::systemctl(u, &["daemon-reload"])?;
+        unit::systemctl(u, &["enable", "--now", unit::NAME])?;
+    }
     if new_dirs.is_empty() {
         println!("libvirtd already watches these hook directories: nothing else to do");
     } else {
@@ -89,8 +115,41 @@ pub fn install(ctx: &Context) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Writes the daemon's unit (install checked first that it writes over no foreign file).
+fn install_unit(ctx: &Context, exe: &Path, file: &Path) -> Result<(), String> {
+    let exe = exe.canonicalize().unwrap_or_else(|_| exe.to_path_buf());
+    if let Some(d) = file.parent() {
+        fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    write_atomic_mode(file, unit::render(&exe, ctx).as_bytes(), 0o644)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    println!("installed {}", file.display());
+    Ok(())
+}
+
+/// Stops the daemon and removes its unit, if install wrote one.
+fn uninstall_unit(file: &Path) -> Result<(), String> {
+    match fs::read_to_string(file) {
+        Ok(text) if unit::is_ours(&text) => {}
+        Ok(_) => {
+            println!("kept {} (not written by virtgate)", file.display());
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    }
+    let dir = file.parent().unwrap_or(Path::new(unit::DEFAULT_DIR));
+    unit::systemctl(dir, &["disable", "--now", unit::NAME])?;
+    fs::remove_file(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    println!("removed {}", file.display());
+    unit::systemctl(dir, &["daemon-reload"])
+}
+
 pub fn uninstall(ctx: &Context) -> Result<bool, String> {
     let hooks = ctx.libvirt.hooks_dir();
+    // the daemon first: it would put back the rules removed below
+    if let Some(u) = settings::unit(&hooks) {
+        uninstall_unit(&u)?;
+    }
     // the state and backend the installed hook used
     let ctx = &settings::load(&hooks, ctx.clone());
     let created = settings::created_dirs(&hooks);

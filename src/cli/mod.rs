@@ -6,6 +6,7 @@ mod docs;
 mod install;
 mod render;
 mod status;
+mod unit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,8 +101,18 @@ Example:
         args: Vec<String>,
     },
     /// Install the libvirt hooks (qemu.d, network.d, daemon.d); never touches foreign hooks
-    #[command(after_help = "Example:\n  virtgate install && systemctl reload libvirtd")]
-    Install,
+    #[command(
+        after_help = "Example:\n  virtgate install && systemctl reload libvirtd\n  virtgate install --daemon    # also the daemon's systemd unit, enabled and started"
+    )]
+    Install {
+        /// Also install the daemon's systemd unit (virtgate.service) and, where systemd
+        /// runs, enable and start it
+        #[arg(long)]
+        daemon: bool,
+        /// Where the unit goes
+        #[arg(long, value_name = "DIR", default_value = unit::DEFAULT_DIR, requires = "daemon")]
+        unit_dir: PathBuf,
+    },
     /// Remove virtgate's hook files and all its rules; keep the config
     #[command(after_help = "Example:\n  virtgate uninstall")]
     Uninstall,
@@ -206,7 +217,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 std::io::stdin().lock(),
             ));
         }
-        Command::Install => install::install(&ctx),
+        Command::Install { daemon, unit_dir } => {
+            install::install(&ctx, daemon.then_some(unit_dir.as_path()))
+        }
         Command::Uninstall => install::uninstall(&ctx),
         Command::Check => check::run(&ctx),
         Command::Render => render::run(&ctx),

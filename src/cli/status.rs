@@ -39,6 +39,30 @@ struct Report<'a> {
     forwards: Vec<Row<'a>>,
     invalid_domains: Vec<Invalid>,
     warnings: Vec<String>,
+    /// The running daemon's report (None: no daemon runs).
+    daemon: Option<crate::daemon::Report>,
+}
+
+/// One line about the daemon.
+fn daemon_line(d: Option<&crate::daemon::Report>) -> String {
+    let Some(d) = d else {
+        return "daemon: not running (forwards are kept by the hooks and `virtgate apply`)"
+            .to_string();
+    };
+    let mut line = format!(
+        "daemon: running (pid {}): {} reconcile(s), {} change(s), {} repair(s) after changes by others",
+        d.pid, d.reconciles, d.applies, d.heals
+    );
+    if d.backoff_secs > 0 {
+        line.push_str(&format!(
+            "; something keeps removing virtgate's rules: repairs wait {} s",
+            d.backoff_secs
+        ));
+    }
+    if let Some(e) = &d.last_error {
+        line.push_str(&format!("; last error: {e}"));
+    }
+    line
 }
 
 fn row<'a>(
@@ -138,12 +162,14 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             kept_rules: plan.ruleset.rules.iter().filter(|r| &r.domain == d).count(),
         })
         .collect();
+    let daemon = crate::daemon::running_report(&ctx.state_dir);
     if json {
         let rep = Report {
             backend: backend.name(),
             forwards: rows,
             invalid_domains: invalid,
             warnings,
+            daemon,
         };
         println!(
             "{}",
@@ -191,5 +217,6 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     for w in warnings {
         println!("warning: {w}");
     }
+    println!("{}", daemon_line(daemon.as_ref()));
     Ok(())
 }

@@ -59,8 +59,10 @@ pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
 pub fn running_report(state_dir: &std::path::Path) -> Option<Report> {
     let text = std::fs::read_to_string(report_file(state_dir)).ok()?;
     let r: Report = serde_json::from_str(&text).ok()?;
-    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid as i32), None).is_ok();
-    alive.then_some(r)
+    // alive, and still a virtgate daemon (not a later process given the same pid)
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid)).ok()?;
+    let daemon = cmdline.split(|b| *b == 0).any(|a| a == b"daemon");
+    daemon.then_some(r)
 }
 
 /// The directories whose changes matter.

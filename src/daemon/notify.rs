@@ -22,7 +22,11 @@ impl Notifier {
                 }
                 None => std::os::unix::net::SocketAddr::from_pathname(&p).ok()?,
             };
-            Some((UnixDatagram::unbound().ok()?, addr))
+            let sock = UnixDatagram::unbound().ok()?;
+            // a receiver that does not keep up (its queue holds ~10 datagrams) must
+            // never stall the daemon: a message that does not fit is dropped
+            sock.set_nonblocking(true).ok()?;
+            Some((sock, addr))
         });
         Notifier { socket }
     }

@@ -27,7 +27,7 @@ fn backend_name(b: BackendChoice) -> &'static str {
 
 /// The settings file's text for a context; `created_dirs` are the hook directories
 /// install created (uninstall removes only those, and only when empty).
-pub fn render(ctx: &Context, created_dirs: &[PathBuf]) -> String {
+pub fn render(ctx: &Context, created_dirs: &[PathBuf], unit: Option<&Path>) -> String {
     let mut doc = DocumentMut::new();
     let mut dirs = toml_edit::Array::new();
     for d in created_dirs {
@@ -38,6 +38,9 @@ pub fn render(ctx: &Context, created_dirs: &[PathBuf]) -> String {
     doc["state_dir"] = value(ctx.state_dir.display().to_string());
     doc["backend"] = value(backend_name(ctx.backend));
     doc["libvirt_root"] = value(ctx.libvirt.root.display().to_string());
+    if let Some(u) = unit {
+        doc["unit"] = value(u.display().to_string());
+    }
     format!("# Written by `virtgate install`: the options the libvirt hook runs with.\n{doc}")
 }
 
@@ -58,6 +61,15 @@ pub fn created_dirs(hooks_dir: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The daemon's unit file install wrote, if it did.
+pub fn unit(hooks_dir: &Path) -> Option<PathBuf> {
+    let doc = std::fs::read_to_string(path(hooks_dir))
+        .ok()?
+        .parse::<DocumentMut>()
+        .ok()?;
+    doc.get("unit")?.as_str().map(PathBuf::from)
 }
 
 /// Reads the settings beside the hooks directory, falling back to `default`.
