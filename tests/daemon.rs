@@ -225,6 +225,8 @@ fn daemon_turns_a_forward_live_when_the_lease_appears() {
         lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
         "g2 is pending"
     );
+    // the reconcile its own first commit wakes is over: only the news below wakes it now
+    std::thread::sleep(Duration::from_millis(500));
     // libvirt's leases helper writes the new file and renames it into place
     let new = leases.with_extension("status.new");
     std::fs::write(&new, lease_text).unwrap();
@@ -233,6 +235,38 @@ fn daemon_turns_a_forward_live_when_the_lease_appears() {
         answers_within(&lab, 8082, "g2", Duration::from_secs(1)).is_some(),
         "g2 went live without a hook or apply:\n{}",
         d.log()
+    );
+}
+
+#[test]
+fn daemon_turns_a_forward_live_when_the_guest_shows_up_in_the_neighbour_table() {
+    if !common::can_run_netns(
+        "daemon_turns_a_forward_live_when_the_guest_shows_up_in_the_neighbour_table",
+    ) {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    lab.write_config(CONFIG);
+    // g2: no reservation, no lease, no neighbour entry: pending
+    let leases = lab.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
+    std::fs::write(&leases, "[]\n").unwrap();
+    lab.host.exec(&["ip", "neigh", "flush", "all"]);
+    let d = Daemon::start(&lab, "nftables");
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    assert!(
+        lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
+        "g2 is pending"
+    );
+    // the reconcile its own first commit wakes is over: only the news below wakes it now
+    std::thread::sleep(Duration::from_millis(500));
+    // the guest speaks (ARP for its gateway): the host's neighbour table learns its MAC
+    let g2 = lab.guests.iter().find(|g| g.name == "g2").unwrap();
+    g2.ns.exec(&["ping", "-c", "1", "-W", "1", "192.168.122.1"]);
+    assert!(
+        answers_within(&lab, 8082, "g2", Duration::from_secs(1)).is_some(),
+        "g2 went live from the neighbour table, without a hook or apply:\n{}\n{}",
+        d.log(),
+        lab.host.exec(&["ip", "neigh"])
     );
 }
 

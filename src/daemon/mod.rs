@@ -1,7 +1,8 @@
 //! `virtgate daemon`: the same level-triggered reconcile as `apply`, run whenever
 //! something it depends on changes, so that forwards heal without a hook.
 //!
-//! What wakes it ([`watch`]): every committed nf_tables transaction (a firewall reload,
+//! What wakes it ([`watch`]): a guest address new in the neighbour table (ARP, NDP), every
+//! committed nf_tables transaction (a firewall reload,
 //! `nft flush ruleset`, libvirt re-creating its rules after its own hook ran), libvirt's
 //! status and lease files (a domain or network started or stopped, a guest got its DHCP
 //! lease), the config files, SIGHUP (reload) and SIGTERM/SIGINT (exit, leaving the
@@ -229,6 +230,10 @@ pub fn run(ctx: &Context) -> Result<(), String> {
                     if ctx.config_path.parent().is_some_and(|p| dir.starts_with(p)) {
                         d.reload("config file changed");
                     }
+                    let t = Instant::now();
+                    pending = Some((pending.map_or(t, |p| p.0), t));
+                }
+                Fired::Neighbour => {
                     let t = Instant::now();
                     pending = Some((pending.map_or(t, |p| p.0), t));
                 }

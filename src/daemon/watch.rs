@@ -1,13 +1,18 @@
 //! What wakes the daemon, in one `poll`: nf_tables ruleset changes (the kernel multicasts
 //! every committed transaction to group NFNLGRP_NFTABLES; no polling, no `nft monitor`
-//! process), libvirt's and virtgate's files changing (inotify on their directories), and
-//! signals (signalfd, so that they arrive in the loop, not in a handler).
+//! process), a guest address appearing in the neighbour table (ARP or NDP, rtnetlink's
+//! RTNLGRP_NEIGH), libvirt's and virtgate's files changing (inotify on their
+//! directories), and signals (signalfd, so that they arrive in the loop, not in a
+//! handler).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+use netlink_sys::{
+    Socket,
+    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::{SigSet, Signal};
@@ -23,11 +28,17 @@ pub enum Fired {
     Ruleset,
     /// A file changed in this watched directory.
     Dir(PathBuf),
+    /// An address was seen for a MAC it was not seen for before (ARP, NDP).
+    Neighbour,
     Signal(Signal),
 }
 
 pub struct Watch {
     ruleset: Option<Socket>,
+    neighbours: Option<Socket>,
+    /// (MAC, address) pairs announced so far: the entries' state changes (reachable,
+    /// stale, ...) every few seconds per guest and are no news.
+    seen: std::collections::HashSet<(String, std::net::IpAddr)>,
     inotify: Inotify,
     signals: SignalFd,
     watches: Vec<(WatchDescriptor, PathBuf)>,
@@ -55,15 +66,24 @@ impl Watch {
             .map_err(|e| format!("signalfd: {e}"))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| format!("inotify: {e}"))?;
-        let ruleset = match subscribe_ruleset() {
+        let ruleset = match subscribe(NETLINK_NETFILTER, NFNLGRP_NFTABLES) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!("cannot follow nf_tables changes ({e}); checking periodically");
                 None
             }
         };
+        let neighbours = match subscribe(NETLINK_ROUTE, crate::facts::neigh::GROUP_NEIGH) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot follow the neighbour table ({e}); checking periodically");
+                None
+            }
+        };
         let mut w = Watch {
             ruleset,
+            neighbours,
+            seen: Default::default(),
             inotify,
             signals,
             watches: Vec::new(),
@@ -97,18 +117,23 @@ impl Watch {
     /// Waits up to `timeout` for something to fire; returns all that did.
     pub fn wait(&mut self, timeout: Duration) -> Result<Vec<Fired>, String> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let (sig_ready, ino_ready, nft_ready) = {
-            let nft_fd = self
-                .ruleset
-                .as_ref()
-                // SAFETY: the socket outlives this borrow (it is not closed while polling)
-                .map(|s| unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) });
+        let (sig_ready, ino_ready, nft_ready, neigh_ready) = {
+            // SAFETY: the sockets outlive this borrow (they are not closed while polling)
+            let fd = |s: &Option<Socket>| {
+                s.as_ref()
+                    .map(|s| unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) })
+            };
             let mut fds = vec![
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
             ];
-            if let Some(fd) = nft_fd {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            // where each socket's entry is, if it has one
+            let mut at = [None, None];
+            for (i, s) in [&self.ruleset, &self.neighbours].into_iter().enumerate() {
+                if let Some(f) = fd(s) {
+                    at[i] = Some(fds.len());
+                    fds.push(PollFd::new(f, PollFlags::POLLIN));
+                }
             }
             match poll(
                 &mut fds,
@@ -122,7 +147,8 @@ impl Watch {
             (
                 ready(&fds[0]),
                 ready(&fds[1]),
-                fds.get(2).is_some_and(ready),
+                at[0].is_some_and(|i| ready(&fds[i])),
+                at[1].is_some_and(|i| ready(&fds[i])),
             )
         };
         let mut out = Vec::new();
@@ -158,7 +184,39 @@ impl Watch {
         if nft_ready && self.drain_ruleset() {
             out.push(Fired::Ruleset);
         }
+        if neigh_ready && self.drain_neighbours() {
+            out.push(Fired::Neighbour);
+        }
         Ok(out)
+    }
+
+    /// Reads every pending neighbour notification; whether one announced a new pair (or
+    /// some were lost).
+    fn drain_neighbours(&mut self) -> bool {
+        let Some(s) = &self.neighbours else {
+            return false;
+        };
+        let mut news = false;
+        loop {
+            match s.recv_from_full() {
+                Ok((data, _)) if data.is_empty() => return news,
+                Ok((data, _)) => {
+                    for n in crate::facts::neigh::announced(&data) {
+                        // bounded: a flood of made-up addresses cannot grow it forever
+                        if self.seen.len() > 65_536 {
+                            self.seen.clear();
+                        }
+                        news |= self.seen.insert((n.mac, n.ip));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return news,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => news = true,
+                Err(e) => {
+                    tracing::warn!("neighbour notifications: {e}");
+                    return true;
+                }
+            }
+        }
     }
 
     /// Reads every pending ruleset message; whether any came (or some were lost).
@@ -183,10 +241,11 @@ impl Watch {
     }
 }
 
-fn subscribe_ruleset() -> std::io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_NETFILTER)?;
+/// A non-blocking netlink socket of `protocol` that receives multicast `group`.
+fn subscribe(protocol: isize, group: u32) -> std::io::Result<Socket> {
+    let mut s = Socket::new(protocol)?;
     s.bind_auto()?;
-    s.add_membership(NFNLGRP_NFTABLES)?;
+    s.add_membership(group)?;
     s.set_non_blocking(true)?;
     Ok(s)
 }

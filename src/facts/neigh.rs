@@ -67,47 +67,73 @@ fn format_mac(b: &[u8]) -> String {
         .join(":")
 }
 
+/// A usable entry (not incomplete, failed or a NOARP device's), with its address and MAC.
+fn usable(n: &NeighbourMessage) -> Option<Neighbour> {
+    if matches!(
+        n.header.state,
+        NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::Noarp
+    ) {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                ip = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                ip = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => mac = Some(format_mac(b)),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ifname: ifname(n.header.ifindex),
+        mac: mac?,
+        ip: ip?,
+    })
+}
+
 /// The neighbour table (IPv4 and IPv6), usable entries only.
 pub fn read_neighbours() -> io::Result<Vec<Neighbour>> {
     let msgs = dump(RouteNetlinkMessage::GetNeighbour(
         NeighbourMessage::default(),
     ))?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => usable(n),
+            _ => None,
+        })
+        .collect())
+}
+
+/// rtnetlink's multicast group of neighbour changes (RTNLGRP_NEIGH).
+pub const GROUP_NEIGH: u32 = 3;
+
+/// The usable entries a buffer of neighbour notifications announces (new or changed;
+/// deletions are not facts the daemon waits for).
+pub fn announced(data: &[u8]) -> Vec<Neighbour> {
     let mut out = Vec::new();
-    for m in msgs {
-        let RouteNetlinkMessage::NewNeighbour(n) = m else {
-            continue;
+    let mut offset = 0;
+    while offset < data.len() {
+        let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..]) else {
+            break;
         };
-        if matches!(
-            n.header.state,
-            NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::Noarp
-        ) {
-            continue;
+        let len = m.header.length as usize;
+        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) = &m.payload
+            && let Some(x) = usable(n)
+        {
+            out.push(x);
         }
-        let mut ip = None;
-        let mut mac = None;
-        for a in &n.attributes {
-            match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                    ip = Some(IpAddr::V4(*v4))
-                }
-                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                    ip = Some(IpAddr::V6(*v6))
-                }
-                NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
-                    mac = Some(format_mac(b))
-                }
-                _ => {}
-            }
+        if len == 0 {
+            break;
         }
-        if let (Some(ip), Some(mac)) = (ip, mac) {
-            out.push(Neighbour {
-                ifname: ifname(n.header.ifindex),
-                mac,
-                ip,
-            });
-        }
+        offset += len;
     }
-    Ok(out)
+    out
 }
 
 /// The first IPv4 address of the interface carrying the IPv4 default route.
