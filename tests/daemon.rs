@@ -207,6 +207,61 @@ fn daemon_heals_a_flushed_ruleset_iptables_backend() {
     heals_flush(LibvirtForm::Nftables, "iptables");
 }
 
+/// What Docker's start does to the host's iptables: its chains first in FORWARD and nat
+/// PREROUTING, and FORWARD's policy DROP.
+const DOCKER_START: &[&[&str]] = &[
+    &["iptables", "-N", "DOCKER-USER"],
+    &["iptables", "-A", "DOCKER-USER", "-j", "RETURN"],
+    &["iptables", "-N", "DOCKER-FORWARD"],
+    &["iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER"],
+    &["iptables", "-I", "FORWARD", "2", "-j", "DOCKER-FORWARD"],
+    &["iptables", "-P", "FORWARD", "DROP"],
+    &["iptables", "-t", "nat", "-N", "DOCKER"],
+    &[
+        "iptables",
+        "-t",
+        "nat",
+        "-I",
+        "PREROUTING",
+        "1",
+        "-m",
+        "addrtype",
+        "--dst-type",
+        "LOCAL",
+        "-j",
+        "DOCKER",
+    ],
+];
+
+fn survives_docker(form: LibvirtForm, backend: &str) {
+    let lab = Lab::new(form);
+    lab.write_config(CONFIG);
+    let d = Daemon::start(&lab, backend);
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    for argv in DOCKER_START {
+        lab.host.exec(argv);
+    }
+    assert!(
+        answers_within(&lab, 8080, "g1", Duration::from_secs(1)).is_some(),
+        "{form:?}/{backend}: not answering within 1 s of Docker's chains:\n{}\n{}",
+        d.log(),
+        lab.ruleset()
+    );
+}
+
+#[test]
+fn daemon_keeps_forwards_through_docker_starting() {
+    if !common::can_run_netns("daemon_keeps_forwards_through_docker_starting") {
+        return;
+    }
+    for form in [LibvirtForm::Iptables, LibvirtForm::Nftables] {
+        for backend in ["nftables", "iptables"] {
+            survives_docker(form, backend);
+        }
+    }
+}
+
 #[test]
 fn daemon_turns_a_forward_live_when_the_lease_appears() {
     if !common::can_run_netns("daemon_turns_a_forward_live_when_the_lease_appears") {

@@ -115,6 +115,11 @@ pub struct Facts {
     pub neighbours: Vec<Neighbour>,
     pub default_route_v4: Option<Ipv4Addr>,
     pub sysctls: Sysctls,
+    /// Families whose iptables filter table (iptables-nft) has a `FORWARD` chain: someone
+    /// else's iptables rules (Docker's, ufw's: often policy DROP) see forwarded packets,
+    /// so a DNAT'ed packet needs an accept there too, even on libvirt's nftables form.
+    #[serde(default)]
+    pub xt_forward: Vec<crate::model::Family>,
     /// Seconds since the epoch, for lease expiry.
     pub now: u64,
 }
@@ -213,6 +218,7 @@ pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
         }),
         default_route_v4: neigh::default_route_v4().unwrap_or(None),
         sysctls: sysctl::read(),
+        xt_forward: crate::firewall::placement::xt_forward_families(),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

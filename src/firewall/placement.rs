@@ -9,6 +9,10 @@
 //!   `oifname "virbr0" ct status dnat accept comment "virtgate"`. libvirt's reload buries
 //!   it, so every reconcile checks and re-asserts it.
 //!
+//! * on libvirt's nftables form, when iptables' filter `FORWARD` chain exists too (Docker,
+//!   ufw, anything using iptables-nft; Docker sets its policy to DROP): the same jump as on
+//!   the iptables form besides the nft accept, since that chain also sees the packet.
+//!
 //! Only DNAT'ed flows are accepted; routed traffic straight to a guest stays refused.
 
 use std::collections::BTreeSet;
@@ -81,6 +85,20 @@ pub fn libvirt_nft_bridges() -> BTreeSet<String> {
         }
     }
     out
+}
+
+/// Families whose iptables-nft filter table has a `FORWARD` chain (one netlink dump of
+/// chain names each). iptables-legacy's tables are not seen: see README.
+pub fn xt_forward_families() -> Vec<Family> {
+    [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .filter(|f| {
+            nfnl::chains(nfproto(*f), "filter")
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.iter().any(|n| n == "FORWARD"))
+        })
+        .collect()
 }
 
 pub fn nft_accept_rule(bridge: &str) -> String {
@@ -159,17 +177,21 @@ pub fn nft_render(accepts: &[BridgeAccept]) -> String {
     s
 }
 
-/// Per-bridge accept lines for `VIRTGATE_FORWARD` (used by the nftables backend, which
-/// counts traffic in its own table).
+/// Per-bridge accept lines for `VIRTGATE_FORWARD`: DNAT'ed flows to the bridge, and
+/// their replies from it (libvirt's own iptables chains accept those too, but iptables'
+/// `FORWARD` beside libvirt's nftables form, as Docker leaves it with policy DROP, has
+/// nobody else to).
 pub fn xt_bridge_rules(accepts: &[BridgeAccept], family: Family) -> Vec<String> {
     accepts
         .iter()
         .filter(|a| a.family == family && a.firewall == LibvirtFirewall::Iptables)
-        .map(|a| {
-            format!(
-                "-o {} -m conntrack --ctstate DNAT -m comment --comment {NFT_MARK} -j ACCEPT",
-                a.bridge
-            )
+        .flat_map(|a| {
+            ["-o", "-i"].map(|dir| {
+                format!(
+                    "{dir} {} -m conntrack --ctstate DNAT -m comment --comment {NFT_MARK} -j ACCEPT",
+                    a.bridge
+                )
+            })
         })
         .collect()
 }

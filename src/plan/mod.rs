@@ -141,7 +141,12 @@ impl Ruleset {
     }
 
     /// Builds accepts and hairpins from the rules and the networks they use.
-    pub fn from_rules(mut rules: Vec<Rule>, networks: &[NetworkFacts]) -> Ruleset {
+    /// `xt_forward`: families whose iptables filter `FORWARD` chain exists (see [`Facts`]).
+    pub fn from_rules(
+        mut rules: Vec<Rule>,
+        networks: &[NetworkFacts],
+        xt_forward: &[Family],
+    ) -> Ruleset {
         rules.sort();
         rules.dedup();
         // what accepts and hairpins depend on: (bridge, family), and the guest address
@@ -160,11 +165,20 @@ impl Ruleset {
         let mut hairpins = BTreeSet::new();
         for (bridge, family, guest) in keys {
             let net = networks.iter().find(|n| n.bridge == bridge);
+            let firewall = net.map(|n| n.firewall).unwrap_or_default();
             accepts.insert(BridgeAccept {
                 bridge: bridge.to_string(),
                 family,
-                firewall: net.map(|n| n.firewall).unwrap_or_default(),
+                firewall,
             });
+            // someone else's iptables FORWARD sees the packet too (Docker on an nft host)
+            if firewall == LibvirtFirewall::Nftables && xt_forward.contains(&family) {
+                accepts.insert(BridgeAccept {
+                    bridge: bridge.to_string(),
+                    family,
+                    firewall: LibvirtFirewall::Iptables,
+                });
+            }
             match (net, guest) {
                 (Some(n), _) => {
                     for s in n.subnets().filter(|s| Family::of_net(s) == family) {
@@ -719,7 +733,7 @@ pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) ->
     drop(ix);
     let mut all = carried;
     all.extend(rules);
-    let mut ruleset = Ruleset::from_rules(all, &facts.networks);
+    let mut ruleset = Ruleset::from_rules(all, &facts.networks, &facts.xt_forward);
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
         // one tap per guest NIC, shared by its rules: sorted as borrowed names, copied once
         let ports: BTreeSet<&str> = ruleset
@@ -801,6 +815,30 @@ mod tests {
             guest_ports: PortRange::single(80).unwrap(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn iptables_forward_beside_libvirts_nftables_form_gets_an_accept_too() {
+        let mut f = facts();
+        f.networks[0].firewall = LibvirtFirewall::Nftables;
+        f.leases = vec![lease("52:54:00:00:00:01", "192.168.122.10", u64::MAX)];
+        let kinds = |f: &Facts| -> Vec<LibvirtFirewall> {
+            plan(&web(spec()), f, &[])
+                .ruleset
+                .accepts
+                .iter()
+                .map(|a| a.firewall)
+                .collect()
+        };
+        assert_eq!(kinds(&f), [LibvirtFirewall::Nftables]);
+        // Docker (iptables-nft) created iptables' FORWARD for IPv4
+        f.xt_forward = vec![Family::Ipv4];
+        let mut k = kinds(&f);
+        k.sort_by_key(|x| format!("{x:?}"));
+        assert_eq!(k, [LibvirtFirewall::Iptables, LibvirtFirewall::Nftables]);
+        // on libvirt's iptables form the one xtables accept is already there
+        f.networks[0].firewall = LibvirtFirewall::Iptables;
+        assert_eq!(kinds(&f), [LibvirtFirewall::Iptables]);
     }
 
     #[test]

@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn rules_round_trip() {
         let st = State {
-            ruleset: Ruleset::from_rules(vec![rule()], &[]),
+            ruleset: Ruleset::from_rules(vec![rule()], &[], &[]),
             ..Default::default()
         };
         let text = serde_json::to_string(&st).unwrap();
@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn state_of_an_earlier_release_loads() {
         let st = State {
-            ruleset: Ruleset::from_rules(vec![rule()], &[]),
+            ruleset: Ruleset::from_rules(vec![rule()], &[], &[]),
             ..Default::default()
         };
         // the earlier format: the ruleset as nested objects
@@ -286,7 +286,7 @@ mod tests {
             let mut r = rule();
             edit(&mut r);
             let st = State {
-                ruleset: Ruleset::from_rules(vec![r], &[]),
+                ruleset: Ruleset::from_rules(vec![r], &[], &[]),
                 ..Default::default()
             };
             let text = serde_json::to_string(&st).unwrap();
