@@ -35,6 +35,7 @@ fn facts(fw: LibvirtFirewall) -> Facts {
         reservations: vec![Reservation {
             mac: "52:54:00:00:00:01".into(),
             ip: "192.168.122.10".parse().unwrap(),
+            name: None,
         }],
         firewall: fw,
         active: true,

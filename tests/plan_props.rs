@@ -28,6 +28,7 @@ fn facts(n: usize) -> Facts {
         net.reservations.push(Reservation {
             mac: mac.clone(),
             ip: format!("192.168.122.{}", 10 + i).parse().unwrap(),
+            name: None,
         });
         domains.push(DomainFacts {
             name: format!("d{i}"),
@@ -189,6 +190,7 @@ fn hostile_names_never_collide() {
         f.networks[0].reservations.push(Reservation {
             mac: mac.clone(),
             ip: format!("192.168.122.{}", 50 + i).parse().unwrap(),
+            name: None,
         });
         f.domains.push(DomainFacts {
             name: n.clone(),

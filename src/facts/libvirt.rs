@@ -110,13 +110,20 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
         }
         if let Some(dhcp) = child(ip, "dhcp") {
             for h in dhcp.children().filter(|c| c.has_tag_name("host")) {
-                if let (Some(mac), Some(ip)) = (
-                    h.attribute("mac"),
-                    h.attribute("ip").and_then(|i| i.parse::<IpAddr>().ok()),
-                ) {
+                let Some(ip) = h.attribute("ip").and_then(|i| i.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                // IPv6 hosts have a DUID `id` instead of a `mac`
+                let mac = h
+                    .attribute("mac")
+                    .map(str::to_ascii_lowercase)
+                    .or_else(|| h.attribute("id").and_then(super::duid::mac));
+                let name = h.attribute("name").map(str::to_string);
+                if mac.is_some() || name.is_some() {
                     reservations.push(Reservation {
-                        mac: mac.to_ascii_lowercase(),
+                        mac: mac.unwrap_or_default(),
                         ip,
+                        name,
                     });
                 }
             }
@@ -255,6 +262,29 @@ mod tests {
         assert_eq!(d.nics[0].mac, "52:54:00:aa:00:01");
         assert_eq!(d.nics[0].tap.as_deref(), Some("vnet0"));
         assert_eq!(d.nics[1].bridge.as_deref(), Some("br9"));
+    }
+
+    #[test]
+    fn ipv6_reservations_by_duid_and_by_name() {
+        let x = r#"<network><name>default</name><bridge name='virbr0'/>
+  <ip family='ipv6' address='fd00:122::1' prefix='64'><dhcp>
+    <host id='0:3:0:1:52:54:0:AA:0:1' name='web' ip='fd00:122::10'/>
+    <host id='0:2:0:0:ab:11:1:2:3:4' name='db' ip='fd00:122::11'/>
+    <host id='0:2:0:0:ab:11:1:2:3:5' ip='fd00:122::12'/>
+  </dhcp></ip></network>"#;
+        let n = parse_network_xml(x).unwrap();
+        let r: Vec<(&str, String, Option<&str>)> = n
+            .reservations
+            .iter()
+            .map(|r| (r.mac.as_str(), r.ip.to_string(), r.name.as_deref()))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                ("52:54:00:aa:00:01", "fd00:122::10".into(), Some("web")),
+                ("", "fd00:122::11".into(), Some("db")),
+            ]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! their NICs, networks, DHCP leases, the neighbour table and sysctls. The types here are
 //! plain data so the planner stays pure; the readers live in submodules.
 
+pub mod duid;
 pub mod leases;
 pub mod libvirt;
 pub mod neigh;
@@ -47,8 +48,14 @@ pub struct DomainFacts {
 /// A DHCP host reservation of a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
+    /// The NIC's MAC: `mac=` (IPv4), or the MAC inside a DUID-LL/LLT `id=` (IPv6); empty
+    /// when the reservation names no MAC (then only `name` matches it).
     pub mac: String,
     pub ip: IpAddr,
+    /// The host name (`name=`): an IPv6 reservation whose DUID carries no MAC is the
+    /// domain's of this name.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A libvirt network.

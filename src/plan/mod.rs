@@ -305,6 +305,8 @@ struct Index<'a> {
     claims: Vec<(IpAddr, &'a str)>,
     /// Reservations by (network name, MAC).
     reservations: HashMap<(&'a str, String), Vec<IpAddr>>,
+    /// Reservations that name no MAC (IPv6, DUID without one), by (network, host name).
+    named: HashMap<(&'a str, &'a str), Vec<IpAddr>>,
     /// Leases by MAC.
     leases: HashMap<String, Vec<&'a crate::facts::Lease>>,
 }
@@ -312,8 +314,15 @@ struct Index<'a> {
 impl<'a> Index<'a> {
     fn new(facts: &'a Facts) -> Index<'a> {
         let mut reservations: HashMap<(&str, String), Vec<IpAddr>> = HashMap::new();
+        let mut named: HashMap<(&str, &str), Vec<IpAddr>> = HashMap::new();
         for n in &facts.networks {
             for r in &n.reservations {
+                if r.mac.is_empty() {
+                    if let Some(name) = r.name.as_deref() {
+                        named.entry((n.name.as_str(), name)).or_default().push(r.ip);
+                    }
+                    continue;
+                }
                 reservations
                     .entry((n.name.as_str(), r.mac.to_ascii_lowercase()))
                     .or_default()
@@ -331,6 +340,7 @@ impl<'a> Index<'a> {
             explicit: Default::default(),
             claims: Vec::new(),
             reservations,
+            named,
             leases,
         }
     }
@@ -364,7 +374,10 @@ fn claimed_by_other(
             .networks
             .iter()
             .flat_map(|n| &n.reservations)
-            .any(|r| r.ip == *ip && not_own(&r.mac))
+            .any(|r| {
+                let named_mine = r.mac.is_empty() && r.name.as_deref() == Some(domain);
+                r.ip == *ip && not_own(&r.mac) && !named_mine
+            })
         || facts
             .leases
             .iter()
@@ -412,6 +425,26 @@ fn resolve_address(
         .into_iter()
         .flatten()
         .find(|ip| fam_ok(ip))
+    {
+        return Ok(GuestAddr {
+            ip: *ip,
+            source: AddrSource::Reservation,
+        });
+    }
+    // a reservation without a MAC, by the domain's name (one NIC on the network: with
+    // more, the name cannot say which one it is)
+    let nics_here = dom
+        .nics
+        .iter()
+        .filter(|n| n.network.as_deref() == Some(net.name.as_str()))
+        .count();
+    if nics_here == 1
+        && let Some(ip) = ix
+            .named
+            .get(&(net.name.as_str(), dom.name.as_str()))
+            .into_iter()
+            .flatten()
+            .find(|ip| fam_ok(ip))
     {
         return Ok(GuestAddr {
             ip: *ip,
@@ -775,6 +808,7 @@ mod tests {
                 reservations: vec![Reservation {
                     mac: "52:54:00:00:00:99".into(),
                     ip: "192.168.122.99".parse().unwrap(),
+                    name: None,
                 }],
                 active: true,
                 ..Default::default()
