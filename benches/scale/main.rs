@@ -9,6 +9,7 @@
 mod baseline;
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod daemon;
 mod datapath;
 mod measure;
 mod report;
@@ -332,7 +333,13 @@ fn main() {
             "{b}: no connection got through the forward"
         );
     }
-    let md = report::markdown(&figs, &dp, &cfg, started.elapsed());
+    eprintln!("bench: daemon ({:.0?})", started.elapsed());
+    let dm = if cfg.full {
+        daemon::measure(1000, 5, Duration::from_secs(10))
+    } else {
+        daemon::measure(100, 2, Duration::from_secs(1))
+    };
+    let md = report::markdown(&figs, &dp, &dm, &cfg, started.elapsed());
     if cfg.full {
         std::fs::write("BENCHMARKS.md", &md).expect("write BENCHMARKS.md");
         report::svg(&figs, "benchmarks.svg");

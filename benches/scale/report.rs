@@ -200,9 +200,50 @@ fn ratios(out: &mut String, figs: &[Figure], sizes: &[usize]) {
     out.push('\n');
 }
 
+/// The daemon's section (issue 11, item 7).
+fn daemon(out: &mut String, d: &crate::daemon::DaemonFigures) {
+    let _ = writeln!(
+        out,
+        "## Daemon\n\n`virtgate daemon` (nftables backend) with {} forwards for {} running domains, plus one guest without a reservation. Heal: `nft delete table inet virtgate`, until the daemon's report says its repair is done. Lease-to-live: that guest's lease renamed into place as libvirt's helper does, until its forward is installed (each run after the lease was taken away and the forward removed). Both include the 50 ms debounce.\n",
+        d.forwards, d.domains
+    );
+    let _ = writeln!(
+        out,
+        "| figure | median | min | max | runs | must |
+|---|---|---|---|---|---|"
+    );
+    for (what, s, must) in [
+        ("heal (ms)", d.heal, 100.0),
+        ("lease-to-live (ms)", d.lease, 100.0),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {what} | {:.1} | {:.1} | {:.1} | {} | <= {must:.0}: {} |",
+            s.median,
+            s.min,
+            s.max,
+            s.runs,
+            if s.median <= must { "met" } else { "missed" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| peak RSS (MiB) | {:.1} | | | 1 | <= 15: {} |",
+        d.rss_mib,
+        if d.rss_mib <= 15.0 { "met" } else { "missed" }
+    );
+    let _ = writeln!(
+        out,
+        "| CPU while idle ({:.0} s, ms) | {:.0} | | | 1 | ~0 |\n",
+        d.idle.as_secs_f64(),
+        d.idle_cpu_ms
+    );
+}
+
 pub fn markdown(
     figs: &[Figure],
     dp: &[(String, Vec<f64>, Vec<f64>)],
+    dm: &crate::daemon::DaemonFigures,
     cfg: &Config,
     took: Duration,
 ) -> String {
@@ -235,6 +276,8 @@ pub fn markdown(
             );
         }
     }
+    out.push('\n');
+    daemon(&mut out, dm);
     out.push_str(&format!("\n{}\n", include_str!("notes.md")));
     out
 }
