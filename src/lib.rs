@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod exec;
 pub mod facts;
+pub mod files;
 pub mod firewall;
 pub mod hook;
 pub mod logging;

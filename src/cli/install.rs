@@ -66,7 +66,8 @@ pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
             new_dirs.push(dir.display().to_string());
         }
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // 0755 whatever the umask: libvirt runs as root what is in it
+            crate::files::create_dir(&dir, 0o755).map_err(|e| format!("{}: {e}", dir.display()))?;
             created.push(dir.clone());
         }
         let p = hook_path(&hooks, d);
@@ -119,7 +120,7 @@ pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
 fn install_unit(ctx: &Context, exe: &Path, file: &Path) -> Result<(), String> {
     let exe = exe.canonicalize().unwrap_or_else(|_| exe.to_path_buf());
     if let Some(d) = file.parent() {
-        fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        crate::files::create_dir(d, 0o755).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     write_atomic_mode(file, unit::render(&exe, ctx).as_bytes(), 0o644)
         .map_err(|e| format!("{}: {e}", file.display()))?;

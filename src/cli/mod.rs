@@ -182,6 +182,8 @@ pub fn hook_invocation(argv: &[std::ffi::OsString]) -> Option<(Context, String, 
         return None;
     }
     let hooks = driver_dir.parent()?;
+    // before the settings are read: what is wrong with them is logged
+    crate::logging::init(0, true);
     let default = Cli::parse_from(["virtgate", "check"]).context();
     let ctx = crate::hook::settings::load(hooks, default);
     let args = argv[1..]

@@ -217,9 +217,11 @@ fn read_checked(path: &Path) -> Result<String, ConfigError> {
             uid: meta.uid(),
         });
     }
-    fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
+    crate::files::read_text(path, MAX_CONFIG_BYTES, crate::files::Follow::Yes).map_err(|source| {
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 

@@ -58,7 +58,8 @@ pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
 
 /// The daemon's report, if one is running (its pid is alive).
 pub fn running_report(state_dir: &std::path::Path) -> Option<Report> {
-    let text = std::fs::read_to_string(report_file(state_dir)).ok()?;
+    let text =
+        crate::files::read_text(&report_file(state_dir), 1 << 20, crate::files::Follow::No).ok()?;
     let r: Report = serde_json::from_str(&text).ok()?;
     // alive, and still a virtgate daemon (not a later process given the same pid)
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid)).ok()?;

@@ -159,15 +159,14 @@ pub fn recorded_firewall(text: &str) -> bool {
 
 /// Reads an XML file with the size bound.
 pub fn read_xml(path: &Path) -> Option<String> {
-    let meta = fs::metadata(path).ok()?;
-    if meta.len() > MAX_XML_BYTES {
-        tracing::warn!(
-            "{}: larger than {MAX_XML_BYTES} bytes, ignored",
-            path.display()
-        );
-        return None;
+    match crate::files::read_text(path, MAX_XML_BYTES, crate::files::Follow::Yes) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!("{}: {e}, ignored", path.display());
+            None
+        }
     }
-    fs::read_to_string(path).ok()
 }
 
 fn xml_files(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -357,7 +357,7 @@ impl Iptables {
         let Some(p) = self.created_path() else {
             return Ok(());
         };
-        let Ok(text) = std::fs::read_to_string(&p) else {
+        let Ok(text) = crate::files::read_text(&p, 1 << 20, crate::files::Follow::No) else {
             return Ok(());
         };
         let pre: BTreeSet<String> = serde_json::from_str(&text).unwrap_or_default();

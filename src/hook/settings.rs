@@ -44,12 +44,35 @@ pub fn render(ctx: &Context, created_dirs: &[PathBuf], unit: Option<&Path>) -> S
     format!("# Written by `virtgate install`: the options the libvirt hook runs with.\n{doc}")
 }
 
+/// The settings document, if there is one that can be trusted: like the config, it
+/// steers what root's hooks do, so it must be root's and writable by nobody else (an
+/// untrusted one is ignored, and the log says so).
+fn read(hooks_dir: &Path) -> Option<DocumentMut> {
+    let p = path(hooks_dir);
+    let meta = std::fs::metadata(&p).ok()?;
+    if let Some(why) = crate::files::untrusted(&meta) {
+        tracing::error!("{}: {why}: ignored, using the defaults", p.display());
+        return None;
+    }
+    let text = match crate::files::read_text(&p, 1 << 20, crate::files::Follow::Yes) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("{}: {e}, using the defaults", p.display());
+            return None;
+        }
+    };
+    match text.parse::<DocumentMut>() {
+        Ok(d) => Some(d),
+        Err(_) => {
+            tracing::warn!("{}: unreadable, using the defaults", p.display());
+            None
+        }
+    }
+}
+
 /// The hook directories install created.
 pub fn created_dirs(hooks_dir: &Path) -> Vec<PathBuf> {
-    let Ok(doc) = std::fs::read_to_string(path(hooks_dir))
-        .unwrap_or_default()
-        .parse::<DocumentMut>()
-    else {
+    let Some(doc) = read(hooks_dir) else {
         return Vec::new();
     };
     doc.get("created_dirs")
@@ -65,20 +88,13 @@ pub fn created_dirs(hooks_dir: &Path) -> Vec<PathBuf> {
 
 /// The daemon's unit file install wrote, if it did.
 pub fn unit(hooks_dir: &Path) -> Option<PathBuf> {
-    let doc = std::fs::read_to_string(path(hooks_dir))
-        .ok()?
-        .parse::<DocumentMut>()
-        .ok()?;
+    let doc = read(hooks_dir)?;
     doc.get("unit")?.as_str().map(PathBuf::from)
 }
 
 /// Reads the settings beside the hooks directory, falling back to `default`.
 pub fn load(hooks_dir: &Path, default: Context) -> Context {
-    let Ok(text) = std::fs::read_to_string(path(hooks_dir)) else {
-        return default;
-    };
-    let Ok(doc) = text.parse::<DocumentMut>() else {
-        tracing::warn!("{}: unreadable, using defaults", path(hooks_dir).display());
+    let Some(doc) = read(hooks_dir) else {
         return default;
     };
     let get = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);

@@ -3,9 +3,7 @@
 //! reported as started, and the lock that serializes concurrent runs.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -27,6 +25,8 @@ pub enum StateError {
     },
     #[error("{path}: corrupt state: {msg}")]
     Corrupt { path: PathBuf, msg: String },
+    #[error("state directory {path} is not safe to use ({why}): make it root's, mode 0700")]
+    Insecure { path: PathBuf, why: String },
     #[error("cannot lock {path}: {msg}")]
     Lock { path: PathBuf, msg: String },
 }
@@ -78,38 +78,18 @@ pub fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
+/// Writes a file atomically (see [`crate::files::write_atomic`]), mode 0600.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    write_atomic_mode(path, data, 0o600)
+    crate::files::write_atomic(path, data, 0o600)
 }
 
 /// [`write_atomic`] with the file's final mode set before it appears.
 pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // the umask may have narrowed it
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::files::write_atomic(path, data, mode)
 }
+
+/// The largest state file read back (10,000 forwards take under 1 MiB).
+pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The state directory, locked for the lifetime of this value.
 pub struct StateDir {
@@ -120,21 +100,22 @@ pub struct StateDir {
 impl StateDir {
     /// Opens and locks the directory, waiting for other virtgate processes.
     pub fn lock(dir: &Path) -> Result<StateDir, StateError> {
-        fs::create_dir_all(dir).map_err(|source| StateError::Io {
+        crate::files::create_dir(dir, 0o700).map_err(|source| StateError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        // what it holds decides what root's hooks remove: nobody else may write there
+        if let Some(why) = crate::files::untrusted_dir(dir) {
+            return Err(StateError::Insecure {
+                path: dir.to_path_buf(),
+                why,
+            });
+        }
         let lp = dir.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lp)
-            .map_err(|source| StateError::Io {
-                path: lp.clone(),
-                source,
-            })?;
+        let f = crate::files::open_own(&lp).map_err(|source| StateError::Io {
+            path: lp.clone(),
+            source,
+        })?;
         let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| StateError::Lock {
             path: lp,
             msg: e.to_string(),
@@ -169,7 +150,7 @@ impl StateDir {
 
 /// Reads the state without locking (for `status`); a missing file is the empty state.
 pub fn read_state(p: &Path) -> Result<State, StateError> {
-    match fs::read(p) {
+    match crate::files::read_bounded(p, MAX_STATE_BYTES, crate::files::Follow::No) {
         Ok(b) => parse(&b).map_err(|msg| StateError::Corrupt {
             path: p.to_path_buf(),
             msg,
