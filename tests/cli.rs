@@ -95,6 +95,13 @@ fn render_prints_without_changing_anything() {
         "<domstatus><domain><name>web</name><devices><interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='virbr0'/><target dev='vnet0'/></interface></devices></domain></domstatus>",
     )
     .unwrap();
+    // the guest's bridge is libvirt's network: a guest address must lie on it
+    std::fs::create_dir_all(root.join("run/libvirt/network")).unwrap();
+    std::fs::write(
+        root.join("run/libvirt/network/default.xml"),
+        "<networkstatus><network><name>default</name><forward mode='nat'/><bridge name='virbr0'/><ip address='192.168.122.1' prefix='24'/></network></networkstatus>",
+    )
+    .unwrap();
     let state = dir.path().join("state");
     let common = [
         "--config",

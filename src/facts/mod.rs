@@ -127,6 +127,10 @@ pub struct Facts {
     /// so a DNAT'ed packet needs an accept there too, even on libvirt's nftables form.
     #[serde(default)]
     pub xt_forward: Vec<crate::model::Family>,
+    /// The host's own addresses, by interface: a guest on a bridge that is no libvirt
+    /// network must have an address on one of the host's subnets of that bridge.
+    #[serde(default)]
+    pub host_addresses: Vec<(String, ipnet::IpNet)>,
     /// Seconds since the epoch, for lease expiry.
     pub now: u64,
 }
@@ -226,6 +230,10 @@ pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
         default_route_v4: neigh::default_route_v4().unwrap_or(None),
         sysctls: sysctl::read(),
         xt_forward: crate::firewall::placement::xt_forward_families(),
+        host_addresses: neigh::interface_addresses().unwrap_or_else(|e| {
+            tracing::warn!("cannot read the host's addresses: {e}");
+            Vec::new()
+        }),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

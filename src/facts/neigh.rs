@@ -136,6 +136,23 @@ pub fn announced(data: &[u8]) -> Vec<Neighbour> {
     out
 }
 
+/// Every address of every interface, with its prefix.
+pub fn interface_addresses() -> io::Result<Vec<(String, ipnet::IpNet)>> {
+    let addrs = dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+    Ok(addrs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => ipnet::IpNet::new(*ip, a.header.prefix_len)
+                    .ok()
+                    .map(|n| (ifname(a.header.index), n)),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The first IPv4 address of the interface carrying the IPv4 default route.
 pub fn default_route_v4() -> io::Result<Option<Ipv4Addr>> {
     let mut rm = RouteMessage::default();

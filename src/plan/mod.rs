@@ -394,17 +394,14 @@ fn resolve_address(
     (dom, domain): (&DomainFacts, &str),
     ix: &Index,
 ) -> Result<GuestAddr, String> {
-    let in_subnet = |ip: &IpAddr| net.is_none_or(|n| n.contains(ip));
+    let bridge = nic.and_then(|n| n.bridge.as_deref());
     if let Some(ip) = spec
         .guest_addresses
         .iter()
         .find(|a| Family::of(a) == family)
     {
-        if !in_subnet(ip) {
-            return Err(format!(
-                "configured guest address {ip} is outside the subnet of network {}",
-                net.map(|n| n.name.as_str()).unwrap_or("?")
-            ));
+        if let Some(why) = guest_ip_problem(ip, net, bridge, facts) {
+            return Err(format!("configured guest address {ip} {why}"));
         }
         return Ok(GuestAddr {
             ip: *ip,
@@ -417,7 +414,9 @@ fn resolve_address(
                 .into(),
         );
     };
-    let fam_ok = |ip: &IpAddr| Family::of(ip) == family && net.contains(ip);
+    let fam_ok = |ip: &IpAddr| {
+        Family::of(ip) == family && guest_ip_problem(ip, Some(net), bridge, facts).is_none()
+    };
     let mac = nic.mac.to_ascii_lowercase();
     if let Some(ip) = ix
         .reservations
@@ -487,6 +486,59 @@ fn resolve_address(
         nic.mac,
         nic.mac
     ))
+}
+
+/// Why `ip` cannot be a guest's address behind `net` (or, on a bridge that is no libvirt
+/// network, behind the host's subnets on `bridge`), if it cannot: a DNAT to it would make
+/// the host a relay to somewhere else, or to itself.
+fn guest_ip_problem(
+    ip: &IpAddr,
+    net: Option<&NetworkFacts>,
+    bridge: Option<&str>,
+    facts: &Facts,
+) -> Option<String> {
+    let v4_broadcast = matches!(ip, IpAddr::V4(a) if a.is_broadcast());
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || v4_broadcast {
+        return Some("is a loopback, unspecified, multicast or broadcast address".into());
+    }
+    let (subnets, own, what): (Vec<IpNet>, Vec<IpAddr>, String) = match (net, bridge) {
+        (Some(n), _) => (
+            n.subnets().collect(),
+            n.addresses.iter().map(|a| a.addr()).collect(),
+            format!("network {}", n.name),
+        ),
+        (None, Some(b)) => {
+            let mine: Vec<&IpNet> = facts
+                .host_addresses
+                .iter()
+                .filter(|(i, _)| i == b)
+                .map(|(_, n)| n)
+                .collect();
+            (
+                mine.iter().map(|n| n.trunc()).collect(),
+                mine.iter().map(|n| n.addr()).collect(),
+                format!("the host's addresses on bridge {b}"),
+            )
+        }
+        (None, None) => {
+            return Some(
+                "is on no network the host knows (the domain has no NIC on a bridge)".into(),
+            );
+        }
+    };
+    let Some(subnet) = subnets.iter().find(|s| s.contains(ip)) else {
+        return Some(format!("is outside the subnet of {what}"));
+    };
+    if own.contains(ip) {
+        return Some(format!("is the host's own address ({what})"));
+    }
+    if let IpNet::V4(s) = subnet
+        && s.prefix_len() < 31
+        && (IpAddr::V4(s.network()) == *ip || IpAddr::V4(s.broadcast()) == *ip)
+    {
+        return Some(format!("is the network or broadcast address of {subnet}"));
+    }
+    None
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
@@ -873,6 +925,53 @@ mod tests {
         // on libvirt's iptables form the one xtables accept is already there
         f.networks[0].firewall = LibvirtFirewall::Iptables;
         assert_eq!(kinds(&f), [LibvirtFirewall::Iptables]);
+    }
+
+    #[test]
+    fn no_forward_relays_elsewhere_or_to_the_host() {
+        let state_of = |f: &Facts, addr: &str| {
+            let p = plan(
+                &web(ForwardSpec {
+                    guest_addresses: vec![addr.parse().unwrap()],
+                    ..spec()
+                }),
+                f,
+                &[],
+            );
+            (p.forwards[0].state, p.forwards[0].reason.clone())
+        };
+        let f = facts();
+        for bad in [
+            "192.168.122.1",
+            "192.168.122.0",
+            "192.168.122.255",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "8.8.8.8",
+        ] {
+            let (st, why) = state_of(&f, bad);
+            assert_eq!(st, ForwardState::Pending, "{bad}: {why:?}");
+        }
+        assert_eq!(state_of(&f, "192.168.122.20").0, ForwardState::Active);
+        // a NIC on a bridge that is no libvirt network: only the host's subnets there
+        let mut f = facts();
+        f.domains[0].nics[0].network = None;
+        f.domains[0].nics[0].bridge = Some("br9".into());
+        f.host_addresses = vec![
+            ("br9".into(), "10.9.0.1/24".parse().unwrap()),
+            ("eth0".into(), "203.0.113.1/24".parse().unwrap()),
+        ];
+        assert_eq!(state_of(&f, "10.9.0.5").0, ForwardState::Active);
+        for bad in ["8.8.8.8", "203.0.113.7", "10.9.0.1", "10.9.0.255"] {
+            let (st, why) = state_of(&f, bad);
+            assert_eq!(st, ForwardState::Pending, "{bad}: {why:?}");
+        }
+        // learned addresses are held to the same: a lease for the network address
+        let mut f = facts();
+        f.leases = vec![lease("52:54:00:00:00:01", "192.168.122.0", u64::MAX)];
+        let p = plan(&web(spec()), &f, &[]);
+        assert_eq!(p.forwards[0].state, ForwardState::Pending);
     }
 
     #[test]
