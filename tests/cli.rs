@@ -140,3 +140,24 @@ fn man_page_and_completions() {
         );
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    // `virtgate man | head -1`: the reader goes away after the first line
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_virtgate"))
+        .arg("man")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    let out = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}

@@ -57,7 +57,11 @@ fn scenario(form: LibvirtForm, backend: &str) {
 }
 
 fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
-    let lab = Lab::with_xt(form, xt);
+    scenario_in(Lab::with_xt(form, xt), backend, xt);
+}
+
+fn scenario_in(lab: Lab, backend: &str, xt: Xt) {
+    let form = lab.form;
     lab.ping_from_host("192.168.100.10"); // g3's address is learned from the neighbour table
     let before = lab.ruleset();
     let (c, d) = (&lab.client, &lab.client2);
@@ -143,9 +147,11 @@ fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
             .trim()
             .to_string()
     };
+    // a stock kernel without br_netfilter loaded has no /proc/sys/net/bridge at all
     let br_nf = lab
         .host
-        .exec(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"])
+        .try_exec(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"])
+        .1
         .trim()
         == "1";
     if br_nf {
@@ -153,6 +159,12 @@ fn scenario_xt(form: LibvirtForm, backend: &str, xt: Xt) {
             hairpin("vnet0"),
             "1",
             "br_netfilter is on: g1's port needs hairpin mode"
+        );
+    } else {
+        assert_eq!(
+            hairpin("vnet0"),
+            "0",
+            "no br_netfilter: the port is left alone"
         );
     }
     expect_ok("other guest via public", g2.tcp(pubv(8080)), "g1 port 80");
@@ -302,6 +314,29 @@ fn iptables_backend_with_libvirt_iptables() {
 fn iptables_backend_with_libvirt_nftables() {
     if common::can_run_netns("iptables_backend_with_libvirt_nftables") {
         scenario(LibvirtForm::Nftables, "iptables");
+    }
+}
+
+/// Bridge netfilter off in the host namespace (as on a stock kernel where the
+/// br_netfilter module is not loaded): nothing needs hairpin mode, and all still answers.
+#[test]
+fn nftables_backend_without_bridge_netfilter() {
+    if common::can_run_netns("nftables_backend_without_bridge_netfilter") {
+        let lab = Lab::new(LibvirtForm::Nftables);
+        for k in ["iptables", "ip6tables", "arptables"] {
+            let _ =
+                lab.host
+                    .try_exec(&["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{k}=0")]);
+        }
+        let (_, v, _) = lab
+            .host
+            .try_exec(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"]);
+        assert_ne!(
+            v.trim(),
+            "1",
+            "bridge netfilter is off in the host namespace"
+        );
+        scenario_in(lab, "nftables", Xt::Nft);
     }
 }
 

@@ -208,6 +208,14 @@ pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
 pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
     let daemon = matches!(cli.command, Command::Daemon);
+    if !hook && !daemon {
+        // `virtgate status | head -1`: a closed pipe ends the command quietly, as it
+        // does any Unix tool (Rust ignores SIGPIPE, and println! would panic)
+        // SAFETY: restoring a signal's default disposition has no preconditions
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     crate::logging::init(cli.verbose.max(u8::from(daemon)), hook);
     let ctx = cli.context();
     let result = match &cli.command {
