@@ -43,6 +43,23 @@ struct Report<'a> {
     daemon: Option<crate::daemon::Report>,
 }
 
+/// `s` with control characters escaped (`\n`, `\u{1b}`): names come from config and
+/// libvirt files, and must not print rows or terminal sequences of their own.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// One line about the daemon.
 fn daemon_line(d: Option<&crate::daemon::Report>) -> String {
     let Some(d) = d else {
@@ -193,30 +210,42 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         };
         println!(
             "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
-            r.domain,
-            r.listen,
+            printable(r.domain),
+            printable(&r.listen),
             r.proto,
             r.host_ports,
-            guest,
+            printable(&guest),
             format!("{:?}", r.state).to_lowercase(),
             r.packets,
             r.bytes
         );
         if let Some(n) = &r.note {
-            println!("    {n}");
+            println!("    {}", printable(n));
         }
     }
     for i in &invalid {
         println!(
             "{:<20} invalid config: {} rule(s) kept as installed; {}",
-            i.domain,
+            printable(&i.domain),
             i.kept_rules,
-            i.errors.join("; ")
+            printable(&i.errors.join("; "))
         );
     }
     for w in warnings {
-        println!("warning: {w}");
+        println!("warning: {}", printable(&w));
     }
-    println!("{}", daemon_line(daemon.as_ref()));
+    println!("{}", printable(&daemon_line(daemon.as_ref())));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(super::printable("web"), "web");
+        assert_eq!(
+            super::printable("a\nweb  0.0.0.0 \u{1b}[2J"),
+            "a\\nweb  0.0.0.0 \\u{1b}[2J"
+        );
+    }
 }

@@ -86,9 +86,35 @@ pub fn clean_jsonc(text: &str) -> (String, Vec<usize>) {
     (String::from_utf8(out).unwrap_or_default(), commas)
 }
 
+/// The top-level object's entries in file order, duplicates kept (to be refused).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of domains")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
     let (clean, commas) = clean_jsonc(text);
-    let top: Map<String, Value> = serde_json::from_str(&clean).map_err(|e| Diagnostic {
+    let Entries(entries) = serde_json::from_str(&clean).map_err(|e| Diagnostic {
         origin: Origin {
             file: file.to_path_buf(),
             line: e.line(),
@@ -99,6 +125,19 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, Diagnostic> {
         message: format!("hooks.json: {e}"),
     })?;
     let mut out = ParsedFile::default();
+    // a key given twice: JSON parsers keep one of the two silently; TOML refuses it
+    let mut top = Map::new();
+    for (name, value) in entries {
+        if top.contains_key(&name) {
+            return Err(Diagnostic {
+                origin: Origin::at(file, text, find_key(text, &name)),
+                severity: Severity::Error,
+                domain: Some(name.clone()),
+                message: format!("hooks.json: domain {name:?} is given twice"),
+            });
+        }
+        top.insert(name, value);
+    }
     for p in commas {
         out.diagnostics.push(Diagnostic {
             origin: Origin::at(file, text, p),
@@ -300,18 +339,22 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
                 .get("ports_num")
                 .and_then(Value::as_u64)
                 .ok_or("port_range: 'ports_num' must be a positive number")?;
-            if num == 0 || u64::from(init) + num - 1 > 65535 {
+            let last = num
+                .checked_sub(1)
+                .and_then(|n| u64::from(init).checked_add(n))
+                .filter(|l| *l <= 65535);
+            let Some(last) = last else {
                 return Err(format!(
                     "port_range: {init} + {num} ports exceeds 65535 or is empty"
                 ));
-            }
+            };
             let proto = r
                 .get("protocol")
                 .and_then(Value::as_str)
                 .and_then(Proto::parse)
                 .filter(|p| *p != Proto::Sctp)
                 .ok_or("port_range: 'protocol' must be \"tcp\" or \"udp\"")?;
-            let range = PortRange::new(init, (u64::from(init) + num - 1) as u16)?;
+            let range = PortRange::new(init, last as u16)?;
             out.push(ForwardSpec {
                 proto,
                 host_ports: range,
@@ -413,6 +456,21 @@ mod tests {
         let d = &p.diagnostics[0];
         assert!(d.message.contains("icmp"), "{d}");
         assert_eq!((d.origin.line, d.origin.col), (2, 2));
+    }
+
+    #[test]
+    fn huge_or_empty_ranges_and_duplicate_domains_are_errors() {
+        for num in ["18446744073709551615", "0", "65536"] {
+            let text = format!(
+                r#"{{"x": {{"private_ip": "192.168.122.9", "port_range": [{{"init_port": 100, "ports_num": {num}, "protocol": "udp"}}]}}}}"#
+            );
+            let p = parse(Path::new("h.json"), &text).unwrap();
+            assert_eq!(p.invalid_domains, ["x"], "{num}");
+            assert!(p.diagnostics[0].message.contains("exceeds 65535"), "{num}");
+        }
+        let text = "{\n \"a\": {\"private_ip\": \"192.168.122.2\"},\n \"a\": {\"private_ip\": \"192.168.122.3\"}\n}";
+        let e = parse(Path::new("h.json"), text).unwrap_err();
+        assert!(e.message.contains("given twice"), "{e}");
     }
 
     #[test]

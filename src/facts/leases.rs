@@ -67,10 +67,10 @@ pub fn parse_leases_lenient(text: &str, bridge: &str) -> (Vec<Lease>, Option<Str
 fn lease(r: RawLease, bridge: &str) -> Option<Lease> {
     Some(Lease {
         bridge: bridge.to_string(),
-        mac: r
-            .mac
-            .map(|m| m.to_ascii_lowercase())
-            .or_else(|| r.client_id.as_deref().and_then(super::duid::mac))?,
+        mac: match r.mac {
+            Some(m) => super::parse_mac(&m)?,
+            None => r.client_id.as_deref().and_then(super::duid::mac)?,
+        },
         ip: r.ip.parse::<IpAddr>().ok()?,
         expiry: r.expiry.unwrap_or(0),
     })

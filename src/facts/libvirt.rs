@@ -35,7 +35,11 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
     let mut nics = Vec::new();
     if let Some(devs) = child(dom, "devices") {
         for i in devs.children().filter(|c| c.has_tag_name("interface")) {
-            let Some(mac) = child(i, "mac").and_then(|m| m.attribute("address")) else {
+            let Some(raw) = child(i, "mac").and_then(|m| m.attribute("address")) else {
+                continue;
+            };
+            let Some(mac) = super::parse_mac(raw) else {
+                tracing::warn!("domain {name:?}: NIC with an invalid MAC {raw:?} ignored");
                 continue;
             };
             let src = child(i, "source");
@@ -46,7 +50,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
                     .map(str::to_string)
             };
             nics.push(Nic {
-                mac: mac.to_ascii_lowercase(),
+                mac,
                 network: src.and_then(|s| s.attribute("network")).map(str::to_string),
                 bridge: ifname(src.and_then(|s| s.attribute("bridge"))),
                 tap: ifname(child(i, "target").and_then(|t| t.attribute("dev"))),
@@ -114,10 +118,14 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
                     continue;
                 };
                 // IPv6 hosts have a DUID `id` instead of a `mac`
-                let mac = h
-                    .attribute("mac")
-                    .map(str::to_ascii_lowercase)
-                    .or_else(|| h.attribute("id").and_then(super::duid::mac));
+                let mac = match h.attribute("mac") {
+                    Some(m) => match super::parse_mac(m) {
+                        Some(m) => Some(m),
+                        // a reservation for a MAC that is none reserves nothing
+                        None => continue,
+                    },
+                    None => h.attribute("id").and_then(super::duid::mac),
+                };
                 let name = h.attribute("name").map(str::to_string);
                 if mac.is_some() || name.is_some() {
                     reservations.push(Reservation {
@@ -284,6 +292,16 @@ mod tests {
                 ("", "fd00:122::11".into(), Some("db")),
             ]
         );
+    }
+
+    #[test]
+    fn invalid_macs_are_no_nics() {
+        let x = "<domain><name>x</name><devices><interface type='network'><mac address='52:54:00:00:00:01&#10;evil row'/><source network='default'/></interface><interface type='network'><mac address='52-54-00-AB-00-02'/><source network='default'/></interface></devices></domain>";
+        let d = parse_domain_xml(x).unwrap();
+        assert_eq!(d.nics.len(), 1);
+        assert_eq!(d.nics[0].mac, "52:54:00:ab:00:02");
+        assert_eq!(crate::facts::parse_mac("52:54:00:00:00"), None);
+        assert_eq!(crate::facts::parse_mac("52:54:00:00:00:0g"), None);
     }
 
     #[test]
