@@ -150,9 +150,17 @@ proptest! {
             prop_assert_eq!(r.host_ports.len(), r.guest_ports.len());
             prop_assert!(!r.localhost || matches!(r.guest_ip, IpAddr::V4(_)));
         }
-        // every forward got a status; a conflict is never active
+        // every forward got a status; a conflict is never active: it has no rules
         let n: usize = doms.iter().map(|d| d.forwards.len()).sum();
         prop_assert_eq!(p.forwards.len(), n);
+        let installed: std::collections::BTreeSet<&str> =
+            p.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
+        for f in p.forwards.iter().filter(|f| f.state == plan::ForwardState::Conflict) {
+            prop_assert!(f.rule_ids.iter().all(|id| !installed.contains(id.as_str())), "{:?}", f);
+        }
+        for f in p.forwards.iter().filter(|f| f.state == plan::ForwardState::Active) {
+            prop_assert!(!f.rule_ids.is_empty() && f.rule_ids.iter().all(|id| installed.contains(id.as_str())), "{:?}", f);
+        }
         // nothing configured: nothing to install (removal is complete)
         let empty = plan::plan(&[], &f, &[]);
         prop_assert!(empty.ruleset.is_empty() && empty.ruleset.accepts.is_empty() && empty.ruleset.hairpins.is_empty());

@@ -399,12 +399,22 @@ fn real_libvirtd_real_vms() {
     );
 
     // destroy B while A runs: B's rules are gone, A still answers
+    let b_rule = "tcp . 8081 : ";
+    let table = host_exec(&["nft", "list", "table", "inet", "virtgate"]);
+    assert!(
+        table.contains(b_rule),
+        "B's DNAT element is there:\n{table}"
+    );
     must_virsh(&["destroy", "vgB"]);
     assert!(
         http_get(&env.client, pubv(8081)).is_err(),
         "B's forward must be gone"
     );
-    assert!(!host_exec(&["nft", "list", "table", "inet", "virtgate"]).contains(":8081"));
+    let table = host_exec(&["nft", "list", "table", "inet", "virtgate"]);
+    assert!(
+        !table.contains(b_rule),
+        "B's DNAT element is gone:\n{table}"
+    );
     assert!(
         http_get(&env.client, pubv(8080)).is_ok(),
         "A keeps answering"
