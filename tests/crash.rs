@@ -1,0 +1,116 @@
+//! `kill -9` in the middle of `apply`, at varying points, many times: afterwards the
+//! kernel holds the old or the new forwards, never a mix; the state always loads; and the
+//! next `apply` converges.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Lab, LibvirtForm, PUBLIC, sa};
+
+/// 100 forwards of g1 starting at `base`.
+fn config(base: u16) -> String {
+    let f: Vec<String> = (0..100).map(|i| format!("\"{}:80\"", base + i)).collect();
+    format!("[domain.g1]\nforwards = [{}]\n", f.join(", "))
+}
+
+/// How many of g1's DNAT entries the kernel holds from each set.
+fn held(lab: &Lab, backend: &str) -> (usize, usize) {
+    let text = match backend {
+        "nftables" => {
+            lab.host
+                .try_exec(&["nft", "list", "table", "inet", "virtgate"])
+                .1
+        }
+        _ => lab.host.exec(&["iptables-save", "-t", "nat"]),
+    };
+    let count = |base: u16| {
+        (0..100u16)
+            .filter(|i| {
+                let p = base + i;
+                text.contains(&format!("tcp . {p} : ")) || text.contains(&format!("--dport {p} "))
+            })
+            .count()
+    };
+    (count(10000), count(20000))
+}
+
+fn crash_and_converge(backend: &str) {
+    let lab = Lab::new(LibvirtForm::Iptables);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut killed_midway = 0;
+    for round in 0..24 {
+        let base = if round % 2 == 0 { 10000 } else { 20000 };
+        lab.write_config(&config(base));
+        let mut child = lab
+            .command(&lab.config_path(), backend, &["apply"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // somewhere within the time an apply of 100 forwards takes
+        let window = if backend == "nftables" { 10_000 } else { 40_000 };
+        std::thread::sleep(Duration::from_micros(next() % window));
+        // `ip netns exec` execs virtgate: the child is virtgate itself
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let status = child.wait().unwrap();
+        if !status.success() {
+            killed_midway += 1;
+        }
+        // never a mix of the two sets
+        let (a, b) = held(&lab, backend);
+        assert!(
+            matches!((a, b), (0, 0) | (100, 0) | (0, 100)),
+            "{backend} round {round}: a mix after kill -9: {a} of the old set, {b} of the new\n{}",
+            lab.ruleset()
+        );
+        // the state loads, and the next apply converges to the new set
+        let (ok, out, err) = lab.virtgate(backend, &["status", "--json"]);
+        assert!(
+            ok,
+            "round {round}: state unusable after kill -9: {out}{err}"
+        );
+        lab.apply(backend);
+        let want = if base == 10000 { (100, 0) } else { (0, 100) };
+        assert_eq!(held(&lab, backend), want, "round {round}: converged");
+        let (ok, out, _) = lab.virtgate(backend, &["apply"]);
+        assert!(ok && out.starts_with("unchanged"), "round {round}: {out}");
+    }
+    assert!(
+        killed_midway >= 4,
+        "only {killed_midway} runs were killed midway"
+    );
+    // and it answers
+    let t = Instant::now();
+    assert!(
+        lab.client
+            .tcp(sa(&format!("{PUBLIC}:20099")))
+            .is_ok_and(|r| r.starts_with("g1")),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn kill_9_mid_apply_nftables_backend() {
+    if common::can_run_netns("kill_9_mid_apply_nftables_backend") {
+        crash_and_converge("nftables");
+    }
+}
+
+#[test]
+fn kill_9_mid_apply_iptables_backend() {
+    if common::can_run_netns("kill_9_mid_apply_iptables_backend") {
+        crash_and_converge("iptables");
+    }
+}
