@@ -56,7 +56,11 @@ fn crash_and_converge(backend: &str) {
             .spawn()
             .unwrap();
         // somewhere within the time an apply of 100 forwards takes
-        let window = if backend == "nftables" { 10_000 } else { 40_000 };
+        let window = if backend == "nftables" {
+            10_000
+        } else {
+            40_000
+        };
         std::thread::sleep(Duration::from_micros(next() % window));
         // `ip netns exec` execs virtgate: the child is virtgate itself
         let _ = nix::sys::signal::kill(

@@ -256,10 +256,12 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
         .parse()
         .map_err(|_| "'private_ip' is not an IPv4 address".to_string())?;
     let listen = match get_str(o, "public_ip")? {
-        Some(s) => Listen::Address(
+        // the same refusals as a TOML listen address (0.0.0.0: every address, as there)
+        Some(s) => crate::config::short::listen_from_ip(
             s.parse::<IpAddr>()
                 .map_err(|_| format!("'public_ip' {s:?} is not an IP address"))?,
-        ),
+        )
+        .map_err(|e| format!("'public_ip': {e}"))?,
         None => Listen::DefaultRoute,
     };
     let sources = match get_str(o, "source_ip")? {
@@ -467,6 +469,13 @@ mod tests {
             let p = parse(Path::new("h.json"), &text).unwrap();
             assert_eq!(p.invalid_domains, ["x"], "{num}");
             assert!(p.diagnostics[0].message.contains("exceeds 65535"), "{num}");
+        }
+        for ip in ["127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let text = format!(
+                r#"{{"x": {{"private_ip": "192.168.122.9", "public_ip": "{ip}", "port_map": {{"tcp": [22]}}}}}}"#
+            );
+            let p = parse(Path::new("h.json"), &text).unwrap();
+            assert_eq!(p.invalid_domains, ["x"], "{ip}");
         }
         let text = "{\n \"a\": {\"private_ip\": \"192.168.122.2\"},\n \"a\": {\"private_ip\": \"192.168.122.3\"}\n}";
         let e = parse(Path::new("h.json"), text).unwrap_err();

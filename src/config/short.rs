@@ -18,6 +18,9 @@ pub fn listen_from_ip(ip: IpAddr) -> Result<Listen, String> {
     if ip.is_multicast() {
         return Err(format!("listen address {ip} is multicast"));
     }
+    if matches!(ip, IpAddr::V4(a) if a.is_broadcast()) {
+        return Err(format!("listen address {ip} is the broadcast address"));
+    }
     Ok(Listen::Address(ip))
 }
 
