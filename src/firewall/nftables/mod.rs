@@ -675,13 +675,9 @@ impl Backend for Nftables {
             tracing::debug!("nftables: placement differs");
             return Ok(false);
         }
-        if !xt_in_sync(rs)? {
-            tracing::debug!("nftables: xtables accepts differ");
-            return Ok(false);
-        }
         let exists = nfnl::table_exists(inet(), TABLE).map_err(io_err("the table"))?;
         if rs.is_empty() || !exists {
-            return Ok(rs.is_empty() && !exists);
+            return Ok(rs.is_empty() && !exists && xt_in_sync(rs)?);
         }
         let l = Layout::of(rs);
         // the shape: chains with their number of rules, sets
@@ -747,6 +743,12 @@ impl Backend for Nftables {
                 );
                 return Ok(false);
             }
+        }
+        // last: it runs `iptables-save` (two processes), netlink above is cheap and
+        // answers most "no" at once (a deleted table after a flush)
+        if !xt_in_sync(rs)? {
+            tracing::debug!("nftables: xtables accepts differ");
+            return Ok(false);
         }
         Ok(true)
     }
