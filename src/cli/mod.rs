@@ -3,6 +3,7 @@
 
 mod check;
 mod docs;
+mod edit;
 mod install;
 mod render;
 mod status;
@@ -69,6 +70,27 @@ pub enum Command {
     /// Make the kernel match the config now, in one atomic change
     #[command(after_help = "Example:\n  virtgate apply")]
     Apply,
+    /// Add a forward to a domain's entry in the config file, then apply
+    #[command(
+        after_help = "Keeps the file's comments and layout; the whole config is checked as it would be\nfirst: an invalid or conflicting forward writes nothing.\nExample:\n  virtgate add web 8080:80\n  virtgate add web 203.0.113.1:2222:22 --description \"ssh for the web team\""
+    )]
+    Add {
+        /// The libvirt domain's name
+        domain: String,
+        /// The forward, short form: [LISTEN_IP:]HOST[-END]:GUEST[-END][/tcp|udp|sctp]
+        spec: String,
+        /// Written as a long-form [[domain.NAME.forward]] entry with this description
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Remove a forward from a domain's entry in the config file, then apply
+    #[command(after_help = "Example:\n  virtgate remove web 8080:80")]
+    Remove {
+        /// The libvirt domain's name
+        domain: String,
+        /// The forward as `add` took it (short form)
+        spec: String,
+    },
     /// Show every forward: guest address and its source, state, counters
     #[command(
         after_help = "Example:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'"
@@ -232,6 +254,12 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Uninstall => install::uninstall(&ctx),
         Command::Check => check::run(&ctx),
+        Command::Add {
+            domain,
+            spec,
+            description,
+        } => edit::add(&ctx, domain, spec, description.as_deref()),
+        Command::Remove { domain, spec } => edit::remove(&ctx, domain, spec),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
         Command::Daemon => crate::daemon::run(&ctx).map(|_| true),

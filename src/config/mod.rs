@@ -250,8 +250,24 @@ pub fn load_unchecked(main: &Path) -> Result<Config, ConfigError> {
 
 /// [`load_unchecked`], reading only the entries one libvirt domain answers to in full.
 pub fn load_only(main: &Path, only: Option<toml_file::Only>) -> Result<Config, ConfigError> {
+    load_files(main, only, None)
+}
+
+/// [`load`] as it would be with `main_text` in the main file (what `add` and `remove`
+/// check before they write it).
+pub fn load_edited(main: &Path, main_text: &str) -> Result<Config, ConfigError> {
+    let mut cfg = load_files(main, None, Some(main_text))?;
+    add_conflicts(&mut cfg);
+    Ok(cfg)
+}
+
+fn load_files(
+    main: &Path,
+    only: Option<toml_file::Only>,
+    main_text: Option<&str>,
+) -> Result<Config, ConfigError> {
     let mut files = Vec::new();
-    if main.exists() {
+    if main.exists() || main_text.is_some() {
         files.push(main.to_path_buf());
     }
     if let Some(dir) = main.parent().map(|p| p.join("conf.d"))
@@ -266,7 +282,10 @@ pub fn load_only(main: &Path, only: Option<toml_file::Only>) -> Result<Config, C
     }
     let mut parsed = Vec::new();
     for f in &files {
-        let text = read_checked(f)?;
+        let text = match main_text {
+            Some(t) if f == main => t.to_string(),
+            _ => read_checked(f)?,
+        };
         let p = match only {
             Some(o) if f.extension().is_some_and(|e| e == "toml") => {
                 toml_file::parse_only(f, &text, Some(o))
