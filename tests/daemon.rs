@@ -262,26 +262,33 @@ fn daemon_keeps_forwards_through_docker_starting() {
     }
 }
 
+/// The daemon running with g2 pending: no reservation, no lease, no neighbour entry;
+/// returns once the reconcile its own first commit wakes is over, so that only what the
+/// test does next can wake it.
+fn with_g2_pending(lab: &Lab) -> Daemon {
+    lab.write_config(CONFIG);
+    let leases = lab.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
+    std::fs::write(&leases, "[]\n").unwrap();
+    lab.host.exec(&["ip", "neigh", "flush", "all"]);
+    let d = Daemon::start(lab, "nftables");
+    assert!(answers_within(lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    assert!(
+        lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
+        "g2 is pending"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    d
+}
+
 #[test]
 fn daemon_turns_a_forward_live_when_the_lease_appears() {
     if !common::can_run_netns("daemon_turns_a_forward_live_when_the_lease_appears") {
         return;
     }
     let lab = Lab::new(LibvirtForm::Iptables);
-    lab.write_config(CONFIG);
-    // g2 has no reservation: without its lease (and no neighbour entry) it is pending
     let leases = lab.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
     let lease_text = std::fs::read_to_string(&leases).unwrap();
-    std::fs::write(&leases, "[]\n").unwrap();
-    lab.host.exec(&["ip", "neigh", "flush", "all"]);
-    let d = Daemon::start(&lab, "nftables");
-    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
-    assert!(
-        lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
-        "g2 is pending"
-    );
-    // the reconcile its own first commit wakes is over: only the news below wakes it now
-    std::thread::sleep(Duration::from_millis(500));
+    let d = with_g2_pending(&lab);
     // libvirt's leases helper writes the new file and renames it into place
     let new = leases.with_extension("status.new");
     std::fs::write(&new, lease_text).unwrap();
@@ -301,19 +308,7 @@ fn daemon_turns_a_forward_live_when_the_guest_shows_up_in_the_neighbour_table() 
         return;
     }
     let lab = Lab::new(LibvirtForm::Nftables);
-    lab.write_config(CONFIG);
-    // g2: no reservation, no lease, no neighbour entry: pending
-    let leases = lab.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
-    std::fs::write(&leases, "[]\n").unwrap();
-    lab.host.exec(&["ip", "neigh", "flush", "all"]);
-    let d = Daemon::start(&lab, "nftables");
-    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
-    assert!(
-        lab.client.tcp(sa(&format!("{PUBLIC}:8082"))).is_err(),
-        "g2 is pending"
-    );
-    // the reconcile its own first commit wakes is over: only the news below wakes it now
-    std::thread::sleep(Duration::from_millis(500));
+    let d = with_g2_pending(&lab);
     // the guest speaks (ARP for its gateway): the host's neighbour table learns its MAC
     let g2 = lab.guests.iter().find(|g| g.name == "g2").unwrap();
     g2.ns.exec(&["ping", "-c", "1", "-W", "1", "192.168.122.1"]);

@@ -196,27 +196,18 @@ impl Watch {
         let Some(s) = &self.neighbours else {
             return false;
         };
-        let mut news = false;
-        loop {
-            match s.recv_from_full() {
-                Ok((data, _)) if data.is_empty() => return news,
-                Ok((data, _)) => {
-                    for n in crate::facts::neigh::announced(&data) {
-                        // bounded: a flood of made-up addresses cannot grow it forever
-                        if self.seen.len() > 65_536 {
-                            self.seen.clear();
-                        }
-                        news |= self.seen.insert((n.mac, n.ip));
-                    }
+        let seen = &mut self.seen;
+        drain(s, "neighbour", |data| {
+            let mut news = false;
+            for n in crate::facts::neigh::announced(data) {
+                // bounded: a flood of made-up addresses cannot grow it forever
+                if seen.len() > 65_536 {
+                    seen.clear();
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return news,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => news = true,
-                Err(e) => {
-                    tracing::warn!("neighbour notifications: {e}");
-                    return true;
-                }
+                news |= seen.insert((n.mac, n.ip));
             }
-        }
+            news
+        })
     }
 
     /// Reads every pending ruleset message; whether any came (or some were lost).
@@ -224,18 +215,23 @@ impl Watch {
         let Some(s) = &self.ruleset else {
             return false;
         };
-        let mut any = false;
-        loop {
-            match s.recv_from_full() {
-                Ok((data, _)) if data.is_empty() => return any,
-                Ok(_) => any = true,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return any,
-                // ENOBUFS: the kernel dropped messages; what matters is that it changed
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
-                Err(e) => {
-                    tracing::warn!("nf_tables notifications: {e}");
-                    return true;
-                }
+        drain(s, "nf_tables", |_| true)
+    }
+}
+
+/// Reads a non-blocking multicast socket empty; whether `news` said so of a message, or
+/// messages were lost (ENOBUFS: the kernel dropped some; the change is what matters).
+fn drain(s: &Socket, what: &str, mut news: impl FnMut(&[u8]) -> bool) -> bool {
+    let mut any = false;
+    loop {
+        match s.recv_from_full() {
+            Ok((data, _)) if data.is_empty() => return any,
+            Ok((data, _)) => any |= news(&data),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return any,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
+            Err(e) => {
+                tracing::warn!("{what} notifications: {e}");
+                return true;
             }
         }
     }

@@ -418,32 +418,23 @@ fn resolve_address(
         Family::of(ip) == family && guest_ip_problem(ip, Some(net), bridge, facts).is_none()
     };
     let mac = nic.mac.to_ascii_lowercase();
-    if let Some(ip) = ix
-        .reservations
-        .get(&(net.name.as_str(), mac.clone()))
-        .into_iter()
-        .flatten()
-        .find(|ip| fam_ok(ip))
-    {
-        return Ok(GuestAddr {
-            ip: *ip,
-            source: AddrSource::Reservation,
-        });
-    }
-    // a reservation without a MAC, by the domain's name (one NIC on the network: with
-    // more, the name cannot say which one it is)
+    // by the NIC's MAC; else a reservation without a MAC, by the domain's name (one NIC
+    // on the network: with more, the name cannot say which one it is)
     let nics_here = dom
         .nics
         .iter()
         .filter(|n| n.network.as_deref() == Some(net.name.as_str()))
         .count();
-    if nics_here == 1
-        && let Some(ip) = ix
-            .named
-            .get(&(net.name.as_str(), dom.name.as_str()))
-            .into_iter()
-            .flatten()
-            .find(|ip| fam_ok(ip))
+    let by_mac = ix.reservations.get(&(net.name.as_str(), mac.clone()));
+    let by_name = ix
+        .named
+        .get(&(net.name.as_str(), dom.name.as_str()))
+        .filter(|_| nics_here == 1);
+    if let Some(ip) = by_mac
+        .into_iter()
+        .chain(by_name)
+        .flatten()
+        .find(|ip| fam_ok(ip))
     {
         return Ok(GuestAddr {
             ip: *ip,
