@@ -226,17 +226,32 @@ pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
     ))
 }
 
+/// `virtgate status | head -1`: a closed stdout ends the command quietly (exit 141, as a
+/// tool killed by SIGPIPE), where `println!` would panic. SIGPIPE itself stays ignored:
+/// a child that exits without reading its stdin (a failing `iptables-restore`) must give
+/// an error, not kill virtgate mid-change.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
     let daemon = matches!(cli.command, Command::Daemon);
     if !hook && !daemon {
-        // `virtgate status | head -1`: a closed pipe ends the command quietly, as it
-        // does any Unix tool (Rust ignores SIGPIPE, and println! would panic)
-        // SAFETY: restoring a signal's default disposition has no preconditions
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        quiet_on_closed_stdout();
     }
     crate::logging::init(cli.verbose.max(u8::from(daemon)), hook);
     let ctx = cli.context();
