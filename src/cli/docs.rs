@@ -14,5 +14,5 @@ pub fn man() -> Result<(), String> {
     let cmd = Cli::command();
     clap_mangen::Man::new(cmd)
         .render(&mut std::io::stdout())
-        .map_err(|e| e.to_string())
+        .map_err(super::output_error)
 }

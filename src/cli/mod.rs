@@ -239,11 +239,21 @@ fn quiet_on_closed_stdout() {
             .map(String::as_str)
             .or_else(|| p.downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+        // println! says "failed printing to stdout"; clap_complete's writer its own words
+        if msg.contains("Broken pipe") {
             std::process::exit(141);
         }
         default(info)
     }));
+}
+
+/// An error writing the command's output: a closed stdout ends it quietly (see
+/// [`quiet_on_closed_stdout`]); anything else is an error.
+pub(crate) fn output_error(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    format!("writing the output: {e}")
 }
 
 /// Runs the parsed command line.
