@@ -28,6 +28,7 @@ fn help_for_every_command() {
         "status",
         "add",
         "remove",
+        "import-hooks-json",
         "daemon",
         "hook",
         "install",

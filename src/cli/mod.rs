@@ -4,6 +4,7 @@
 mod check;
 mod docs;
 mod edit;
+mod import;
 mod install;
 mod render;
 mod status;
@@ -90,6 +91,17 @@ pub enum Command {
         domain: String,
         /// The forward as `add` took it (short form)
         spec: String,
+    },
+    /// Print the TOML equivalent of a libvirt-hook-qemu hooks.json (or --write it to conf.d/)
+    #[command(
+        after_help = "Short form where it can be, long form otherwise; every difference in meaning is a\ncomment. virtgate also reads a hooks.json as it is (--config /etc/libvirt/hooks/hooks.json).\nExample:\n  virtgate import-hooks-json /etc/libvirt/hooks/hooks.json\n  virtgate import-hooks-json /etc/libvirt/hooks/hooks.json --write"
+    )]
+    ImportHooksJson {
+        /// The hooks.json to convert
+        file: PathBuf,
+        /// Write it to conf.d/hooks-json.toml beside the config (never over an existing file)
+        #[arg(long)]
+        write: bool,
     },
     /// Show every forward: guest address and its source, state, counters
     #[command(
@@ -285,6 +297,7 @@ pub fn run(cli: Cli) -> ExitCode {
             description,
         } => edit::add(&ctx, domain, spec, description.as_deref()),
         Command::Remove { domain, spec } => edit::remove(&ctx, domain, spec),
+        Command::ImportHooksJson { file, write } => import::run(&ctx, file, *write),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
         Command::Daemon => crate::daemon::run(&ctx).map(|_| true),

@@ -60,6 +60,8 @@ pub fn parse_short(spec: &str) -> Result<ShortForward, String> {
         let parts: Vec<&str> = body.split(':').collect();
         match parts.len() {
             1 | 2 => (Listen::Any, body),
+            // what hooks.json means without public_ip: the default route's first address
+            3 if parts[0] == "default-route" => (Listen::DefaultRoute, &body[parts[0].len() + 1..]),
             3 => {
                 let ip: IpAddr = parts[0]
                     .parse()

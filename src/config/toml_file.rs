@@ -278,6 +278,10 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
             }
             "listen" => {
                 for s in str_or_array(v, &o, k)? {
+                    if s == "default-route" {
+                        listens.push(Listen::DefaultRoute);
+                        continue;
+                    }
                     let ip: IpAddr = s
                         .trim_matches(|c| c == '[' || c == ']')
                         .parse()
