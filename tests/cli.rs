@@ -29,6 +29,7 @@ fn help_for_every_command() {
         "add",
         "remove",
         "import-hooks-json",
+        "diagnose",
         "daemon",
         "hook",
         "install",

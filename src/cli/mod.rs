@@ -2,6 +2,7 @@
 //! function over the library (config, facts, reconcile).
 
 mod check;
+mod diagnose;
 mod docs;
 mod edit;
 mod import;
@@ -102,6 +103,19 @@ pub enum Command {
         /// Write it to conf.d/hooks-json.toml beside the config (never over an existing file)
         #[arg(long)]
         write: bool,
+    },
+    /// Walk the path to a domain's forwards and say what holds, what blocks, and the fix
+    #[command(
+        after_help = "Steps: config entry, domain running, guest address and its source, virtgate's rules\nand accept placement in the kernel, ip_forward, route_localnet (localhost forwards), the\nguest listening (a TCP connect from the host), counters. Exit 0: clear; 1: something blocks.\nExample:\n  virtgate diagnose web\n  virtgate diagnose web 8080 --json"
+    )]
+    Diagnose {
+        /// The libvirt domain's name
+        domain: String,
+        /// Only the forwards of this host port
+        port: Option<u16>,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
     /// Show every forward: guest address and its source, state, counters
     #[command(
@@ -297,6 +311,7 @@ pub fn run(cli: Cli) -> ExitCode {
             description,
         } => edit::add(&ctx, domain, spec, description.as_deref()),
         Command::Remove { domain, spec } => edit::remove(&ctx, domain, spec),
+        Command::Diagnose { domain, port, json } => diagnose::run(&ctx, domain, *port, *json),
         Command::ImportHooksJson { file, write } => import::run(&ctx, file, *write),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
