@@ -62,6 +62,22 @@ fn diagnose_names_what_blocks_and_only_that() {
     lab.host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     let (ok, _, out) = blocked(&lab, &["g1", "8080"]);
     assert!(ok, "{out}");
+    // hairpin mode taken off the guest's port (br_netfilter on, as in this namespace)
+    let (_, nf, _) = lab
+        .host
+        .try_exec(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"]);
+    if nf.trim() == "1" {
+        let tap = lab.guest("g1").tap.clone();
+        lab.host.exec(&[
+            "sh",
+            "-c",
+            &format!("echo 0 > /sys/class/net/{tap}/brport/hairpin_mode"),
+        ]);
+        let (_, b, out) = blocked(&lab, &["g1", "8080"]);
+        assert_eq!(b, ["hairpin"], "{out}");
+        lab.apply("nftables");
+        assert!(blocked(&lab, &["g1", "8080"]).0);
+    }
     // the text form says the fix
     let (ok, out, _) = lab.virtgate("nftables", &["diagnose", "ghost"]);
     assert!(!ok && out.contains("fix: virsh start ghost"), "{out}");

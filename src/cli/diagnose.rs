@@ -193,6 +193,28 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
             ));
         }
     }
+    // with br_netfilter, the guest reaching its own forward needs hairpin mode on its port
+    // (set by apply: not a step of its own before the forward is applied)
+    if applied && facts.sysctls.bridge_nf_call_iptables == Some(true) {
+        let taps: std::collections::BTreeSet<&str> = plan
+            .ruleset
+            .rules
+            .iter()
+            .filter(|r| r.domain == domain)
+            .filter_map(|r| r.tap.as_deref())
+            .collect();
+        for tap in taps {
+            match crate::bridge::get(tap) {
+                Some(true) => out.push(pass("hairpin", format!("hairpin mode is on for {tap}"))),
+                Some(false) => out.push(block(
+                    "hairpin",
+                    format!("hairpin mode is off for {tap}: with br_netfilter the guest cannot reach its own forward through the public address"),
+                    "virtgate apply (it sets it, and restores it when the forwards go)",
+                )),
+                None => {}
+            }
+        }
+    }
     // the guest itself: a bounded TCP connect from the host to the guest's port
     for f in &active {
         let Some(g) = f.guest.first() else { continue };
