@@ -1,6 +1,6 @@
-//! `kill -9` in the middle of `apply`, at varying points, many times: afterwards the
-//! kernel holds the old or the new forwards, never a mix; the state always loads; and the
-//! next `apply` converges.
+//! `kill -9` in the middle of `apply` and of the qemu hook, at varying points, many
+//! times: afterwards the kernel holds the old or the new forwards, never a mix; the state
+//! always loads; and the next run converges.
 
 mod common;
 
@@ -116,5 +116,81 @@ fn kill_9_mid_apply_nftables_backend() {
 fn kill_9_mid_apply_iptables_backend() {
     if common::can_run_netns("kill_9_mid_apply_iptables_backend") {
         crash_and_converge("iptables");
+    }
+}
+
+fn crash_hook_and_converge(backend: &str) {
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(&config(10000));
+    let xml = lab.domain_xml("g1");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let hook = |op: &str| {
+        let mut c = lab.command(
+            &lab.config_path(),
+            backend,
+            &["hook", "qemu", "g1", op, "begin", "-"],
+        );
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let mut killed_midway = 0;
+    for round in 0..24 {
+        let op = if round % 2 == 0 { "started" } else { "stopped" };
+        let mut child = hook(op).spawn().unwrap();
+        {
+            use std::io::Write;
+            let _ = child.stdin.take().unwrap().write_all(xml.as_bytes());
+        }
+        let window = if backend == "nftables" { 8_000 } else { 40_000 };
+        std::thread::sleep(Duration::from_micros(next() % window));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if !child.wait().unwrap().success() {
+            killed_midway += 1;
+        }
+        let (a, b) = held(&lab, backend);
+        assert!(
+            b == 0 && (a == 0 || a == 100),
+            "{backend} hook {op}, round {round}: a mix after kill -9: {a} of 100\n{}",
+            lab.ruleset()
+        );
+        let (ok, out, err) = lab.virtgate(backend, &["status", "--json"]);
+        assert!(
+            ok,
+            "round {round}: state unusable after kill -9: {out}{err}"
+        );
+        // libvirt would not run the hook again; the next one (or apply) converges
+        let (code, out, err) = lab.hook(backend, &["qemu", "g1", op, "begin", "-"], &xml);
+        assert_eq!(code, 0, "round {round}: {out}{err}");
+        let want = if op == "started" { (100, 0) } else { (0, 0) };
+        assert_eq!(held(&lab, backend), want, "round {round}: {op} converged");
+    }
+    assert!(
+        killed_midway >= 4,
+        "only {killed_midway} hooks were killed midway"
+    );
+}
+
+#[test]
+fn kill_9_mid_hook_nftables_backend() {
+    if common::can_run_netns("kill_9_mid_hook_nftables_backend") {
+        crash_hook_and_converge("nftables");
+    }
+}
+
+#[test]
+fn kill_9_mid_hook_iptables_backend() {
+    if common::can_run_netns("kill_9_mid_hook_iptables_backend") {
+        crash_hook_and_converge("iptables");
     }
 }
