@@ -36,20 +36,37 @@ fn held(lab: &Lab, backend: &str) -> (usize, usize) {
     (count(10000), count(20000))
 }
 
+/// xorshift64: the same varying kill points on every run.
+struct Points(u64);
+
+impl Points {
+    fn next(&mut self, below: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_micros(self.0 % below)
+    }
+}
+
+/// Kills `child` (virtgate itself: `ip netns exec` execs it) after `after`; whether it
+/// was still running then (killed midway).
+fn kill_after(mut child: std::process::Child, after: Duration) -> bool {
+    std::thread::sleep(after);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    !child.wait().unwrap().success()
+}
+
 fn crash_and_converge(backend: &str) {
     let lab = Lab::new(LibvirtForm::Iptables);
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut points = Points(0x9e37_79b9_7f4a_7c15);
     let mut killed_midway = 0;
     for round in 0..24 {
         let base = if round % 2 == 0 { 10000 } else { 20000 };
         lab.write_config(&config(base));
-        let mut child = lab
+        let child = lab
             .command(&lab.config_path(), backend, &["apply"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -61,16 +78,7 @@ fn crash_and_converge(backend: &str) {
         } else {
             40_000
         };
-        std::thread::sleep(Duration::from_micros(next() % window));
-        // `ip netns exec` execs virtgate: the child is virtgate itself
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let status = child.wait().unwrap();
-        if !status.success() {
-            killed_midway += 1;
-        }
+        killed_midway += usize::from(kill_after(child, points.next(window)));
         // never a mix of the two sets
         let (a, b) = held(&lab, backend);
         assert!(
@@ -123,13 +131,7 @@ fn crash_hook_and_converge(backend: &str) {
     let lab = Lab::new(LibvirtForm::Iptables);
     lab.write_config(&config(10000));
     let xml = lab.domain_xml("g1");
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut points = Points(0x2545_f491_4f6c_dd1d);
     let hook = |op: &str| {
         let mut c = lab.command(
             &lab.config_path(),
@@ -150,14 +152,7 @@ fn crash_hook_and_converge(backend: &str) {
             let _ = child.stdin.take().unwrap().write_all(xml.as_bytes());
         }
         let window = if backend == "nftables" { 8_000 } else { 40_000 };
-        std::thread::sleep(Duration::from_micros(next() % window));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        if !child.wait().unwrap().success() {
-            killed_midway += 1;
-        }
+        killed_midway += usize::from(kill_after(child, points.next(window)));
         let (a, b) = held(&lab, backend);
         assert!(
             b == 0 && (a == 0 || a == 100),
