@@ -1,7 +1,9 @@
 //! Claims the README makes that had no test of their own, each on the real kernel:
 //! hairpin mode restored on removal, route_localnet reported and never set, `apply`
 //! turning a pending forward live once its lease appears, network `stopped` making the
-//! network's forwards pending through the hook (and `started` bringing them back).
+//! network's forwards pending through the hook (and `started` bringing them back),
+//! libvirtd's shutdown leaving the forwards, and one domain's broken entry never failing
+//! another domain's `fail_closed` start.
 
 mod common;
 
@@ -152,4 +154,53 @@ fn network_stopped_makes_its_forwards_pending_and_started_brings_them_back() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(answers(&lab, 8080, "g1"), "back after network started");
+}
+
+#[test]
+fn libvirtd_shutdown_leaves_the_forwards_in_place() {
+    if !common::can_run_netns("libvirtd_shutdown_leaves_the_forwards_in_place") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config("[domain.g1]\nforwards = [\"8080:80\"]\n");
+    lab.apply("nftables");
+    let before = lab.ruleset();
+    // libvirtd stopping: guests may keep running, and so do their forwards
+    let (code, out, err) = lab.hook(
+        "nftables",
+        &["daemon", "-", "shutdown", "-", "shutdown"],
+        "",
+    );
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert_eq!(lab.ruleset(), before, "nothing removed");
+    assert!(answers(&lab, 8080, "g1"));
+}
+
+#[test]
+fn a_broken_entry_never_fails_another_domains_fail_closed_start() {
+    if !common::can_run_netns("a_broken_entry_never_fails_another_domains_fail_closed_start") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    // g1 asks to be refused if its forwards cannot be applied; g2's entry is broken
+    lab.write_config(
+        "[domain.g1]\nfail_closed = true\nforwards = [\"8080:80\"]\n[domain.g2]\nforwards = [\"70000:80\"]\n",
+    );
+    let xml = lab.domain_xml("g1");
+    for op in ["prepare", "start", "started"] {
+        let (code, out, err) = lab.hook("nftables", &["qemu", "g1", op, "begin", "-"], &xml);
+        assert_eq!((code, out.as_str()), (0, ""), "{op}: {err}");
+    }
+    assert!(answers(&lab, 8080, "g1"));
+    // while g2's own fail_closed start is refused for its broken entry
+    lab.write_config(
+        "[domain.g1]\nfail_closed = true\nforwards = [\"8080:80\"]\n[domain.g2]\nfail_closed = true\nforwards = [\"70000:80\"]\n",
+    );
+    let (code, _, err) = lab.hook(
+        "nftables",
+        &["qemu", "g2", "prepare", "begin", "-"],
+        &lab.domain_xml("g2"),
+    );
+    assert_ne!(code, 0, "g2's own start is refused: {err}");
+    assert!(answers(&lab, 8080, "g1"), "g1 is untouched");
 }
