@@ -489,3 +489,38 @@ fn install_daemon_writes_a_unit_whose_command_runs_the_daemon() {
         foreign
     );
 }
+
+#[test]
+fn daemon_applies_a_config_edit_without_a_signal() {
+    if !common::can_run_netns("daemon_applies_a_config_edit_without_a_signal") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    let d = Daemon::start(&lab, "nftables");
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    // an editor saving the file (inotify on the config directory), and a conf.d file
+    lab.write_config(&CONFIG.replace("8080:80", "8091:80"));
+    assert!(
+        answers_within(&lab, 8091, "g1", Duration::from_secs(1)).is_some(),
+        "{}",
+        d.log()
+    );
+    // g3 is known from the neighbour table; that event passes first
+    lab.ping_from_host("192.168.100.10");
+    let confd = lab.config_path().parent().unwrap().join("conf.d");
+    std::fs::create_dir_all(&confd).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // a conf.d that did not exist when the daemon started
+    std::fs::write(
+        confd.join("more.toml"),
+        "[domain.g3]\nforwards = [\"8093:80\"]\n",
+    )
+    .unwrap();
+    assert!(
+        answers_within(&lab, 8093, "g3", Duration::from_secs(1)).is_some(),
+        "{}",
+        d.log()
+    );
+}

@@ -204,6 +204,7 @@ pub fn run(ctx: &Context) -> Result<(), String> {
     // pending work: since when, the last event, and whether the ruleset changed
     let mut pending: Option<(Instant, Instant)> = None;
     let mut foreign = false;
+    let mut config_changed = false;
     loop {
         let now = Instant::now();
         let mut due = last_run + PERIODIC;
@@ -228,9 +229,12 @@ pub fn run(ctx: &Context) -> Result<(), String> {
                     return Ok(());
                 }
                 Fired::Dir(dir) => {
+                    // read once the editor is done (debounced), not at its first write
                     if ctx.config_path.parent().is_some_and(|p| dir.starts_with(p)) {
-                        d.reload("config file changed");
+                        config_changed = true;
                     }
+                    // a directory that appeared (conf.d, libvirt's /run) is watched at once
+                    watch.watch_missing();
                     let t = Instant::now();
                     pending = Some((pending.map_or(t, |p| p.0), t));
                 }
@@ -261,6 +265,9 @@ pub fn run(ctx: &Context) -> Result<(), String> {
                 watch.watch_missing();
             }
             d.not_before = None;
+            if std::mem::take(&mut config_changed) {
+                d.reload("config file changed");
+            }
             d.reconcile(foreign);
             // our own commits come back as events: a reconcile then finds nothing to do
             foreign = false;

@@ -234,6 +234,35 @@ pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
         .iter()
         .flat_map(|n| leases::read_leases(&paths.dnsmasq_dir(), &n.bridge))
         .collect();
+    // read only where they matter (the hook gathers for one domain on every VM start):
+    // iptables' FORWARD beside libvirt's nftables form, the host's addresses for a NIC
+    // on a bridge that is no libvirt network
+    let xt_forward = if networks
+        .iter()
+        .any(|n| n.firewall == LibvirtFirewall::Nftables)
+    {
+        crate::firewall::placement::xt_forward_families()
+    } else {
+        Vec::new()
+    };
+    let known = |n: &Nic| {
+        networks.iter().any(|x| {
+            n.network.as_deref() == Some(x.name.as_str())
+                || n.bridge.as_deref() == Some(x.bridge.as_str())
+        })
+    };
+    let plain_bridge = domains
+        .iter()
+        .flat_map(|d| &d.nics)
+        .any(|n| n.bridge.is_some() && !known(n));
+    let host_addresses = if plain_bridge {
+        neigh::interface_addresses().unwrap_or_else(|e| {
+            tracing::warn!("cannot read the host's addresses: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     Facts {
         domains,
         networks,
@@ -244,11 +273,8 @@ pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
         }),
         default_route_v4: neigh::default_route_v4().unwrap_or(None),
         sysctls: sysctl::read(),
-        xt_forward: crate::firewall::placement::xt_forward_families(),
-        host_addresses: neigh::interface_addresses().unwrap_or_else(|e| {
-            tracing::warn!("cannot read the host's addresses: {e}");
-            Vec::new()
-        }),
+        xt_forward,
+        host_addresses,
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
