@@ -135,7 +135,7 @@ fn render_prints_without_changing_anything() {
 fn man_page_and_completions() {
     let (code, out, _) = vg(&["man"]);
     assert_eq!(code, 0);
-    assert!(out.contains(".TH virtgate"), "{out}");
+    assert!(out.contains(".TH virtgate 8"), "{out}");
     for shell in ["bash", "zsh", "fish"] {
         let (code, out, _) = vg(&["completions", shell]);
         assert_eq!(code, 0);
@@ -169,4 +169,62 @@ fn a_closed_pipe_ends_output_quietly() {
             out.status
         );
     }
+}
+
+#[test]
+fn install_refresh_replaces_only_the_copies_install_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let cfg = dir.path().join("virtgate.toml");
+    let state = dir.path().join("state");
+    let opts = [
+        "--libvirt-root",
+        root.as_str(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = opts.iter().chain(extra).copied().collect();
+        vg(&args)
+    };
+    let hooks = dir.path().join("etc/libvirt/hooks");
+    // never installed: nothing is added
+    let (code, out, err) = run(&["install", "--refresh"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("nothing to refresh"), "{out}");
+    assert!(!hooks.exists(), "refresh created {}", hooks.display());
+    let (code, out, err) = run(&["install"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // an older binary in one copy, another copy removed by the admin, a foreign hook
+    std::fs::write(
+        hooks.join("qemu.d/virtgate"),
+        b"#!/bin/sh\n# an older virtgate\n",
+    )
+    .unwrap();
+    std::fs::remove_file(hooks.join("network.d/virtgate")).unwrap();
+    std::fs::write(hooks.join("qemu.d/other"), b"#!/bin/sh\n").unwrap();
+    let (code, out, err) = run(&["install", "--refresh"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let me = std::fs::read(env!("CARGO_BIN_EXE_virtgate")).unwrap();
+    for d in ["qemu", "daemon"] {
+        let p = hooks.join(format!("{d}.d/virtgate"));
+        assert!(
+            std::fs::read(&p).unwrap() == me,
+            "{} not refreshed",
+            p.display()
+        );
+        assert!(out.contains(&format!("refreshed {}", p.display())), "{out}");
+    }
+    assert!(
+        !hooks.join("network.d/virtgate").exists(),
+        "refresh re-added a removed copy"
+    );
+    assert_eq!(
+        std::fs::read(hooks.join("qemu.d/other")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    // --refresh is not an install with a unit
+    assert_eq!(run(&["install", "--refresh", "--daemon"]).0, 2);
 }

@@ -12,7 +12,9 @@ pub fn completions(shell: clap_complete::Shell) -> Result<(), String> {
 
 pub fn man() -> Result<(), String> {
     let cmd = Cli::command();
+    // section 8: a command for root, in /usr/sbin
     clap_mangen::Man::new(cmd)
+        .section("8")
         .render(&mut std::io::stdout())
         .map_err(super::output_error)
 }

@@ -13,17 +13,8 @@ use crate::state::{StateDir, write_atomic_mode};
 pub const DRIVERS: [&str; 3] = ["qemu", "network", "daemon"];
 pub const HOOK_NAME: &str = "virtgate";
 
-const EXAMPLE: &str = r#"# virtgate config: publish guest ports (see `man virtgate`, `virtgate check`).
-#
-# [domain.web]                       # libvirt domain name
-# forwards = ["8080:80", "5353:53/udp", "9000-9002:9100-9102"]
-#
-# [[domain.api.forward]]
-# host_port = 8081
-# guest_port = 80
-# source = ["203.0.113.0/24"]
-# description = "internal API"
-"#;
+/// The config install creates where there is none (the .deb ships it as a conffile).
+const EXAMPLE: &str = include_str!("../../contrib/virtgate.toml");
 
 fn hook_path(hooks: &Path, driver: &str) -> PathBuf {
     hooks.join(format!("{driver}.d")).join(HOOK_NAME)
@@ -112,6 +103,41 @@ pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
             "libvirtd looks for new hook directories only when it starts or gets SIGHUP: run `systemctl reload libvirtd` (or `kill -HUP $(pidof libvirtd)`) once; new: {}",
             new_dirs.join(", ")
         );
+    }
+    Ok(true)
+}
+
+/// After an upgrade: the hook copies an earlier install wrote (and its unit) become this
+/// binary; nothing is added where install never ran. Atomic per file (rename), so a hook
+/// libvirt runs at that moment is the old binary or the new one, whole.
+pub fn refresh(ctx: &Context) -> Result<bool, String> {
+    let hooks = ctx.libvirt.hooks_dir();
+    if !settings::path(&hooks).exists() {
+        println!(
+            "virtgate's hooks are not installed in {}: nothing to refresh",
+            hooks.display()
+        );
+        return Ok(true);
+    }
+    let ctx = &settings::load(&hooks, ctx.clone());
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    for d in DRIVERS {
+        let p = hook_path(&hooks, d);
+        if p.exists() {
+            write_atomic_mode(&p, &bin, 0o755).map_err(|e| format!("{}: {e}", p.display()))?;
+            println!("refreshed {}", p.display());
+        }
+    }
+    if let Some(u) = settings::unit(&hooks)
+        && let Ok(text) = fs::read_to_string(&u)
+        && unit::is_ours(&text)
+    {
+        install_unit(ctx, &exe, &u)?;
+        unit::systemctl(
+            u.parent().unwrap_or(Path::new(unit::DEFAULT_DIR)),
+            &["daemon-reload"],
+        )?;
     }
     Ok(true)
 }

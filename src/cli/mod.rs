@@ -150,7 +150,7 @@ Example:
     },
     /// Install the libvirt hooks (qemu.d, network.d, daemon.d); never touches foreign hooks
     #[command(
-        after_help = "Example:\n  virtgate install && systemctl reload libvirtd\n  virtgate install --daemon    # also the daemon's systemd unit, enabled and started"
+        after_help = "Example:\n  virtgate install && systemctl reload libvirtd\n  virtgate install --daemon    # also the daemon's systemd unit, enabled and started\n  virtgate install --refresh   # after an upgrade: the hook copies become this binary"
     )]
     Install {
         /// Also install the daemon's systemd unit (virtgate.service) and, where systemd
@@ -160,6 +160,10 @@ Example:
         /// Where the unit goes
         #[arg(long, value_name = "DIR", default_value = unit::DEFAULT_DIR, requires = "daemon")]
         unit_dir: PathBuf,
+        /// Only replace the hook copies (and the unit) an earlier install wrote with this
+        /// binary; nothing is installed where there were none (the .deb's postinst runs it)
+        #[arg(long, conflicts_with = "daemon")]
+        refresh: bool,
     },
     /// Remove virtgate's hook files and all its rules; keep the config
     #[command(after_help = "Example:\n  virtgate uninstall")]
@@ -173,7 +177,7 @@ Example:
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff)
-    #[command(after_help = "Example:\n  virtgate man > /usr/local/share/man/man1/virtgate.1")]
+    #[command(after_help = "Example:\n  virtgate man > /usr/local/share/man/man8/virtgate.8")]
     Man,
 }
 
@@ -300,9 +304,10 @@ pub fn run(cli: Cli) -> ExitCode {
                 std::io::stdin().lock(),
             ));
         }
-        Command::Install { daemon, unit_dir } => {
-            install::install(&ctx, daemon.then_some(unit_dir.as_path()))
-        }
+        Command::Install { refresh: true, .. } => install::refresh(&ctx),
+        Command::Install {
+            daemon, unit_dir, ..
+        } => install::install(&ctx, daemon.then_some(unit_dir.as_path())),
         Command::Uninstall => install::uninstall(&ctx),
         Command::Check => check::run(&ctx),
         Command::Add {

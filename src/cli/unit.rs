@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn defaults_give_the_repository_unit() {
         let text = render(
-            Path::new("/usr/bin/virtgate"),
+            Path::new("/usr/sbin/virtgate"),
             &ctx(DEFAULT_CONFIG, DEFAULT_STATE_DIR, "/"),
         );
         assert_eq!(text, format!("{MARK}\n{TEMPLATE}"));

@@ -52,9 +52,11 @@ pub fn restore_cmd(family: Family) -> &'static str {
     }
 }
 
-/// `iptables-save -t TABLE` (empty if the tool is not installed: then nothing of
-/// virtgate's can be there). A failing tool is an error, not an empty table: acting on a
-/// wrong picture would add a second jump or leave a chain behind.
+/// Whether `family`'s iptables tools are installed.
+pub fn installed(family: Family) -> bool {
+    crate::exec::find(restore_cmd(family)).is_some()
+}
+
 /// Whether `family`'s iptables tools are the nf_tables flavour (iptables-nft): their
 /// rules are nf_tables rules then, and the ruleset generation counts their changes.
 pub fn on_nf_tables(family: Family) -> bool {
@@ -64,6 +66,9 @@ pub fn on_nf_tables(family: Family) -> bool {
         .unwrap_or(false)
 }
 
+/// `iptables-save -t TABLE` (empty if the tool is not installed: then nothing of
+/// virtgate's can be there). A failing tool is an error, not an empty table: acting on a
+/// wrong picture would add a second jump or leave a chain behind.
 pub fn try_save(family: Family, table: &str, counters: bool) -> Result<String, FirewallError> {
     let mut argv = vec![save_cmd(family), "-t", table];
     if counters {

@@ -508,7 +508,9 @@ pub fn nft_apply(batch: &str) -> Result<(), FirewallError> {
 }
 
 /// The xtables part: per-bridge accepts in `VIRTGATE_FORWARD`, for bridges whose
-/// libvirt firewall is the iptables form.
+/// libvirt firewall is the iptables form. Where a family's iptables tools are not
+/// installed there is none: no iptables chain can be in the way then (libvirt's iptables
+/// form runs those tools), and a host with nftables alone must not need them.
 fn xt_specs(rs: &Ruleset) -> Vec<(Family, xtables::TableSpec)> {
     [Family::Ipv4, Family::Ipv6]
         .into_iter()
@@ -517,7 +519,7 @@ fn xt_specs(rs: &Ruleset) -> Vec<(Family, xtables::TableSpec)> {
                 table: "filter",
                 ..Default::default()
             };
-            if placement::needs_xt(&rs.accepts, f) {
+            if placement::needs_xt(&rs.accepts, f) && xtables::installed(f) {
                 spec.chains.push((
                     placement::XT_FORWARD.to_string(),
                     placement::xt_bridge_rules(&rs.accepts, f),
