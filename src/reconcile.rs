@@ -119,6 +119,11 @@ pub fn reconcile(
 }
 
 /// [`reconcile`], limited to `scope`.
+///
+/// A hook (`Scope::Domain`) with a backend whose delta is local loads only its domain's
+/// rules and the index of the others ([`crate::state::Installed`]): its cost does not grow
+/// with what other domains have installed. The [`Outcome`]'s state then holds only the
+/// rules that were decoded.
 pub fn reconcile_scoped(
     ctx: &Context,
     config: &Config,
@@ -127,8 +132,74 @@ pub fn reconcile_scoped(
     scope: Scope,
 ) -> Result<Outcome, ReconcileError> {
     let dir = StateDir::lock(&ctx.state_dir)?;
-    let mut state = dir.load()?;
+    let backend = ctx.backend_for(config);
+    let (mut state, mut inst) = match scope {
+        Scope::Domain(name) if backend.local_delta() => {
+            let (st, inst) = dir.load_for(name)?;
+            (st, Some(inst))
+        }
+        _ => (dir.load()?, None),
+    };
+    // switching backends: the old one removes what it installed, from the whole ruleset
+    if let Some(i) = &inst
+        && state
+            .backend
+            .as_deref()
+            .is_some_and(|b| b != backend.name())
+    {
+        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+        inst = None;
+    }
     let before = state.without_ruleset();
+    begin(ctx, &mut state, update);
+    let facts = gather(&state);
+    let (plan, result) = match (&mut inst, scope) {
+        (Some(i), Scope::Domain(name)) => {
+            let plan = plan_domain_against(config, &facts, &state, name, &i.others());
+            let Plan { ruleset, forwards } = plan;
+            let r = apply_part(ctx, &mut state, i, ruleset, backend.as_ref(), name);
+            (forwards, r)
+        }
+        _ => {
+            let plan = match scope {
+                Scope::All => plan_only(config, &facts, &state),
+                Scope::Domain(name) => plan_domain(config, &facts, &state, name),
+            };
+            let Plan { ruleset, forwards } = plan;
+            let r = apply_plan(ctx, &mut state, ruleset, backend.as_ref(), scope);
+            (forwards, r)
+        }
+    };
+    // what the hook recorded (started, stopped) is kept even if the change failed; an
+    // unchanged state is not written again
+    if !matches!(result, Ok(false)) || state.without_ruleset() != before {
+        match &inst {
+            Some(i) => dir.save_partial(&state, i)?,
+            None => dir.save(&state)?,
+        }
+    }
+    let changed = result?;
+    let others = inst.as_ref().map_or(0, |i| i.other_rules());
+    Ok(Outcome {
+        forwards: plan,
+        rules: state.ruleset.rules.len() + others,
+        changed,
+        backend: backend.name(),
+        state,
+    })
+}
+
+fn corrupt(ctx: &Context, msg: String) -> ReconcileError {
+    ReconcileError::State(StateError::Corrupt {
+        path: crate::state::state_file(&ctx.state_dir),
+        msg,
+    })
+}
+
+/// What every reconcile does to the state first: a new boot forgets what ran before,
+/// `update` records what the caller knows (a hook: started or stopped), and a stopped
+/// domain counts as stopped until libvirt has deleted its status file.
+fn begin(ctx: &Context, state: &mut State, update: impl FnOnce(&mut State)) {
     // a new boot: nothing a hook reported as running before runs now
     let boot = crate::state::boot_id();
     if boot.is_some() && state.boot_id != boot {
@@ -138,39 +209,30 @@ pub fn reconcile_scoped(
         state.generation = None;
         state.boot_id = boot;
     }
-    update(&mut state);
+    update(state);
     // a stopped domain's status file is gone once libvirt is done with it
     let qemu_dir = ctx.libvirt.qemu_status_dir();
     state
         .stopped
         .retain(|n| qemu_dir.join(format!("{n}.xml")).exists());
-    let facts = gather(&state);
-    let plan = match scope {
-        Scope::All => plan_only(config, &facts, &state),
-        Scope::Domain(name) => plan_domain(config, &facts, &state, name),
-    };
-    let backend = ctx.backend_for(config);
-    let Plan { ruleset, forwards } = plan;
-    let result = apply_plan(ctx, &mut state, ruleset, backend.as_ref(), scope);
-    // what the hook recorded (started, stopped) is kept even if the change failed; an
-    // unchanged state is not written again
-    if !matches!(result, Ok(false)) || state.without_ruleset() != before {
-        dir.save(&state)?;
-    }
-    let changed = result?;
-    Ok(Outcome {
-        forwards,
-        rules: state.ruleset.rules.len(),
-        changed,
-        backend: backend.name(),
-        state,
-    })
 }
 
 /// The plan narrowed to one config domain: its forwards are planned against the facts,
 /// every other domain keeps exactly what is installed for it (and holds its ports).
 /// Costs what the domain has, not what is installed.
 pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) -> Plan {
+    plan_domain_against(config, facts, state, name, &[])
+}
+
+/// [`plan_domain`] where the rules of the other domains are `others` (from the state's
+/// index) besides those in `state.ruleset`.
+pub fn plan_domain_against(
+    config: &Config,
+    facts: &Facts,
+    state: &State,
+    name: &str,
+    others: &[plan::Held],
+) -> Plan {
     let config = config.with_metadata(&facts.domains);
     let domains: Vec<crate::model::DomainConfig> = config
         .domains
@@ -187,7 +249,7 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
         .filter(|r| keep_mine || r.domain != name)
         .cloned()
         .collect();
-    let mut plan = plan::plan_with(&domains, facts, carried);
+    let mut plan = plan::plan_against(&domains, facts, carried, others);
     // ports of other domains' bridge ports stay as they are
     let other_taps: std::collections::HashSet<&str> = state
         .ruleset
@@ -195,6 +257,7 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
         .iter()
         .filter(|r| r.domain != name)
         .filter_map(|r| r.tap.as_deref())
+        .chain(others.iter().filter_map(|h| h.tap))
         .collect();
     let mut ports: Vec<String> = state
         .ruleset
@@ -211,6 +274,90 @@ pub fn plan_domain(config: &Config, facts: &Facts, state: &State, name: &str) ->
     ports.dedup();
     plan.ruleset.hairpin_ports = ports;
     plan
+}
+
+/// The hook's change with a local delta: `state.ruleset` and `new` hold the domain's
+/// rules (before and after), to which every other domain's rule for the same guest
+/// addresses is added from `inst`; the kernel gets their delta. If it refuses, the whole
+/// ruleset (decoded from `inst` then) is written instead.
+fn apply_part(
+    ctx: &Context,
+    state: &mut State,
+    inst: &mut crate::state::Installed,
+    mut new: plan::Ruleset,
+    backend: &dyn Backend,
+    name: &str,
+) -> Result<bool, ReconcileError> {
+    let guests: std::collections::BTreeSet<std::net::IpAddr> = state
+        .ruleset
+        .rules
+        .iter()
+        .chain(&new.rules)
+        .map(|r| r.guest_ip)
+        .collect();
+    let sharing = inst
+        .take_sharing(&guests)
+        .map_err(|msg| corrupt(ctx, msg))?;
+    if !sharing.is_empty() {
+        state.ruleset.rules.extend(sharing.iter().cloned());
+        state.ruleset.rules.sort();
+        new.rules.extend(sharing);
+        new.rules.sort();
+    }
+    let same = new == state.ruleset;
+    let old_taps: Vec<String> = state
+        .ruleset
+        .rules
+        .iter()
+        .filter(|r| r.domain == name)
+        .filter_map(|r| r.tap.clone())
+        .collect();
+    // nothing else installed: the parts are the whole (the table may not exist yet)
+    let alone = inst.other_rules() == 0;
+    let before = backend.generation(&state.ruleset)?;
+    let trusted = before.is_some() && before == state.generation;
+    let mut result = if alone {
+        backend.apply_delta(&state.ruleset, &new)
+    } else {
+        backend.apply_part(&state.ruleset, &new)
+    };
+    if let Err(e) = &result {
+        tracing::warn!("the kernel refused the change of a part ({e}); writing the whole ruleset");
+        let whole = inst.merged(&new).map_err(|msg| corrupt(ctx, msg))?;
+        result = backend.apply(&whole);
+    }
+    if let Err(e) = result {
+        // put back what was there so the kernel holds the old ruleset, not a half
+        match inst.merged(&state.ruleset) {
+            Ok(old) => {
+                if let Err(r) = backend.apply(&old) {
+                    tracing::error!("rolling back after a failed change also failed: {r}");
+                }
+            }
+            Err(msg) => tracing::error!("cannot roll back: {msg}"),
+        }
+        state.generation = None;
+        return Err(e.into());
+    }
+    let after = backend.generation(&new)?;
+    state.generation = match (trusted, before, after) {
+        (true, Some(b), Some(a)) if a == firewall::next_generation(b) => Some(a),
+        _ => None,
+    };
+    let own: std::collections::BTreeSet<String> = old_taps
+        .into_iter()
+        .chain(
+            new.rules
+                .iter()
+                .filter(|r| r.domain == name)
+                .filter_map(|r| r.tap.clone()),
+        )
+        .collect();
+    crate::bridge::sync(&new.hairpin_ports, &mut state.hairpin_saved, Some(&own));
+    let installed = !new.is_empty() || !alone;
+    state.ruleset = new;
+    state.backend = installed.then(|| backend.name().to_string());
+    Ok(!same)
 }
 
 /// Applies `plan` unless the kernel already holds it; updates `state` on success.

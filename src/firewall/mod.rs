@@ -63,6 +63,23 @@ pub trait Backend {
         false
     }
 
+    /// Whether [`Backend::apply_part`] works: a delta that needs to know only the rules it
+    /// changes, every installed rule for the same guest addresses, and the shared parts
+    /// (accepts, hairpins, hairpin ports) whole. A hook then decodes no other rule.
+    fn local_delta(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::apply_delta`] between two parts of the installed ruleset (see
+    /// [`Backend::local_delta`]), while other rules are installed beside them and stay.
+    fn apply_part(&self, old: &Ruleset, new: &Ruleset) -> Result<(), FirewallError> {
+        let _ = (old, new);
+        Err(FirewallError::Rejected(format!(
+            "the {} backend changes the whole ruleset only",
+            self.name()
+        )))
+    }
+
     /// The kernel's count of committed ruleset changes, when it counts every change to
     /// what `rs` puts there (the nf_tables generation: `nft` and iptables-nft alike); `None`
     /// when part of it is not counted (iptables-legacy). See [`holds`].

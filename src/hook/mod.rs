@@ -148,19 +148,20 @@ fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &st
     let Some(me) = cfg.domains.get(cfg_name) else {
         return Vec::new();
     };
-    let mut st =
-        crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
-    if st.boot_id != crate::state::boot_id() {
-        // recorded before a reboot: none of it runs
-        st.ruleset.rules.clear();
-    }
+    let (st, inst) =
+        crate::state::read_state_for(&crate::state::state_file(&ctx.state_dir), cfg_name)
+            .unwrap_or_default();
+    // recorded before a reboot: none of it runs
+    let others = if st.boot_id == crate::state::boot_id() {
+        inst.others()
+    } else {
+        Vec::new()
+    };
     me.domain
         .forwards
         .iter()
         .filter_map(|f| {
-            let r = st
-                .ruleset
-                .rules
+            let r = others
                 .iter()
                 .filter(|r| r.domain != cfg_name && r.domain != name)
                 .find(|r| crate::plan::conflicts::spec_overlaps_rule(f, r))?;
@@ -189,10 +190,8 @@ fn concerns_virtgate(
     if uuid.is_some() && cfg.domains.values().any(|d| d.domain.uuid == uuid) {
         return true;
     }
-    match crate::state::read_state(&crate::state::state_file(&ctx.state_dir)) {
-        Ok(st) => {
-            st.started.contains_key(name) || st.ruleset.rules.iter().any(|r| r.domain == name)
-        }
+    match crate::state::read_state_for(&crate::state::state_file(&ctx.state_dir), name) {
+        Ok((st, _)) => st.started.contains_key(name) || !st.ruleset.rules.is_empty(),
         // unreadable state: take the slow, careful path
         Err(_) => true,
     }

@@ -37,8 +37,8 @@ pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
 }
 
 /// Whether two rules could receive the same packet.
-pub(crate) fn rules_overlap(a: &Rule, b: &Rule) -> bool {
-    let listen = match (&a.listen, &b.listen) {
+pub(crate) fn held_overlaps(a: &Rule, b: &super::Held) -> bool {
+    let listen = match (&a.listen, b.listen) {
         (ListenOn::Address(x), ListenOn::Address(y)) => x == y,
         (ListenOn::Interface(x), ListenOn::Interface(y)) => x == y,
         _ => true,
@@ -50,8 +50,8 @@ pub(crate) fn rules_overlap(a: &Rule, b: &Rule) -> bool {
 }
 
 /// Whether a forward could receive a packet an installed rule receives.
-pub fn spec_overlaps_rule(spec: &ForwardSpec, r: &Rule) -> bool {
-    let listen = match (&spec.listen, &r.listen) {
+pub fn spec_overlaps_rule(spec: &ForwardSpec, r: &super::Held) -> bool {
+    let listen = match (&spec.listen, r.listen) {
         (Listen::Address(a), ListenOn::Address(b)) => a == b,
         (Listen::Interface(a), ListenOn::Interface(b)) => a == b,
         _ => true,

@@ -12,8 +12,8 @@ use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
 use crate::model::{DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto};
 
 pub mod conflicts;
+use conflicts::families;
 pub use conflicts::{Conflict, find_conflicts, find_conflicts_naive};
-use conflicts::{families, rules_overlap};
 
 /// Where a guest address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +122,38 @@ pub struct Hairpin {
     pub subnet: IpNet,
 }
 
+/// A rule installed for another domain, as far as planning one domain needs it: the
+/// ports it holds, the guest address it claims, the bridge and port it uses. Borrowed
+/// from the state's index (the hook decodes no other domain's rules) or from a [`Rule`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    pub domain: &'a str,
+    pub family: Family,
+    pub proto: Proto,
+    pub listen: &'a ListenOn,
+    pub localhost: bool,
+    pub host_ports: PortRange,
+    pub guest_ip: IpAddr,
+    pub bridge: &'a str,
+    pub tap: Option<&'a str>,
+}
+
+impl<'a> Held<'a> {
+    pub fn of(r: &'a Rule) -> Held<'a> {
+        Held {
+            domain: &r.domain,
+            family: r.family,
+            proto: r.proto,
+            listen: &r.listen,
+            localhost: r.localhost,
+            host_ports: r.host_ports,
+            guest_ip: r.guest_ip,
+            bridge: &r.bridge,
+            tap: r.tap.as_deref(),
+        }
+    }
+}
+
 /// The backend-neutral ruleset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Ruleset {
@@ -143,7 +175,18 @@ impl Ruleset {
     /// Builds accepts and hairpins from the rules and the networks they use.
     /// `xt_forward`: families whose iptables filter `FORWARD` chain exists (see [`Facts`]).
     pub fn from_rules(
+        rules: Vec<Rule>,
+        networks: &[NetworkFacts],
+        xt_forward: &[Family],
+    ) -> Ruleset {
+        Ruleset::from_rules_and(rules, &[], networks, xt_forward)
+    }
+
+    /// [`Ruleset::from_rules`], the accepts and hairpins also covering `others` (rules
+    /// installed for other domains that are not in `rules`: planning one domain).
+    pub fn from_rules_and(
         mut rules: Vec<Rule>,
+        others: &[Held],
         networks: &[NetworkFacts],
         xt_forward: &[Family],
     ) -> Ruleset {
@@ -153,9 +196,13 @@ impl Ruleset {
         // where the bridge is no libvirt network
         let mut keys: BTreeSet<(&str, Family, Option<IpAddr>)> = BTreeSet::new();
         let mut last = None;
-        for r in &rules {
-            let known = networks.iter().any(|n| n.bridge == r.bridge);
-            let k = (r.bridge.as_str(), r.family, (!known).then_some(r.guest_ip));
+        let all = rules
+            .iter()
+            .map(|r| (r.bridge.as_str(), r.family, r.guest_ip))
+            .chain(others.iter().map(|h| (h.bridge, h.family, h.guest_ip)));
+        for (bridge, family, guest_ip) in all {
+            let known = networks.iter().any(|n| n.bridge == bridge);
+            let k = (bridge, family, (!known).then_some(guest_ip));
             if last != Some(k) {
                 keys.insert(k);
                 last = Some(k);
@@ -727,6 +774,17 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
 
 /// [`plan`], taking the carried rules by value (no copy of what is installed).
 pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) -> Plan {
+    plan_against(domains, facts, carried, &[])
+}
+
+/// [`plan_with`], `others` holding their ports and addresses too without being part of
+/// the plan's rules (the accepts and hairpins count them).
+pub fn plan_against(
+    domains: &[DomainConfig],
+    facts: &Facts,
+    carried: Vec<Rule>,
+    others: &[Held],
+) -> Plan {
     // only running domains compete for ports
     // Facts::domain's lookup, indexed (one pass instead of one scan per domain)
     let mut by_uuid: HashMap<&str, &DomainFacts> = HashMap::new();
@@ -765,6 +823,9 @@ pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) ->
     for r in &carried {
         ix.claims.push((r.guest_ip, r.domain.as_str()));
     }
+    for h in others {
+        ix.claims.push((h.guest_ip, h.domain));
+    }
     let mut rules: Vec<Rule> = Vec::new();
     let mut statuses = Vec::new();
     for (di, d) in domains.iter().enumerate() {
@@ -790,7 +851,9 @@ pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) ->
             if let Some(holder) = rs.iter().find_map(|r| {
                 carried
                     .iter()
-                    .find(|x| x.domain != d.name && rules_overlap(r, x))
+                    .map(Held::of)
+                    .chain(others.iter().copied())
+                    .find(|x| x.domain != d.name && conflicts::held_overlaps(r, x))
             }) {
                 st.state = ForwardState::Conflict;
                 st.reason = Some(format!(
@@ -809,7 +872,7 @@ pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) ->
     drop(ix);
     let mut all = carried;
     all.extend(rules);
-    let mut ruleset = Ruleset::from_rules(all, &facts.networks, &facts.xt_forward);
+    let mut ruleset = Ruleset::from_rules_and(all, others, &facts.networks, &facts.xt_forward);
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
         // one tap per guest NIC, shared by its rules: sorted as borrowed names, copied once
         let ports: BTreeSet<&str> = ruleset

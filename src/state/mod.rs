@@ -14,6 +14,8 @@ use crate::plan::Ruleset;
 
 mod rows;
 
+pub use rows::Installed;
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtgate";
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,117 @@ impl StateDir {
     }
 }
 
+/// The fields of `state.json` with the ruleset left as it is, for a partial read.
+#[derive(Deserialize)]
+struct RawState<'a> {
+    backend: Option<String>,
+    #[serde(borrow, default)]
+    ruleset: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    generation: Option<u32>,
+    started: BTreeMap<String, DomainFacts>,
+    #[serde(default)]
+    hairpin_saved: BTreeMap<String, bool>,
+    #[serde(default)]
+    stopped: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    boot_id: Option<String>,
+}
+
+/// [`State`] as written with only some domains' rules decoded (see [`Installed`]).
+#[derive(Serialize)]
+struct Written<'a> {
+    backend: &'a Option<String>,
+    ruleset: rows::Partial<'a>,
+    generation: &'a Option<u32>,
+    started: &'a BTreeMap<String, DomainFacts>,
+    hairpin_saved: &'a BTreeMap<String, bool>,
+    stopped: &'a std::collections::BTreeSet<String>,
+    boot_id: &'a Option<String>,
+}
+
+impl StateDir {
+    /// The state as one domain's hook needs it: `ruleset` holds that domain's rules (and
+    /// the whole shared part: accepts, hairpins, hairpin ports); every other domain's
+    /// rules stay encoded in the [`Installed`], which has the index of all of them.
+    pub fn load_for(&self, domain: &str) -> Result<(State, Installed), StateError> {
+        read_state_for(&self.file(), domain)
+    }
+
+    /// Writes a state loaded with [`StateDir::load_for`]: `st.ruleset`'s rules replace
+    /// those of the domains decoded; the others are written back as they were read.
+    pub fn save_partial(&self, st: &State, inst: &Installed) -> Result<(), StateError> {
+        let p = self.file();
+        let w = Written {
+            backend: &st.backend,
+            ruleset: rows::Partial {
+                part: &st.ruleset,
+                inst,
+            },
+            generation: &st.generation,
+            started: &st.started,
+            hairpin_saved: &st.hairpin_saved,
+            stopped: &st.stopped,
+            boot_id: &st.boot_id,
+        };
+        let text = serde_json::to_vec(&w).map_err(|e| StateError::Corrupt {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        write_atomic(&p, &text).map_err(|source| StateError::Io { path: p, source })
+    }
+}
+
+/// [`StateDir::load_for`] without the lock (a hook's quick look).
+pub fn read_state_for(p: &Path, domain: &str) -> Result<(State, Installed), StateError> {
+    let b = match crate::files::read_bounded(p, MAX_STATE_BYTES, crate::files::Follow::No) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((State::default(), Installed::default()));
+        }
+        Err(source) => {
+            return Err(StateError::Io {
+                path: p.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let corrupt = |msg: String| StateError::Corrupt {
+        path: p.to_path_buf(),
+        msg,
+    };
+    match parse_for(&b, domain) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            // an earlier release's format (or a broken file: parse says what is wrong)
+            let st = parse(&b).map_err(corrupt)?;
+            let text = serde_json::to_vec(&st).map_err(|e| corrupt(e.to_string()))?;
+            parse_for(&text, domain).map_err(corrupt)
+        }
+    }
+}
+
+fn parse_for(b: &[u8], domain: &str) -> Result<(State, Installed), String> {
+    let raw: RawState = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+    let (ruleset, inst) = match raw.ruleset {
+        Some(r) => rows::deserialize_for(&mut serde_json::Deserializer::from_str(r.get()), domain)
+            .map_err(|e| e.to_string())?,
+        None => Default::default(),
+    };
+    Ok((
+        State {
+            backend: raw.backend,
+            ruleset,
+            generation: raw.generation,
+            started: raw.started,
+            hairpin_saved: raw.hairpin_saved,
+            stopped: raw.stopped,
+            boot_id: raw.boot_id,
+        },
+        inst,
+    ))
+}
+
 /// Reads the state without locking (for `status`); a missing file is the empty state.
 pub fn read_state(p: &Path) -> Result<State, StateError> {
     match crate::files::read_bounded(p, MAX_STATE_BYTES, crate::files::Follow::No) {
@@ -227,7 +340,7 @@ mod tests {
             ..Default::default()
         };
         let text = serde_json::to_string(&st).unwrap();
-        assert!(text.len() < 300, "{text}");
+        assert!(text.len() < 400, "{} bytes: {text}", text.len());
         assert_eq!(parse(text.as_bytes()).unwrap(), st);
     }
 
@@ -274,9 +387,23 @@ mod tests {
             let e = parse(text.as_bytes()).unwrap_err();
             assert!(e.contains("installed ruleset"), "{i}: {e}");
         }
-        let text = serde_json::to_string(&State::default()).unwrap();
-        for garbage in ["\"ruleset\":\"!!", "\"ruleset\":\"AAAAAAAA"] {
-            let bad = text.replacen("\"ruleset\":\"", garbage, 1);
+        let st = State {
+            ruleset: Ruleset::from_rules(vec![rule()], &[], &[]),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&st).unwrap();
+        let start = text.find("\"ruleset\":").unwrap() + "\"ruleset\":".len();
+        let ruleset = text[start..text.find(",\"generation\"").unwrap()].to_string();
+        for (what, garbage) in [
+            ("\"shared\":\"", "\"shared\":\"!!"),
+            ("\"shared\":\"", "\"shared\":\"AAAAAAAA"),
+            ("\"web \\\"x\\\"\":\"", "\"web \\\"x\\\"\":\"AAAA"),
+            ("\"web \\\"x\\\"\":\"", "\"other\":\""),
+            (ruleset.as_str(), "\"!!\""),
+            (ruleset.as_str(), "\"AAAAAAAAAA\""),
+        ] {
+            assert!(text.contains(what), "{what} in {text}");
+            let bad = text.replacen(what, garbage, 1);
             assert!(parse(bad.as_bytes()).is_err(), "{bad}");
         }
     }

@@ -1,11 +1,17 @@
 //! How the installed ruleset is stored in `state.json`: one flat row per rule, names
-//! stored once, encoded with postcard (a compact serde binary format) and base64 into one
-//! JSON string. Every hook reads and writes the whole installed ruleset, so this is on
-//! the hot path: 10,000 rules decode in a few milliseconds, where serde_json objects took
-//! tens (BENCHMARKS.md). Every value read back is validated into the same types config
-//! values have before it can reach a rule.
+//! stored once, encoded with postcard (a compact serde binary format) and base64.
+//!
+//! The rows are grouped by domain, one base64 string each, beside a shared part: the
+//! accepts, hairpins and hairpin ports, and an index of every rule (the ports it holds,
+//! its guest address, bridge and port, as integers and indexes into one name table). A
+//! hook decodes the index and its own domain's rows only, and writes the other domains'
+//! strings back as they were ([`Installed`]): what it costs does not grow with what the
+//! other domains have, beyond the index. Every value read back is validated into the same
+//! types config values have before it can reach a rule. The format of earlier releases
+//! (one string for every row, or rules as JSON objects) still loads.
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -13,7 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::facts::LibvirtFirewall;
 use crate::model::{Family, PortRange, Proto};
-use crate::plan::{BridgeAccept, Hairpin, ListenOn, Rule, Ruleset};
+use crate::plan::{BridgeAccept, Hairpin, Held, ListenOn, Rule, Ruleset};
 
 /// id, domain (index into `domains`), family (4|6), proto, listen (`*`, `a:ADDR`,
 /// `i:IFNAME`), host ports, guest address, guest ports, sources, localhost, bridge (index
@@ -174,30 +180,159 @@ impl<'a> Names<'a> {
     }
 }
 
-pub fn serialize<S: Serializer>(rs: &Ruleset, s: S) -> Result<S::Ok, S::Error> {
+fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
-    let bytes = postcard::to_allocvec(&stored(rs)).map_err(serde::ser::Error::custom)?;
-    // base64 needs no JSON escaping: written as it is, which spares a scan of every byte
-    let mut quoted = String::with_capacity(bytes.len() * 4 / 3 + 4);
-    quoted.push('"');
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode_string(bytes, &mut quoted);
-    quoted.push('"');
-    serde_json::value::RawValue::from_string(quoted)
-        .map_err(serde::ser::Error::custom)?
-        .serialize(s)
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
-fn stored(rs: &Ruleset) -> Stored<'_> {
+fn unb64(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(text.as_bytes())
+        .map_err(|e| e.to_string())
+}
+
+fn take_all<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    let (v, rest): (T, _) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the end", rest.len()));
+    }
+    Ok(v)
+}
+
+/// One index entry: domain, family, proto, listen (0 any, 1 address, 2 interface), the
+/// listen address, the listen interface, localhost, host ports, guest address, bridge, tap
+/// (0: none, else name + 1). Names are indexes into [`Shared::names`].
+type Entry = (
+    u32,
+    u8,
+    Proto,
+    u8,
+    Option<IpAddr>,
+    u32,
+    bool,
+    (u16, u16),
+    IpAddr,
+    u32,
+    u32,
+);
+
+/// The part every reader decodes.
+#[derive(Serialize, Deserialize, Default)]
+struct Shared<'a> {
+    #[serde(borrow)]
+    names: Vec<Cow<'a, str>>,
+    index: Vec<Entry>,
+    accepts: Vec<(Cow<'a, str>, u8, LibvirtFirewall)>,
+    hairpins: Vec<(Cow<'a, str>, IpNet)>,
+    hairpin_ports: Vec<Cow<'a, str>>,
+}
+
+/// The `ruleset` value of `state.json`: the shared part, and each domain's rows.
+#[derive(Serialize, Deserialize)]
+struct Grouped<'a> {
+    #[serde(borrow)]
+    shared: Cow<'a, str>,
+    #[serde(borrow)]
+    domains: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+}
+
+/// One domain's rows, as [`Stored`] (its own name and bridge tables).
+fn encode_domain(rules: &[&Rule]) -> String {
     let (mut domains, mut bridges) = (Names::default(), Names::default());
-    let rules: Vec<Row> = rs
-        .rules
+    let rows: Vec<Row> = rules
         .iter()
         .map(|r| row(r, domains.index(&r.domain), bridges.index(&r.bridge)))
         .collect();
-    Stored {
+    let st = Stored {
         domains: domains.names,
         bridges: bridges.names,
-        rules,
+        rules: rows,
+        accepts: Vec::new(),
+        hairpins: Vec::new(),
+        hairpin_ports: Vec::new(),
+    };
+    // a Vec of borrowed rows cannot fail to encode
+    b64(&postcard::to_allocvec(&st).unwrap_or_default())
+}
+
+fn decode_domain(name: &str, text: &str) -> Result<Vec<Rule>, String> {
+    let bytes = unb64(text).map_err(|e| format!("domain {name:?}: {e}"))?;
+    let st: Stored = take_all(&bytes).map_err(|e| format!("domain {name:?}: {e}"))?;
+    let rs = decode_stored(st)?;
+    if let Some(r) = rs.rules.iter().find(|r| r.domain != name) {
+        return Err(format!(
+            "rule {} of domain {:?} stored under {name:?}",
+            r.id, r.domain
+        ));
+    }
+    Ok(rs.rules)
+}
+
+/// The index and shared part of `rs`'s rules (grouped: `groups` in domain order).
+fn shared_of<'a>(
+    rs: &'a Ruleset,
+    rules: &[&'a Rule],
+    extra: Option<&'a Installed>,
+    skip: &BTreeSet<&str>,
+) -> Shared<'a> {
+    let mut names = Names::default();
+    let mut index: Vec<Entry> = Vec::new();
+    if let Some(inst) = extra {
+        // entries of domains left as they were: their names re-interned
+        let mut remap: HashMap<u32, u32> = HashMap::new();
+        let mut map = |i: u32, names: &mut Names<'a>| -> u32 {
+            *remap
+                .entry(i)
+                .or_insert_with(|| names.index(&inst.names[i as usize]) as u32)
+        };
+        for h in &inst.entries {
+            if skip.contains(inst.names[h.domain as usize].as_str()) {
+                continue;
+            }
+            let (kind, addr, ifname) = match &h.listen {
+                ListenOn::Any => (0, None, 0),
+                ListenOn::Address(a) => (1, Some(*a), 0),
+                ListenOn::Interface(i) => (2, None, names.index(i) as u32),
+            };
+            index.push((
+                map(h.domain, &mut names),
+                fam(h.family),
+                h.proto,
+                kind,
+                addr,
+                ifname,
+                h.localhost,
+                (h.host_ports.start, h.host_ports.end),
+                h.guest_ip,
+                map(h.bridge, &mut names),
+                h.tap.map_or(0, |t| map(t, &mut names) + 1),
+            ));
+        }
+    }
+    for r in rules {
+        let (kind, addr, ifname) = match &r.listen {
+            ListenOn::Any => (0, None, 0),
+            ListenOn::Address(a) => (1, Some(*a), 0),
+            ListenOn::Interface(i) => (2, None, names.index(i) as u32),
+        };
+        index.push((
+            names.index(&r.domain) as u32,
+            fam(r.family),
+            r.proto,
+            kind,
+            addr,
+            ifname,
+            r.localhost,
+            (r.host_ports.start, r.host_ports.end),
+            r.guest_ip,
+            names.index(&r.bridge) as u32,
+            r.tap.as_deref().map_or(0, |t| names.index(t) as u32 + 1),
+        ));
+    }
+    Shared {
+        names: names.names,
+        index,
         accepts: rs
             .accepts
             .iter()
@@ -216,30 +351,321 @@ fn stored(rs: &Ruleset) -> Stored<'_> {
     }
 }
 
-pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error> {
-    use base64::Engine as _;
-    let bad = |e: String| serde::de::Error::custom(format!("installed ruleset: {e}"));
-    let text = std::borrow::Cow::<str>::deserialize(d)?;
-    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(text.as_bytes())
-        .map_err(|e| bad(e.to_string()))?;
-    let (st, rest): (Stored, _) =
-        postcard::take_from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(bad(format!("{} bytes after the end", rest.len())));
+/// `rs`'s rules by domain, in ruleset order within each.
+fn by_domain(rs: &Ruleset) -> BTreeMap<&str, Vec<&Rule>> {
+    let mut m: BTreeMap<&str, Vec<&Rule>> = BTreeMap::new();
+    for r in &rs.rules {
+        m.entry(r.domain.as_str()).or_default().push(r);
     }
+    m
+}
+
+fn write_grouped<S: Serializer>(g: &Grouped, s: S) -> Result<S::Ok, S::Error> {
+    g.serialize(s)
+}
+
+pub fn serialize<S: Serializer>(rs: &Ruleset, s: S) -> Result<S::Ok, S::Error> {
+    let groups = by_domain(rs);
+    let all: Vec<&Rule> = groups.values().flatten().copied().collect();
+    let shared = shared_of(rs, &all, None, &BTreeSet::new());
+    let shared = b64(&postcard::to_allocvec(&shared).map_err(serde::ser::Error::custom)?);
+    let domains = groups
+        .iter()
+        .map(|(d, rules)| (Cow::Borrowed(*d), Cow::Owned(encode_domain(rules))))
+        .collect();
+    write_grouped(
+        &Grouped {
+            shared: Cow::Owned(shared),
+            domains,
+        },
+        s,
+    )
+}
+
+/// The installed ruleset as one domain sees it: every rule's index entry, and the other
+/// domains' rows still encoded (decoded only when a change needs them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    names: Vec<String>,
+    entries: Vec<HeldEntry>,
+    /// Encoded rows of the domains not decoded, by domain.
+    encoded: BTreeMap<String, String>,
+}
+
+/// An index entry with its names as indexes into [`Installed::names`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeldEntry {
+    domain: u32,
+    family: Family,
+    proto: Proto,
+    listen: ListenOn,
+    localhost: bool,
+    host_ports: PortRange,
+    guest_ip: IpAddr,
+    bridge: u32,
+    tap: Option<u32>,
+}
+
+impl Installed {
+    /// The rules held by domains whose rows are still encoded.
+    pub fn others(&self) -> Vec<Held<'_>> {
+        self.entries
+            .iter()
+            .filter(|h| self.encoded.contains_key(&self.names[h.domain as usize]))
+            .map(|h| Held {
+                domain: &self.names[h.domain as usize],
+                family: h.family,
+                proto: h.proto,
+                listen: &h.listen,
+                localhost: h.localhost,
+                host_ports: h.host_ports,
+                guest_ip: h.guest_ip,
+                bridge: &self.names[h.bridge as usize],
+                tap: h.tap.map(|t| self.names[t as usize].as_str()),
+            })
+            .collect()
+    }
+
+    /// How many rules the still-encoded domains hold.
+    pub fn other_rules(&self) -> usize {
+        self.others().len()
+    }
+
+    /// Decodes (and takes out of the encoded part) the rows of every other domain with a
+    /// rule for one of `guests`: a change touching a guest address needs all its rules.
+    pub fn take_sharing(&mut self, guests: &BTreeSet<IpAddr>) -> Result<Vec<Rule>, String> {
+        let domains: BTreeSet<String> = self
+            .entries
+            .iter()
+            .filter(|h| guests.contains(&h.guest_ip))
+            .map(|h| self.names[h.domain as usize].clone())
+            .filter(|d| self.encoded.contains_key(d))
+            .collect();
+        let mut out = Vec::new();
+        for d in domains {
+            if let Some(text) = self.encoded.remove(&d) {
+                out.extend(decode_domain(&d, &text)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The whole ruleset: `part` (the decoded domains, with the shared part) and every
+    /// domain still encoded.
+    pub fn merged(&self, part: &Ruleset) -> Result<Ruleset, String> {
+        let mut rules = part.rules.clone();
+        for (d, text) in &self.encoded {
+            rules.extend(decode_domain(d, text)?);
+        }
+        // each domain's rows are sorted: a stable sort merges the runs
+        rules.sort();
+        Ok(Ruleset {
+            rules,
+            ..part.clone()
+        })
+    }
+}
+
+/// What [`super::State`] holds for a partial write: `part` (the decoded domains' rules and
+/// the whole shared part) with `inst` (the domains left encoded).
+pub struct Partial<'a> {
+    pub part: &'a Ruleset,
+    pub inst: &'a Installed,
+}
+
+impl Serialize for Partial<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let groups = by_domain(self.part);
+        let decoded: BTreeSet<&str> = self
+            .inst
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !self.inst.encoded.contains_key(*n))
+            .chain(groups.keys().copied())
+            .collect();
+        let mine: Vec<&Rule> = groups.values().flatten().copied().collect();
+        let shared = shared_of(self.part, &mine, Some(self.inst), &decoded);
+        let shared = b64(&postcard::to_allocvec(&shared).map_err(serde::ser::Error::custom)?);
+        let mut domains: BTreeMap<Cow<str>, Cow<str>> = self
+            .inst
+            .encoded
+            .iter()
+            .filter(|(d, _)| !groups.contains_key(d.as_str()))
+            .map(|(d, t)| (Cow::Borrowed(d.as_str()), Cow::Borrowed(t.as_str())))
+            .collect();
+        for (d, rules) in &groups {
+            domains.insert(Cow::Borrowed(*d), Cow::Owned(encode_domain(rules)));
+        }
+        write_grouped(
+            &Grouped {
+                shared: Cow::Owned(shared),
+                domains,
+            },
+            s,
+        )
+    }
+}
+
+fn bad<E: serde::de::Error>(e: String) -> E {
+    E::custom(format!("installed ruleset: {e}"))
+}
+
+/// The whole installed ruleset (every format).
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error> {
+    let v = Stored2or3::deserialize(d)?;
+    match v {
+        Stored2or3::V2(text) => decode_v2(&text).map_err(bad),
+        Stored2or3::V3(g) => {
+            let (part, inst) = split(g, None).map_err(bad)?;
+            inst.merged(&part).map_err(bad)
+        }
+    }
+}
+
+/// The installed ruleset for one domain: its rules (with the whole shared part), and the
+/// rest still encoded.
+pub fn deserialize_for<'de, D: Deserializer<'de>>(
+    d: D,
+    domain: &str,
+) -> Result<(Ruleset, Installed), D::Error> {
+    match Stored2or3::deserialize(d)? {
+        Stored2or3::V2(text) => {
+            // the earlier format: decoded whole once, then split
+            let all = decode_v2(&text).map_err(bad)?;
+            let mut buf = Vec::new();
+            serialize(&all, &mut serde_json::Serializer::new(&mut buf))
+                .map_err(|e| bad(e.to_string()))?;
+            let g: Grouped = serde_json::from_slice(&buf).map_err(|e| bad(e.to_string()))?;
+            split(g, Some(domain)).map_err(bad)
+        }
+        Stored2or3::V3(g) => split(g, Some(domain)).map_err(bad),
+    }
+}
+
+/// The `ruleset` value: a string (the previous release: every row in one) or the
+/// grouped object.
+enum Stored2or3<'a> {
+    V2(Cow<'a, str>),
+    V3(Grouped<'a>),
+}
+
+impl<'de> Deserialize<'de> for Stored2or3<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Stored2or3<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an installed ruleset (a string or an object)")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Stored2or3::V2(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Stored2or3::V2(Cow::Owned(v.to_string())))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                Grouped::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(Stored2or3::V3)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The shared part decoded; the rows of `only` (every domain: None) decoded.
+fn split(g: Grouped, only: Option<&str>) -> Result<(Ruleset, Installed), String> {
+    let bytes = unb64(&g.shared)?;
+    let sh: Shared = take_all(&bytes)?;
+    let names = sh
+        .names
+        .into_iter()
+        .map(Cow::into_owned)
+        .collect::<Vec<String>>();
+    let name = |i: u32| -> Result<&String, String> {
+        names.get(i as usize).ok_or_else(|| format!("no name {i}"))
+    };
+    let mut entries = Vec::with_capacity(sh.index.len());
+    for (domain, family, proto, kind, addr, ifname_ix, localhost, h, guest_ip, bridge, tap) in
+        sh.index
+    {
+        name(domain)?;
+        ifname(Cow::Borrowed(name(bridge)?))?;
+        let listen = match (kind, addr) {
+            (0, _) => ListenOn::Any,
+            (1, Some(a)) => ListenOn::Address(a),
+            (2, _) => ListenOn::Interface(ifname(Cow::Borrowed(name(ifname_ix)?))?),
+            _ => return Err(format!("listen kind {kind}")),
+        };
+        let tap = match tap {
+            0 => None,
+            t => {
+                ifname(Cow::Borrowed(name(t - 1)?))?;
+                Some(t - 1)
+            }
+        };
+        entries.push(HeldEntry {
+            domain,
+            family: unfam(family)?,
+            proto,
+            listen,
+            localhost,
+            host_ports: PortRange::new(h.0, h.1)?,
+            guest_ip,
+            bridge,
+            tap,
+        });
+    }
+    let shared = decode_stored(Stored {
+        domains: Vec::new(),
+        bridges: Vec::new(),
+        rules: Vec::new(),
+        accepts: sh.accepts,
+        hairpins: sh.hairpins,
+        hairpin_ports: sh.hairpin_ports,
+    })?;
+    let mut rules = Vec::new();
+    let mut encoded = BTreeMap::new();
+    for (d, text) in g.domains {
+        if only.is_none_or(|o| o == d) {
+            rules.extend(decode_domain(&d, &text)?);
+        } else {
+            encoded.insert(d.into_owned(), text.into_owned());
+        }
+    }
+    Ok((
+        Ruleset { rules, ..shared },
+        Installed {
+            names,
+            entries,
+            encoded,
+        },
+    ))
+}
+
+/// The format of the previous release: every row in one string.
+fn decode_v2(text: &str) -> Result<Ruleset, String> {
+    let bytes = unb64(text)?;
+    decode_stored(take_all(&bytes)?)
+}
+
+fn decode_stored(st: Stored) -> Result<Ruleset, String> {
     let bridges = st
         .bridges
         .into_iter()
         .map(ifname)
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(bad)?;
+        .collect::<Result<Vec<_>, String>>()?;
     let rules = st
         .rules
         .into_iter()
         .map(|r| unrow(&st.domains, &bridges, r))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(bad)?;
+        .collect::<Result<Vec<_>, _>>()?;
     let accepts = st
         .accepts
         .into_iter()
@@ -250,8 +676,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error>
                 firewall,
             })
         })
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(bad)?;
+        .collect::<Result<Vec<_>, String>>()?;
     let hairpins = st
         .hairpins
         .into_iter()
@@ -261,18 +686,211 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error>
                 subnet,
             })
         })
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(bad)?;
+        .collect::<Result<Vec<_>, String>>()?;
     let hairpin_ports = st
         .hairpin_ports
         .into_iter()
         .map(ifname)
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(bad)?;
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Ruleset {
         rules,
         accepts,
         hairpins,
         hairpin_ports,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(domain: &str, n: u8, guest: &str, tap: Option<&str>) -> Rule {
+        Rule {
+            id: format!("{n:02x}{:016x}", domain.len()),
+            domain: domain.into(),
+            family: Family::Ipv4,
+            proto: Proto::Tcp,
+            listen: if n.is_multiple_of(2) {
+                ListenOn::Any
+            } else {
+                ListenOn::Interface("eth0".into())
+            },
+            host_ports: PortRange::new(8000 + u16::from(n), 8000 + u16::from(n)).unwrap(),
+            guest_ip: guest.parse().unwrap(),
+            guest_ports: PortRange::new(80, 80).unwrap(),
+            sources: vec![],
+            localhost: n.is_multiple_of(3),
+            bridge: "virbr0".into(),
+            tap: tap.map(str::to_string),
+            description: Some(format!("{domain} {n}")),
+        }
+    }
+
+    fn world() -> Ruleset {
+        let mut rs = Ruleset::from_rules(
+            vec![
+                rule("a", 1, "192.168.122.10", Some("vnet0")),
+                rule("a", 2, "192.168.122.10", Some("vnet0")),
+                rule("b \"q\"", 3, "192.168.122.11", None),
+                rule("c", 4, "192.168.122.12", Some("vnet2")),
+                // c shares a's guest address (a stale rule, say)
+                rule("c", 5, "192.168.122.10", Some("vnet2")),
+            ],
+            &[],
+            &[],
+        );
+        rs.hairpin_ports = vec!["vnet0".into(), "vnet2".into()];
+        rs
+    }
+
+    fn json(rs: &Ruleset) -> String {
+        let mut buf = Vec::new();
+        serialize(rs, &mut serde_json::Serializer::new(&mut buf)).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn whole(text: &str) -> Ruleset {
+        deserialize(&mut serde_json::Deserializer::from_str(text)).unwrap()
+    }
+
+    fn part(text: &str, domain: &str) -> (Ruleset, Installed) {
+        deserialize_for(&mut serde_json::Deserializer::from_str(text), domain).unwrap()
+    }
+
+    #[test]
+    fn grouped_round_trip() {
+        let rs = world();
+        assert_eq!(whole(&json(&rs)), rs);
+        assert_eq!(whole(&json(&Ruleset::default())), Ruleset::default());
+    }
+
+    #[test]
+    fn the_previous_format_loads() {
+        let rs = world();
+        let (mut domains, mut bridges) = (Names::default(), Names::default());
+        let rows = rs
+            .rules
+            .iter()
+            .map(|r| row(r, domains.index(&r.domain), bridges.index(&r.bridge)))
+            .collect();
+        let st = Stored {
+            domains: domains.names,
+            bridges: bridges.names,
+            rules: rows,
+            accepts: rs
+                .accepts
+                .iter()
+                .map(|a| (Cow::Borrowed(a.bridge.as_str()), fam(a.family), a.firewall))
+                .collect(),
+            hairpins: rs
+                .hairpins
+                .iter()
+                .map(|h| (Cow::Borrowed(h.bridge.as_str()), h.subnet))
+                .collect(),
+            hairpin_ports: rs
+                .hairpin_ports
+                .iter()
+                .map(|p| Cow::Borrowed(p.as_str()))
+                .collect(),
+        };
+        let v2 = format!("\"{}\"", b64(&postcard::to_allocvec(&st).unwrap()));
+        assert_eq!(whole(&v2), rs);
+        let (mine, inst) = part(&v2, "a");
+        assert_eq!(mine.rules.len(), 2);
+        assert_eq!(inst.merged(&mine).unwrap(), rs);
+    }
+
+    #[test]
+    fn one_domain_sees_its_rules_and_the_index_of_the_others() {
+        let rs = world();
+        let text = json(&rs);
+        let (mine, mut inst) = part(&text, "a");
+        assert!(mine.rules.iter().all(|r| r.domain == "a") && mine.rules.len() == 2);
+        assert_eq!(
+            (&mine.accepts, &mine.hairpins, &mine.hairpin_ports),
+            (&rs.accepts, &rs.hairpins, &rs.hairpin_ports),
+            "the shared part is whole"
+        );
+        // the others' index says what planning needs, exactly as their rules would
+        let mut others = inst.others();
+        let mut expected: Vec<Held> = rs
+            .rules
+            .iter()
+            .filter(|r| r.domain != "a")
+            .map(Held::of)
+            .collect();
+        let key = |h: &Held| (h.domain.to_string(), h.host_ports);
+        others.sort_by_key(key);
+        expected.sort_by_key(key);
+        assert_eq!(others, expected);
+        assert_eq!(inst.other_rules(), 3);
+        // a guest address of a: c's rules come along, b's stay encoded
+        let sharing = inst
+            .take_sharing(&["192.168.122.10".parse().unwrap()].into())
+            .unwrap();
+        assert!(sharing.iter().all(|r| r.domain == "c") && sharing.len() == 2);
+        assert_eq!(inst.other_rules(), 1);
+        let mut decoded = mine.clone();
+        decoded.rules.extend(sharing);
+        decoded.rules.sort();
+        assert_eq!(inst.merged(&decoded).unwrap(), rs);
+    }
+
+    #[test]
+    fn a_partial_write_keeps_every_other_domain() {
+        let rs = world();
+        let text = json(&rs);
+        let (mut mine, inst) = part(&text, "a");
+        // a's rules change; a new domain's too; the shared part changes
+        mine.rules
+            .retain(|r| r.id != rule("a", 1, "192.168.122.10", None).id);
+        mine.rules
+            .push(rule("a", 7, "192.168.122.20", Some("vnet9")));
+        mine.rules.push(rule("new", 8, "192.168.122.30", None));
+        mine.rules.sort();
+        mine.hairpin_ports.push("vnet9".into());
+        let mut buf = Vec::new();
+        Partial {
+            part: &mine,
+            inst: &inst,
+        }
+        .serialize(&mut serde_json::Serializer::new(&mut buf))
+        .unwrap();
+        let written = String::from_utf8(buf).unwrap();
+        let mut expected = rs.clone();
+        expected.rules.retain(|r| r.domain != "a");
+        expected.rules.extend(mine.rules.iter().cloned());
+        expected.rules.sort();
+        expected.hairpin_ports = mine.hairpin_ports.clone();
+        assert_eq!(whole(&written), expected);
+        // the index of the written state agrees with its rules
+        let (_, inst2) = part(&written, "nobody");
+        let mut idx = inst2.others();
+        let mut exp: Vec<Held> = expected.rules.iter().map(Held::of).collect();
+        let key = |h: &Held| (h.domain.to_string(), h.host_ports);
+        idx.sort_by_key(key);
+        exp.sort_by_key(key);
+        assert_eq!(idx, exp);
+        // a domain whose rules all went: none left, in rows or index
+        let (mut a, inst3) = part(&written, "a");
+        a.rules.clear();
+        let mut buf = Vec::new();
+        Partial {
+            part: &a,
+            inst: &inst3,
+        }
+        .serialize(&mut serde_json::Serializer::new(&mut buf))
+        .unwrap();
+        let gone = String::from_utf8(buf).unwrap();
+        assert!(whole(&gone).rules.iter().all(|r| r.domain != "a"));
+        assert!(part(&gone, "x").1.others().iter().all(|h| h.domain != "a"));
+    }
+
+    #[test]
+    fn a_rule_stored_under_another_domain_is_refused() {
+        let rs = world();
+        let text = json(&rs).replacen("\"a\":", "\"zz\":", 1);
+        assert!(deserialize(&mut serde_json::Deserializer::from_str(&text)).is_err());
+        assert!(deserialize_for(&mut serde_json::Deserializer::from_str(&text), "zz").is_err());
+    }
 }

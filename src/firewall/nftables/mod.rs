@@ -641,6 +641,16 @@ impl Backend for Nftables {
         if old.is_empty() || new.is_empty() {
             return self.apply(new);
         }
+        self.apply_part(old, new)
+    }
+
+    fn local_delta(&self) -> bool {
+        true
+    }
+
+    /// The elements and chains of the guests the change touches (every rule of a guest
+    /// address is in `old`/`new`: the layout of a guest is derived from its rules alone).
+    fn apply_part(&self, old: &Ruleset, new: &Ruleset) -> Result<(), FirewallError> {
         let (o, n) = touched_layouts(old, new);
         let d = delta(&o, &n);
         let placement = placement::nft_batch(&new.accepts)?;
