@@ -251,21 +251,25 @@ pub fn plan_domain_against(
         .collect();
     let mut plan = plan::plan_against(&domains, facts, carried, others);
     // ports of other domains' bridge ports stay as they are
-    let other_taps: std::collections::HashSet<&str> = state
-        .ruleset
-        .rules
-        .iter()
-        .filter(|r| r.domain != name)
-        .filter_map(|r| r.tap.as_deref())
-        .chain(others.iter().filter_map(|h| h.tap))
-        .collect();
-    let mut ports: Vec<String> = state
-        .ruleset
-        .hairpin_ports
-        .iter()
-        .filter(|p| other_taps.contains(p.as_str()))
-        .cloned()
-        .collect();
+    let mut ports: Vec<String> = Vec::new();
+    if !state.ruleset.hairpin_ports.is_empty() {
+        let other_taps: std::collections::HashSet<&str> = state
+            .ruleset
+            .rules
+            .iter()
+            .filter(|r| r.domain != name)
+            .filter_map(|r| r.tap.as_deref())
+            .chain(others.iter().filter_map(|h| h.tap))
+            .collect();
+        ports.extend(
+            state
+                .ruleset
+                .hairpin_ports
+                .iter()
+                .filter(|p| other_taps.contains(p.as_str()))
+                .cloned(),
+        );
+    }
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
         let own = plan.ruleset.rules.iter().filter(|r| r.domain == name);
         ports.extend(own.filter_map(|r| r.tap.clone()));

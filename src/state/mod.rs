@@ -167,18 +167,6 @@ struct RawState<'a> {
     boot_id: Option<String>,
 }
 
-/// [`State`] as written with only some domains' rules decoded (see [`Installed`]).
-#[derive(Serialize)]
-struct Written<'a> {
-    backend: &'a Option<String>,
-    ruleset: rows::Partial<'a>,
-    generation: &'a Option<u32>,
-    started: &'a BTreeMap<String, DomainFacts>,
-    hairpin_saved: &'a BTreeMap<String, bool>,
-    stopped: &'a std::collections::BTreeSet<String>,
-    boot_id: &'a Option<String>,
-}
-
 impl StateDir {
     /// The state as one domain's hook needs it: `ruleset` holds that domain's rules (and
     /// the whole shared part: accepts, hairpins, hairpin ports); every other domain's
@@ -191,23 +179,44 @@ impl StateDir {
     /// those of the domains decoded; the others are written back as they were read.
     pub fn save_partial(&self, st: &State, inst: &Installed) -> Result<(), StateError> {
         let p = self.file();
-        let w = Written {
-            backend: &st.backend,
-            ruleset: rows::Partial {
-                part: &st.ruleset,
-                inst,
-            },
-            generation: &st.generation,
-            started: &st.started,
-            hairpin_saved: &st.hairpin_saved,
-            stopped: &st.stopped,
-            boot_id: &st.boot_id,
-        };
-        let text = serde_json::to_vec(&w).map_err(|e| StateError::Corrupt {
+        let corrupt = |msg: String| StateError::Corrupt {
             path: p.clone(),
-            msg: e.to_string(),
-        })?;
-        write_atomic(&p, &text).map_err(|source| StateError::Io { path: p, source })
+            msg,
+        };
+        // by hand around the ruleset, which the Installed writes without a scan of the
+        // other domains' rows; the same fields as State's
+        let json = |v: &dyn erased::Json| v.json().map_err(|e| corrupt(e.to_string()));
+        let mut out = String::new();
+        out.push_str("{\"backend\":");
+        out.push_str(&json(&st.backend)?);
+        out.push_str(",\"ruleset\":");
+        inst.write(&st.ruleset, &mut out).map_err(corrupt)?;
+        for (key, v) in [
+            ("generation", &st.generation as &dyn erased::Json),
+            ("started", &st.started),
+            ("hairpin_saved", &st.hairpin_saved),
+            ("stopped", &st.stopped),
+            ("boot_id", &st.boot_id),
+        ] {
+            out.push_str(",\"");
+            out.push_str(key);
+            out.push_str("\":");
+            out.push_str(&json(v)?);
+        }
+        out.push('}');
+        write_atomic(&p, out.as_bytes()).map_err(|source| StateError::Io { path: p, source })
+    }
+}
+
+/// A value serde_json writes, behind a trait object.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> serde_json::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Result<String> {
+            serde_json::to_string(self)
+        }
     }
 }
 
@@ -229,36 +238,37 @@ pub fn read_state_for(p: &Path, domain: &str) -> Result<(State, Installed), Stat
         path: p.to_path_buf(),
         msg,
     };
-    match parse_for(&b, domain) {
+    match parse_for(b.clone(), domain) {
         Ok(v) => Ok(v),
         Err(_) => {
             // an earlier release's format (or a broken file: parse says what is wrong)
             let st = parse(&b).map_err(corrupt)?;
             let text = serde_json::to_vec(&st).map_err(|e| corrupt(e.to_string()))?;
-            parse_for(&text, domain).map_err(corrupt)
+            parse_for(text, domain).map_err(corrupt)
         }
     }
 }
 
-fn parse_for(b: &[u8], domain: &str) -> Result<(State, Installed), String> {
-    let raw: RawState = serde_json::from_slice(b).map_err(|e| e.to_string())?;
-    let (ruleset, inst) = match raw.ruleset {
-        Some(r) => rows::deserialize_for(&mut serde_json::Deserializer::from_str(r.get()), domain)
-            .map_err(|e| e.to_string())?,
+fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
+    let raw: RawState = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+    let range = raw.ruleset.map(|r| {
+        let start = r.get().as_ptr() as usize - b.as_ptr() as usize;
+        start..start + r.get().len()
+    });
+    let st = State {
+        backend: raw.backend,
+        ruleset: Ruleset::default(),
+        generation: raw.generation,
+        started: raw.started,
+        hairpin_saved: raw.hairpin_saved,
+        stopped: raw.stopped,
+        boot_id: raw.boot_id,
+    };
+    let (ruleset, inst) = match range {
+        Some(r) => rows::parse_for(b, r, domain)?,
         None => Default::default(),
     };
-    Ok((
-        State {
-            backend: raw.backend,
-            ruleset,
-            generation: raw.generation,
-            started: raw.started,
-            hairpin_saved: raw.hairpin_saved,
-            stopped: raw.stopped,
-            boot_id: raw.boot_id,
-        },
-        inst,
-    ))
+    Ok((State { ruleset, ..st }, inst))
 }
 
 /// Reads the state without locking (for `status`); a missing file is the empty state.

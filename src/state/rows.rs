@@ -11,7 +11,7 @@
 //! (one string for every row, or rules as JSON objects) still loads.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -228,13 +228,14 @@ struct Shared<'a> {
     hairpin_ports: Vec<Cow<'a, str>>,
 }
 
-/// The `ruleset` value of `state.json`: the shared part, and each domain's rows.
-#[derive(Serialize, Deserialize)]
+/// The `ruleset` value of `state.json`: the shared part, and each domain's rows (read
+/// borrowed: base64 has no escapes; written by [`Installed::write`]).
+#[derive(Deserialize)]
 struct Grouped<'a> {
     #[serde(borrow)]
     shared: Cow<'a, str>,
     #[serde(borrow)]
-    domains: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    domains: BTreeMap<Cow<'a, str>, &'a str>,
 }
 
 /// One domain's rows, as [`Stored`] (its own name and bridge tables).
@@ -273,21 +274,22 @@ fn decode_domain(name: &str, text: &str) -> Result<Vec<Rule>, String> {
 fn shared_of<'a>(
     rs: &'a Ruleset,
     rules: &[&'a Rule],
-    extra: Option<&'a Installed>,
-    skip: &BTreeSet<&str>,
+    extra: Option<(&'a Installed, &[bool])>,
 ) -> Shared<'a> {
     let mut names = Names::default();
     let mut index: Vec<Entry> = Vec::new();
-    if let Some(inst) = extra {
-        // entries of domains left as they were: their names re-interned
-        let mut remap: HashMap<u32, u32> = HashMap::new();
+    if let Some((inst, keep)) = extra {
+        // entries of domains left as they were (`keep`, by name): names re-interned
+        let mut remap: Vec<u32> = vec![u32::MAX; inst.names.len()];
         let mut map = |i: u32, names: &mut Names<'a>| -> u32 {
-            *remap
-                .entry(i)
-                .or_insert_with(|| names.index(&inst.names[i as usize]) as u32)
+            let slot = &mut remap[i as usize];
+            if *slot == u32::MAX {
+                *slot = names.index(&inst.names[i as usize]) as u32;
+            }
+            *slot
         };
         for h in &inst.entries {
-            if skip.contains(inst.names[h.domain as usize].as_str()) {
+            if !keep.get(h.domain as usize).copied().unwrap_or(false) {
                 continue;
             }
             let (kind, addr, ifname) = match &h.listen {
@@ -360,36 +362,28 @@ fn by_domain(rs: &Ruleset) -> BTreeMap<&str, Vec<&Rule>> {
     m
 }
 
-fn write_grouped<S: Serializer>(g: &Grouped, s: S) -> Result<S::Ok, S::Error> {
-    g.serialize(s)
-}
-
 pub fn serialize<S: Serializer>(rs: &Ruleset, s: S) -> Result<S::Ok, S::Error> {
-    let groups = by_domain(rs);
-    let all: Vec<&Rule> = groups.values().flatten().copied().collect();
-    let shared = shared_of(rs, &all, None, &BTreeSet::new());
-    let shared = b64(&postcard::to_allocvec(&shared).map_err(serde::ser::Error::custom)?);
-    let domains = groups
-        .iter()
-        .map(|(d, rules)| (Cow::Borrowed(*d), Cow::Owned(encode_domain(rules))))
-        .collect();
-    write_grouped(
-        &Grouped {
-            shared: Cow::Owned(shared),
-            domains,
-        },
-        s,
-    )
+    let mut out = String::new();
+    Installed::default()
+        .write(rs, &mut out)
+        .map_err(serde::ser::Error::custom)?;
+    serde_json::value::RawValue::from_string(out)
+        .map_err(serde::ser::Error::custom)?
+        .serialize(s)
 }
 
 /// The installed ruleset as one domain sees it: every rule's index entry, and the other
-/// domains' rows still encoded (decoded only when a change needs them).
+/// domains' rows still encoded (decoded only when a change needs them), as ranges of the
+/// state file's text, which it keeps: they are written back without a copy or a scan.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Installed {
     names: Vec<String>,
     entries: Vec<HeldEntry>,
-    /// Encoded rows of the domains not decoded, by domain.
-    encoded: BTreeMap<String, String>,
+    /// Per name: whether it is a domain whose rows are still encoded.
+    pending: Vec<bool>,
+    /// Still encoded: domain -> its rows' base64, a range of `text`.
+    encoded: BTreeMap<String, std::ops::Range<usize>>,
+    text: Vec<u8>,
 }
 
 /// An index entry with its names as indexes into [`Installed::names`].
@@ -407,11 +401,23 @@ struct HeldEntry {
 }
 
 impl Installed {
+    fn is_pending(&self, h: &HeldEntry) -> bool {
+        self.pending
+            .get(h.domain as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    fn chunk(&self, r: &std::ops::Range<usize>) -> &str {
+        // ranges of base64 text, checked when the file was read
+        std::str::from_utf8(&self.text[r.clone()]).unwrap_or_default()
+    }
+
     /// The rules held by domains whose rows are still encoded.
     pub fn others(&self) -> Vec<Held<'_>> {
         self.entries
             .iter()
-            .filter(|h| self.encoded.contains_key(&self.names[h.domain as usize]))
+            .filter(|h| self.is_pending(h))
             .map(|h| Held {
                 domain: &self.names[h.domain as usize],
                 family: h.family,
@@ -428,23 +434,24 @@ impl Installed {
 
     /// How many rules the still-encoded domains hold.
     pub fn other_rules(&self) -> usize {
-        self.others().len()
+        self.entries.iter().filter(|h| self.is_pending(h)).count()
     }
 
     /// Decodes (and takes out of the encoded part) the rows of every other domain with a
     /// rule for one of `guests`: a change touching a guest address needs all its rules.
     pub fn take_sharing(&mut self, guests: &BTreeSet<IpAddr>) -> Result<Vec<Rule>, String> {
-        let domains: BTreeSet<String> = self
+        let domains: BTreeSet<u32> = self
             .entries
             .iter()
-            .filter(|h| guests.contains(&h.guest_ip))
-            .map(|h| self.names[h.domain as usize].clone())
-            .filter(|d| self.encoded.contains_key(d))
+            .filter(|h| self.is_pending(h) && guests.contains(&h.guest_ip))
+            .map(|h| h.domain)
             .collect();
         let mut out = Vec::new();
         for d in domains {
-            if let Some(text) = self.encoded.remove(&d) {
-                out.extend(decode_domain(&d, &text)?);
+            let name = self.names[d as usize].clone();
+            self.pending[d as usize] = false;
+            if let Some(r) = self.encoded.remove(&name) {
+                out.extend(decode_domain(&name, self.chunk(&r))?);
             }
         }
         Ok(out)
@@ -454,8 +461,8 @@ impl Installed {
     /// domain still encoded.
     pub fn merged(&self, part: &Ruleset) -> Result<Ruleset, String> {
         let mut rules = part.rules.clone();
-        for (d, text) in &self.encoded {
-            rules.extend(decode_domain(d, text)?);
+        for (d, r) in &self.encoded {
+            rules.extend(decode_domain(d, self.chunk(r))?);
         }
         // each domain's rows are sorted: a stable sort merges the runs
         rules.sort();
@@ -464,46 +471,46 @@ impl Installed {
             ..part.clone()
         })
     }
-}
 
-/// What [`super::State`] holds for a partial write: `part` (the decoded domains' rules and
-/// the whole shared part) with `inst` (the domains left encoded).
-pub struct Partial<'a> {
-    pub part: &'a Ruleset,
-    pub inst: &'a Installed,
-}
-
-impl Serialize for Partial<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let groups = by_domain(self.part);
-        let decoded: BTreeSet<&str> = self
-            .inst
+    /// The `ruleset` value of a state whose decoded domains now have `part`'s rules (and
+    /// the shared part is `part`'s), the other domains' rows as they were read.
+    pub fn write(&self, part: &Ruleset, out: &mut String) -> Result<(), String> {
+        let groups = by_domain(part);
+        // the index entries kept as they are: of domains still encoded
+        let keep: Vec<bool> = self
             .names
             .iter()
-            .map(String::as_str)
-            .filter(|n| !self.inst.encoded.contains_key(*n))
-            .chain(groups.keys().copied())
+            .zip(&self.pending)
+            .map(|(n, p)| *p && !groups.contains_key(n.as_str()))
             .collect();
         let mine: Vec<&Rule> = groups.values().flatten().copied().collect();
-        let shared = shared_of(self.part, &mine, Some(self.inst), &decoded);
-        let shared = b64(&postcard::to_allocvec(&shared).map_err(serde::ser::Error::custom)?);
-        let mut domains: BTreeMap<Cow<str>, Cow<str>> = self
-            .inst
+        let shared = shared_of(part, &mine, Some((self, &keep)));
+        let shared = b64(&postcard::to_allocvec(&shared).map_err(|e| e.to_string())?);
+        let mut domains: BTreeMap<&str, Cow<str>> = self
             .encoded
             .iter()
             .filter(|(d, _)| !groups.contains_key(d.as_str()))
-            .map(|(d, t)| (Cow::Borrowed(d.as_str()), Cow::Borrowed(t.as_str())))
+            .map(|(d, r)| (d.as_str(), Cow::Borrowed(self.chunk(r))))
             .collect();
         for (d, rules) in &groups {
-            domains.insert(Cow::Borrowed(*d), Cow::Owned(encode_domain(rules)));
+            domains.insert(d, Cow::Owned(encode_domain(rules)));
         }
-        write_grouped(
-            &Grouped {
-                shared: Cow::Owned(shared),
-                domains,
-            },
-            s,
-        )
+        // by hand: base64 needs no JSON escaping, only the names do
+        out.reserve(self.text.len() + shared.len() + 64);
+        out.push_str("{\"shared\":\"");
+        out.push_str(&shared);
+        out.push_str("\",\"domains\":{");
+        for (i, (d, rows)) in domains.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(d).map_err(|e| e.to_string())?);
+            out.push_str(":\"");
+            out.push_str(rows);
+            out.push('"');
+        }
+        out.push_str("}}");
+        Ok(())
     }
 }
 
@@ -517,30 +524,31 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error>
     match v {
         Stored2or3::V2(text) => decode_v2(&text).map_err(bad),
         Stored2or3::V3(g) => {
-            let (part, inst) = split(g, None).map_err(bad)?;
+            let (part, inst) = split(g, None, 0).map_err(bad)?;
             inst.merged(&part).map_err(bad)
         }
     }
 }
 
 /// The installed ruleset for one domain: its rules (with the whole shared part), and the
-/// rest still encoded.
-pub fn deserialize_for<'de, D: Deserializer<'de>>(
-    d: D,
+/// rest still encoded. `range` is the `ruleset` value in `text` (the state file), which
+/// the [`Installed`] keeps.
+pub fn parse_for(
+    text: Vec<u8>,
+    range: std::ops::Range<usize>,
     domain: &str,
-) -> Result<(Ruleset, Installed), D::Error> {
-    match Stored2or3::deserialize(d)? {
-        Stored2or3::V2(text) => {
-            // the earlier format: decoded whole once, then split
-            let all = decode_v2(&text).map_err(bad)?;
-            let mut buf = Vec::new();
-            serialize(&all, &mut serde_json::Serializer::new(&mut buf))
-                .map_err(|e| bad(e.to_string()))?;
-            let g: Grouped = serde_json::from_slice(&buf).map_err(|e| bad(e.to_string()))?;
-            split(g, Some(domain)).map_err(bad)
-        }
-        Stored2or3::V3(g) => split(g, Some(domain)).map_err(bad),
+) -> Result<(Ruleset, Installed), String> {
+    let value = text.get(range).ok_or("no ruleset")?;
+    let mut de = serde_json::Deserializer::from_slice(value);
+    let (part, mut inst) = match Stored2or3::deserialize(&mut de).map_err(|e| e.to_string())? {
+        Stored2or3::V2(_) => return Err("the previous release's format".into()),
+        Stored2or3::V3(g) => split(g, Some(domain), text.as_ptr() as usize)?,
+    };
+    if inst.encoded.values().any(|r| r.end > text.len()) {
+        return Err("rows outside the file".into());
     }
+    inst.text = text;
+    Ok((part, inst))
 }
 
 /// The `ruleset` value: a string (the previous release: every row in one) or the
@@ -580,7 +588,7 @@ impl<'de> Deserialize<'de> for Stored2or3<'de> {
 }
 
 /// The shared part decoded; the rows of `only` (every domain: None) decoded.
-fn split(g: Grouped, only: Option<&str>) -> Result<(Ruleset, Installed), String> {
+fn split(g: Grouped, only: Option<&str>, base: usize) -> Result<(Ruleset, Installed), String> {
     let bytes = unb64(&g.shared)?;
     let sh: Shared = take_all(&bytes)?;
     let names = sh
@@ -591,22 +599,35 @@ fn split(g: Grouped, only: Option<&str>) -> Result<(Ruleset, Installed), String>
     let name = |i: u32| -> Result<&String, String> {
         names.get(i as usize).ok_or_else(|| format!("no name {i}"))
     };
+    // each name used as an interface name is validated once
+    let mut valid = vec![false; names.len()];
+    let mut check_if = |i: u32| -> Result<(), String> {
+        let n = name(i)?;
+        if !valid[i as usize] {
+            ifname(Cow::Borrowed(n))?;
+            valid[i as usize] = true;
+        }
+        Ok(())
+    };
     let mut entries = Vec::with_capacity(sh.index.len());
     for (domain, family, proto, kind, addr, ifname_ix, localhost, h, guest_ip, bridge, tap) in
         sh.index
     {
         name(domain)?;
-        ifname(Cow::Borrowed(name(bridge)?))?;
+        check_if(bridge)?;
         let listen = match (kind, addr) {
             (0, _) => ListenOn::Any,
             (1, Some(a)) => ListenOn::Address(a),
-            (2, _) => ListenOn::Interface(ifname(Cow::Borrowed(name(ifname_ix)?))?),
+            (2, _) => {
+                check_if(ifname_ix)?;
+                ListenOn::Interface(names[ifname_ix as usize].clone())
+            }
             _ => return Err(format!("listen kind {kind}")),
         };
         let tap = match tap {
             0 => None,
             t => {
-                ifname(Cow::Borrowed(name(t - 1)?))?;
+                check_if(t - 1)?;
                 Some(t - 1)
             }
         };
@@ -634,17 +655,22 @@ fn split(g: Grouped, only: Option<&str>) -> Result<(Ruleset, Installed), String>
     let mut encoded = BTreeMap::new();
     for (d, text) in g.domains {
         if only.is_none_or(|o| o == d) {
-            rules.extend(decode_domain(&d, &text)?);
+            rules.extend(decode_domain(&d, text)?);
         } else {
-            encoded.insert(d.into_owned(), text.into_owned());
+            // where the rows are in the file's text (`base`: where that starts)
+            let start = (text.as_ptr() as usize).wrapping_sub(base);
+            encoded.insert(d.into_owned(), start..start + text.len());
         }
     }
+    let pending = names.iter().map(|n| encoded.contains_key(n)).collect();
     Ok((
         Ruleset { rules, ..shared },
         Installed {
             names,
             entries,
+            pending,
             encoded,
+            text: Vec::new(),
         },
     ))
 }
@@ -754,7 +780,7 @@ mod tests {
     }
 
     fn part(text: &str, domain: &str) -> (Ruleset, Installed) {
-        deserialize_for(&mut serde_json::Deserializer::from_str(text), domain).unwrap()
+        parse_for(text.as_bytes().to_vec(), 0..text.len(), domain).unwrap()
     }
 
     #[test]
@@ -795,9 +821,8 @@ mod tests {
         };
         let v2 = format!("\"{}\"", b64(&postcard::to_allocvec(&st).unwrap()));
         assert_eq!(whole(&v2), rs);
-        let (mine, inst) = part(&v2, "a");
-        assert_eq!(mine.rules.len(), 2);
-        assert_eq!(inst.merged(&mine).unwrap(), rs);
+        // a hook reads it through the whole state (converted, see super::read_state_for)
+        assert!(parse_for(v2.as_bytes().to_vec(), 0..v2.len(), "a").is_err());
     }
 
     #[test]
@@ -849,14 +874,8 @@ mod tests {
         mine.rules.push(rule("new", 8, "192.168.122.30", None));
         mine.rules.sort();
         mine.hairpin_ports.push("vnet9".into());
-        let mut buf = Vec::new();
-        Partial {
-            part: &mine,
-            inst: &inst,
-        }
-        .serialize(&mut serde_json::Serializer::new(&mut buf))
-        .unwrap();
-        let written = String::from_utf8(buf).unwrap();
+        let mut written = String::new();
+        inst.write(&mine, &mut written).unwrap();
         let mut expected = rs.clone();
         expected.rules.retain(|r| r.domain != "a");
         expected.rules.extend(mine.rules.iter().cloned());
@@ -874,14 +893,8 @@ mod tests {
         // a domain whose rules all went: none left, in rows or index
         let (mut a, inst3) = part(&written, "a");
         a.rules.clear();
-        let mut buf = Vec::new();
-        Partial {
-            part: &a,
-            inst: &inst3,
-        }
-        .serialize(&mut serde_json::Serializer::new(&mut buf))
-        .unwrap();
-        let gone = String::from_utf8(buf).unwrap();
+        let mut gone = String::new();
+        inst3.write(&a, &mut gone).unwrap();
         assert!(whole(&gone).rules.iter().all(|r| r.domain != "a"));
         assert!(part(&gone, "x").1.others().iter().all(|h| h.domain != "a"));
     }
@@ -891,6 +904,6 @@ mod tests {
         let rs = world();
         let text = json(&rs).replacen("\"a\":", "\"zz\":", 1);
         assert!(deserialize(&mut serde_json::Deserializer::from_str(&text)).is_err());
-        assert!(deserialize_for(&mut serde_json::Deserializer::from_str(&text), "zz").is_err());
+        assert!(parse_for(text.as_bytes().to_vec(), 0..text.len(), "zz").is_err());
     }
 }
