@@ -4,6 +4,7 @@
 pub mod diag;
 pub mod hooks_json;
 pub mod metadata;
+pub mod sections;
 pub mod short;
 pub mod toml_file;
 
@@ -288,7 +289,7 @@ fn load_files(
         };
         let p = match only {
             Some(o) if f.extension().is_some_and(|e| e == "toml") => {
-                toml_file::parse_only(f, &text, Some(o))
+                toml_file::parse_for(f, &text, o)
             }
             _ => parse_file(f, &text),
         };

@@ -76,6 +76,16 @@ impl Only<'_> {
     }
 }
 
+/// [`parse_only`] for a hook: the other domains' sections are not even parsed (see
+/// [`super::sections`]; line numbers stay), so a TOML syntax error in one of them goes
+/// unnoticed here (`apply` and `check` report it).
+pub fn parse_for(file: &Path, text: &str, only: Only) -> Result<ParsedFile, Diagnostic> {
+    let sliced = super::sections::only_domains(text, |d, section| {
+        d == only.name || only.uuid.is_some_and(|u| section.contains(u))
+    });
+    parse_only(file, sliced.as_deref().unwrap_or(text), Some(only))
+}
+
 /// [`parse`], limited to the domains `only` wants.
 pub fn parse_only(file: &Path, text: &str, only: Option<Only>) -> Result<ParsedFile, Diagnostic> {
     let doc = Document::parse(text).map_err(|e| Diagnostic {
