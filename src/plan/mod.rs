@@ -359,7 +359,16 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    fn new(facts: &'a Facts) -> Index<'a> {
+    /// `macs`: the (lowercase) MACs of the NICs being planned; only their reservations
+    /// and leases are indexed (a hook plans one domain among thousands of reservations).
+    fn new(facts: &'a Facts, macs: &std::collections::HashSet<String>) -> Index<'a> {
+        let lower = |m: &str| -> Option<String> {
+            if m.bytes().any(|b| b.is_ascii_uppercase()) {
+                Some(m.to_ascii_lowercase()).filter(|l| macs.contains(l))
+            } else {
+                macs.contains(m).then(|| m.to_string())
+            }
+        };
         let mut reservations: HashMap<(&str, String), Vec<IpAddr>> = HashMap::new();
         let mut named: HashMap<(&str, &str), Vec<IpAddr>> = HashMap::new();
         for n in &facts.networks {
@@ -370,18 +379,19 @@ impl<'a> Index<'a> {
                     }
                     continue;
                 }
-                reservations
-                    .entry((n.name.as_str(), r.mac.to_ascii_lowercase()))
-                    .or_default()
-                    .push(r.ip);
+                if let Some(mac) = lower(&r.mac) {
+                    reservations
+                        .entry((n.name.as_str(), mac))
+                        .or_default()
+                        .push(r.ip);
+                }
             }
         }
         let mut leases: HashMap<String, Vec<&crate::facts::Lease>> = HashMap::new();
         for l in &facts.leases {
-            leases
-                .entry(l.mac.to_ascii_lowercase())
-                .or_default()
-                .push(l);
+            if let Some(mac) = lower(&l.mac) {
+                leases.entry(mac).or_default().push(l);
+            }
         }
         Index {
             explicit: Default::default(),
@@ -814,7 +824,12 @@ pub fn plan_against(
         .map(|c| ((running[c.second.0].0, c.second.1), c))
         .collect();
     // explicit guest addresses and installed guests, by the domains that use them
-    let mut ix = Index::new(facts);
+    let macs: std::collections::HashSet<String> = running
+        .iter()
+        .flat_map(|(_, f)| &f.nics)
+        .map(|n| n.mac.to_ascii_lowercase())
+        .collect();
+    let mut ix = Index::new(facts, &macs);
     for o in domains {
         for ip in o.forwards.iter().flat_map(|f| f.guest_addresses.iter()) {
             ix.claims.push((*ip, o.name.as_str()));
