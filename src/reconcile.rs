@@ -304,9 +304,9 @@ fn apply_part(
         .map_err(|msg| corrupt(ctx, msg))?;
     if !sharing.is_empty() {
         state.ruleset.rules.extend(sharing.iter().cloned());
-        state.ruleset.rules.sort();
+        plan::sort_rules(&mut state.ruleset.rules);
         new.rules.extend(sharing);
-        new.rules.sort();
+        plan::sort_rules(&mut new.rules);
     }
     let same = new == state.ruleset;
     let old_taps: Vec<String> = state

@@ -464,8 +464,7 @@ impl Installed {
         for (d, r) in &self.encoded {
             rules.extend(decode_domain(d, self.chunk(r))?);
         }
-        // each domain's rows are sorted: a stable sort merges the runs
-        rules.sort();
+        crate::plan::sort_rules(&mut rules);
         Ok(Ruleset {
             rules,
             ..part.clone()
@@ -523,10 +522,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ruleset, D::Error>
     let v = Stored2or3::deserialize(d)?;
     match v {
         Stored2or3::V2(text) => decode_v2(&text).map_err(bad),
-        Stored2or3::V3(g) => {
-            let (part, inst) = split(g, None, 0).map_err(bad)?;
-            inst.merged(&part).map_err(bad)
-        }
+        Stored2or3::V3(g) => whole(g).map_err(bad),
     }
 }
 
@@ -585,6 +581,26 @@ impl<'de> Deserialize<'de> for Stored2or3<'de> {
         }
         d.deserialize_any(V)
     }
+}
+
+/// Every domain's rows, in the ruleset's order, with the shared part (its index is
+/// not needed: the rules are all there).
+fn whole(g: Grouped) -> Result<Ruleset, String> {
+    let bytes = unb64(&g.shared)?;
+    let sh: Shared = take_all(&bytes)?;
+    let mut rs = decode_stored(Stored {
+        domains: Vec::new(),
+        bridges: Vec::new(),
+        rules: Vec::new(),
+        accepts: sh.accepts,
+        hairpins: sh.hairpins,
+        hairpin_ports: sh.hairpin_ports,
+    })?;
+    for (d, text) in &g.domains {
+        rs.rules.extend(decode_domain(d, text)?);
+    }
+    crate::plan::sort_rules(&mut rs.rules);
+    Ok(rs)
 }
 
 /// The shared part decoded; the rows of `only` (every domain: None) decoded.
