@@ -107,6 +107,49 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
+/// SIGHUP to libvirtd, and a wait until it has done all a SIGHUP does: its network
+/// driver reloads its firewall last (LIBVIRT-FACTS.md), deleting and re-inserting its
+/// rules, which gives them new handles in the nf_tables listing.
+fn sighup_libvirtd(host_exec: &dyn Fn(&[&str]) -> String) {
+    let handles = || libvirt_rules(&host_exec(&["nft", "-a", "list", "ruleset"]));
+    let before = handles();
+    assert!(
+        !before.is_empty(),
+        "libvirt has no rules to reload: is its network up?"
+    );
+    let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lvpid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("libvirtd reloaded its firewall after SIGHUP", 30, || {
+        handles() != before && virsh(&["version"]).0
+    });
+}
+
+/// The rules (with their handles) of libvirt's own chains, in either firewall form:
+/// `LIBVIRT_*` chains (iptables form) and the `libvirt_network` tables (nftables form).
+fn libvirt_rules(listing: &str) -> Vec<String> {
+    let (mut table, mut chain) = (String::new(), String::new());
+    let mut out = Vec::new();
+    for line in listing.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix("table ") {
+            table = t.to_string();
+        } else if let Some(c) = line.strip_prefix("chain ") {
+            chain = c.to_string();
+        } else if line.contains("# handle")
+            && (chain.starts_with("LIBVIRT") || table.contains("libvirt_network"))
+        {
+            out.push(format!(
+                "{table} {chain} {}",
+                virtgate::firewall::strip_counters(line)
+            ));
+        }
+    }
+    out
+}
+
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(secs) {
@@ -317,14 +360,7 @@ fn real_libvirtd_real_vms() {
         indent(&out),
         indent(&std::fs::read_to_string(env.dir.path().join("virtgate.toml")).unwrap())
     );
-    let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lvpid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    wait_for("libvirtd after SIGHUP", 20, || virsh(&["version"]).0);
+    sighup_libvirtd(&host_exec);
 
     // two VMs: A has a <dhcp><host> reservation, B only gets a lease. A probes B's forward
     // through the public address from inside the guest.
@@ -425,14 +461,7 @@ fn real_libvirtd_real_vms() {
     });
 
     // libvirtd SIGHUP: libvirt reloads its firewall; the forwards keep answering
-    let lvpid = pid_alive("/run/libvirtd.pid").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lvpid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    wait_for("libvirtd after SIGHUP", 20, || virsh(&["version"]).0);
+    sighup_libvirtd(&host_exec);
     for (p, who) in [(8080, "vgA"), (8081, "vgB")] {
         wait_for(&format!("{who} answers after SIGHUP"), 10, || {
             http_get(&env.client, pubv(p)).is_ok_and(|b| b.contains(who))
