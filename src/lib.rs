@@ -12,6 +12,8 @@ pub mod exec;
 pub mod facts;
 pub mod files;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hook;
 pub mod logging;
 pub mod model;

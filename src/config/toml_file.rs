@@ -121,6 +121,9 @@ pub fn parse_only(file: &Path, text: &str, only: Option<Only>) -> Result<ParsedF
             }),
         }
     }
+    // in file order, whichever table a key first appeared in
+    out.diagnostics
+        .sort_by_key(|d| (d.origin.line, d.origin.col));
     Ok(out)
 }
 

@@ -238,15 +238,7 @@ pub fn read_state_for(p: &Path, domain: &str) -> Result<(State, Installed), Stat
         path: p.to_path_buf(),
         msg,
     };
-    match parse_for(b.clone(), domain) {
-        Ok(v) => Ok(v),
-        Err(_) => {
-            // an earlier release's format (or a broken file: parse says what is wrong)
-            let st = parse(&b).map_err(corrupt)?;
-            let text = serde_json::to_vec(&st).map_err(|e| corrupt(e.to_string()))?;
-            parse_for(text, domain).map_err(corrupt)
-        }
-    }
+    parse_bytes_for(&b, domain).map_err(corrupt)
 }
 
 fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
@@ -269,6 +261,23 @@ fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
         None => Default::default(),
     };
     Ok((State { ruleset, ..st }, inst))
+}
+
+/// A state file's contents, parsed whole (as [`read_state`] does).
+pub fn parse_bytes(b: &[u8]) -> Result<State, String> {
+    parse(b)
+}
+
+/// A state file's contents, parsed for one domain (as [`read_state_for`] does).
+pub fn parse_bytes_for(b: &[u8], domain: &str) -> Result<(State, Installed), String> {
+    match parse_for(b.to_vec(), domain) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            let st = parse(b)?;
+            let text = serde_json::to_vec(&st).map_err(|e| e.to_string())?;
+            parse_for(text, domain)
+        }
+    }
 }
 
 /// Reads the state without locking (for `status`); a missing file is the empty state.
