@@ -30,6 +30,14 @@ fn open_flags(follow: Follow) -> i32 {
 
 /// Reads a regular file of at most `limit` bytes.
 pub fn read_bounded(path: &Path, limit: u64, follow: Follow) -> io::Result<Vec<u8>> {
+    let (f, _) = open_regular(path, follow)?;
+    read_open(f, limit)
+}
+
+/// Opens a regular file (never blocking), with the metadata of what was opened: checks
+/// made on it hold for what is then read (a path checked, then opened, may have been
+/// replaced in between).
+pub fn open_regular(path: &Path, follow: Follow) -> io::Result<(File, fs::Metadata)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(open_flags(follow))
@@ -41,6 +49,11 @@ pub fn read_bounded(path: &Path, limit: u64, follow: Follow) -> io::Result<Vec<u
             "not a regular file",
         ));
     }
+    Ok((f, meta))
+}
+
+/// Reads an opened file, at most `limit` bytes (more is an error).
+pub fn read_open(f: File, limit: u64) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {

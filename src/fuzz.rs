@@ -121,8 +121,11 @@ pub fn state(data: &[u8]) {
     }
 }
 
+/// A fuzz target: one input, a panic on a finding.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (for the corpus replay).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("toml_config", toml_config),
     ("short_spec", short_spec),
     ("hooks_json", hooks_json),

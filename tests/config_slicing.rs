@@ -130,3 +130,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_pinned_uuid_is_found_in_any_case_and_an_escaped_one_is_kept() {
+    let file = Path::new("/etc/virtgate/virtgate.toml");
+    for text in [
+        "[domain.other]\nforwards = [\"1:1\"]\n[domain.pinned]\nuuid = \"6F1D3B2A-0000-4000-8000-000000000001\"\nforwards = [\"8080:80\"]\n",
+        "[domain.other]\nforwards = [\"1:1\"]\n[domain.pinned]\nuuid = \"\\u0036f1d3b2a-0000-4000-8000-000000000001\"\nforwards = [\"8080:80\"]\n",
+    ] {
+        let only = Only {
+            name: "renamed",
+            uuid: Some("6f1d3b2a-0000-4000-8000-000000000001"),
+        };
+        let part = parse_for(file, text, only).unwrap();
+        assert_eq!(part.domains.len(), 1, "{text}");
+        assert_eq!(
+            format!("{:?}", parse_only(file, text, Some(only)).unwrap()),
+            format!("{part:?}")
+        );
+    }
+}

@@ -201,10 +201,13 @@ impl Config {
 }
 
 fn read_checked(path: &Path) -> Result<String, ConfigError> {
-    let meta = fs::metadata(path).map_err(|source| ConfigError::Read {
+    let read_err = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // the checks are of the file opened, which is the one read
+    let (f, meta) =
+        crate::files::open_regular(path, crate::files::Follow::Yes).map_err(read_err)?;
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(ConfigError::TooLarge {
             path: path.to_path_buf(),
@@ -218,11 +221,12 @@ fn read_checked(path: &Path) -> Result<String, ConfigError> {
             uid: meta.uid(),
         });
     }
-    crate::files::read_text(path, MAX_CONFIG_BYTES, crate::files::Follow::Yes).map_err(|source| {
-        ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        }
+    let bytes = crate::files::read_open(f, MAX_CONFIG_BYTES).map_err(read_err)?;
+    String::from_utf8(bytes).map_err(|_| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8",
+        ))
     })
 }
 

@@ -80,8 +80,17 @@ impl Only<'_> {
 /// [`super::sections`]; line numbers stay), so a TOML syntax error in one of them goes
 /// unnoticed here (`apply` and `check` report it).
 pub fn parse_for(file: &Path, text: &str, only: Only) -> Result<ParsedFile, Diagnostic> {
+    // a pinned uuid is compared as Only::wants does (any case); one spelled with escapes
+    // cannot be seen in the text: such a section is kept
+    let has_uuid = |section: &str, u: &str| {
+        let (s, u) = (section.as_bytes(), u.as_bytes());
+        !u.is_empty() && s.windows(u.len()).any(|w| w.eq_ignore_ascii_case(u))
+    };
     let sliced = super::sections::only_domains(text, |d, section| {
-        d == only.name || only.uuid.is_some_and(|u| section.contains(u))
+        d == only.name
+            || only.uuid.is_some_and(|u| {
+                has_uuid(section, u) || section.contains("\\u") || section.contains("\\U")
+            })
     });
     parse_only(file, sliced.as_deref().unwrap_or(text), Some(only))
 }

@@ -49,13 +49,25 @@ pub fn render(ctx: &Context, created_dirs: &[PathBuf], unit: Option<&Path>) -> S
 /// untrusted one is ignored, and the log says so).
 fn read(hooks_dir: &Path) -> Option<DocumentMut> {
     let p = path(hooks_dir);
-    let meta = std::fs::metadata(&p).ok()?;
+    // the checks are of the file opened, which is the one read
+    let (f, meta) = match crate::files::open_regular(&p, crate::files::Follow::Yes) {
+        Ok(v) => v,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("{}: {e}, using the defaults", p.display());
+            return None;
+        }
+    };
     if let Some(why) = crate::files::untrusted(&meta) {
         tracing::error!("{}: {why}: ignored, using the defaults", p.display());
         return None;
     }
-    let text = match crate::files::read_text(&p, 1 << 20, crate::files::Follow::Yes) {
-        Ok(t) => t,
+    let text = match crate::files::read_open(f, 1 << 20).map(String::from_utf8) {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) => {
+            tracing::warn!("{}: not UTF-8, using the defaults", p.display());
+            return None;
+        }
         Err(e) => {
             tracing::warn!("{}: {e}, using the defaults", p.display());
             return None;
