@@ -332,25 +332,38 @@ fn shared_of<'a>(
             r.tap.as_deref().map_or(0, |t| names.index(t) as u32 + 1),
         ));
     }
+    let (accepts, hairpins, hairpin_ports) = shared_parts(rs);
     Shared {
         names: names.names,
         index,
-        accepts: rs
-            .accepts
+        accepts,
+        hairpins,
+        hairpin_ports,
+    }
+}
+
+/// Accepts, hairpins and hairpin ports, as stored (borrowed from `rs`).
+type SharedParts<'a> = (
+    Vec<(Cow<'a, str>, u8, LibvirtFirewall)>,
+    Vec<(Cow<'a, str>, IpNet)>,
+    Vec<Cow<'a, str>>,
+);
+
+fn shared_parts(rs: &Ruleset) -> SharedParts<'_> {
+    (
+        rs.accepts
             .iter()
             .map(|a| (Cow::Borrowed(a.bridge.as_str()), fam(a.family), a.firewall))
             .collect(),
-        hairpins: rs
-            .hairpins
+        rs.hairpins
             .iter()
             .map(|h| (Cow::Borrowed(h.bridge.as_str()), h.subnet))
             .collect(),
-        hairpin_ports: rs
-            .hairpin_ports
+        rs.hairpin_ports
             .iter()
             .map(|p| Cow::Borrowed(p.as_str()))
             .collect(),
-    }
+    )
 }
 
 /// `rs`'s rules by domain, in ruleset order within each.
@@ -583,19 +596,28 @@ impl<'de> Deserialize<'de> for Stored2or3<'de> {
     }
 }
 
+/// The shared part read back: a ruleset with no rules, every value validated.
+fn shared_ruleset(
+    accepts: Vec<(Cow<'_, str>, u8, LibvirtFirewall)>,
+    hairpins: Vec<(Cow<'_, str>, IpNet)>,
+    hairpin_ports: Vec<Cow<'_, str>>,
+) -> Result<Ruleset, String> {
+    decode_stored(Stored {
+        domains: Vec::new(),
+        bridges: Vec::new(),
+        rules: Vec::new(),
+        accepts,
+        hairpins,
+        hairpin_ports,
+    })
+}
+
 /// Every domain's rows, in the ruleset's order, with the shared part (its index is
 /// not needed: the rules are all there).
 fn whole(g: Grouped) -> Result<Ruleset, String> {
     let bytes = unb64(&g.shared)?;
     let sh: Shared = take_all(&bytes)?;
-    let mut rs = decode_stored(Stored {
-        domains: Vec::new(),
-        bridges: Vec::new(),
-        rules: Vec::new(),
-        accepts: sh.accepts,
-        hairpins: sh.hairpins,
-        hairpin_ports: sh.hairpin_ports,
-    })?;
+    let mut rs = shared_ruleset(sh.accepts, sh.hairpins, sh.hairpin_ports)?;
     for (d, text) in &g.domains {
         rs.rules.extend(decode_domain(d, text)?);
     }
@@ -659,14 +681,7 @@ fn split(g: Grouped, only: Option<&str>, base: usize) -> Result<(Ruleset, Instal
             tap,
         });
     }
-    let shared = decode_stored(Stored {
-        domains: Vec::new(),
-        bridges: Vec::new(),
-        rules: Vec::new(),
-        accepts: sh.accepts,
-        hairpins: sh.hairpins,
-        hairpin_ports: sh.hairpin_ports,
-    })?;
+    let shared = shared_ruleset(sh.accepts, sh.hairpins, sh.hairpin_ports)?;
     let mut rules = Vec::new();
     let mut encoded = BTreeMap::new();
     for (d, text) in g.domains {
@@ -815,25 +830,14 @@ mod tests {
             .iter()
             .map(|r| row(r, domains.index(&r.domain), bridges.index(&r.bridge)))
             .collect();
+        let (accepts, hairpins, hairpin_ports) = shared_parts(&rs);
         let st = Stored {
             domains: domains.names,
             bridges: bridges.names,
             rules: rows,
-            accepts: rs
-                .accepts
-                .iter()
-                .map(|a| (Cow::Borrowed(a.bridge.as_str()), fam(a.family), a.firewall))
-                .collect(),
-            hairpins: rs
-                .hairpins
-                .iter()
-                .map(|h| (Cow::Borrowed(h.bridge.as_str()), h.subnet))
-                .collect(),
-            hairpin_ports: rs
-                .hairpin_ports
-                .iter()
-                .map(|p| Cow::Borrowed(p.as_str()))
-                .collect(),
+            accepts,
+            hairpins,
+            hairpin_ports,
         };
         let v2 = format!("\"{}\"", b64(&postcard::to_allocvec(&st).unwrap()));
         assert_eq!(whole(&v2), rs);
