@@ -280,6 +280,23 @@ pub fn plan_domain_against(
     plan
 }
 
+/// The bridge ports of `name`'s rules.
+fn own_taps<'a>(rs: &'a plan::Ruleset, name: &'a str) -> impl Iterator<Item = String> + 'a {
+    rs.rules
+        .iter()
+        .filter(move |r| r.domain == name)
+        .filter_map(|r| r.tap.clone())
+}
+
+/// The generation at which the kernel is known to hold what was just applied: only if
+/// the change is all that was committed since `before`, itself trusted.
+fn generation_after(trusted: bool, before: Option<u32>, after: Option<u32>) -> Option<u32> {
+    match (trusted, before, after) {
+        (true, Some(b), Some(a)) if a == firewall::next_generation(b) => Some(a),
+        _ => None,
+    }
+}
+
 /// The hook's change with a local delta: `state.ruleset` and `new` hold the domain's
 /// rules (before and after), to which every other domain's rule for the same guest
 /// addresses is added from `inst`; the kernel gets their delta. If it refuses, the whole
@@ -309,13 +326,7 @@ fn apply_part(
         plan::sort_rules(&mut new.rules);
     }
     let same = new == state.ruleset;
-    let old_taps: Vec<String> = state
-        .ruleset
-        .rules
-        .iter()
-        .filter(|r| r.domain == name)
-        .filter_map(|r| r.tap.clone())
-        .collect();
+    let old_taps: Vec<String> = own_taps(&state.ruleset, name).collect();
     // nothing else installed: the parts are the whole (the table may not exist yet)
     let alone = inst.other_rules() == 0;
     let before = backend.generation(&state.ruleset)?;
@@ -344,19 +355,9 @@ fn apply_part(
         return Err(e.into());
     }
     let after = backend.generation(&new)?;
-    state.generation = match (trusted, before, after) {
-        (true, Some(b), Some(a)) if a == firewall::next_generation(b) => Some(a),
-        _ => None,
-    };
-    let own: std::collections::BTreeSet<String> = old_taps
-        .into_iter()
-        .chain(
-            new.rules
-                .iter()
-                .filter(|r| r.domain == name)
-                .filter_map(|r| r.tap.clone()),
-        )
-        .collect();
+    state.generation = generation_after(trusted, before, after);
+    let own: std::collections::BTreeSet<String> =
+        old_taps.into_iter().chain(own_taps(&new, name)).collect();
     crate::bridge::sync(&new.hairpin_ports, &mut state.hairpin_saved, Some(&own));
     let installed = !new.is_empty() || !alone;
     state.ruleset = new;
@@ -409,13 +410,7 @@ fn apply_plan(
     };
     let delta_ok = backend.has_delta() && held;
     let old_taps: Vec<String> = match scope {
-        Scope::Domain(name) => state
-            .ruleset
-            .rules
-            .iter()
-            .filter(|r| r.domain == name)
-            .filter_map(|r| r.tap.clone())
-            .collect(),
+        Scope::Domain(name) => own_taps(&state.ruleset, name).collect(),
         Scope::All => Vec::new(),
     };
     let old = &state.ruleset;
@@ -444,10 +439,7 @@ fn apply_plan(
         return Err(e.into());
     }
     let after = backend.generation(&plan.ruleset)?;
-    state.generation = match (trusted, before, after) {
-        (true, Some(b), Some(a)) if a == firewall::next_generation(b) => Some(a),
-        _ => None,
-    };
+    state.generation = generation_after(trusted, before, after);
     let changed = !same || !delta_ok;
     // a hook looks at its own domain's ports only
     let own: Option<std::collections::BTreeSet<String>> = match scope {
@@ -455,13 +447,7 @@ fn apply_plan(
         Scope::Domain(name) => Some(
             old_taps
                 .into_iter()
-                .chain(
-                    plan.ruleset
-                        .rules
-                        .iter()
-                        .filter(|r| r.domain == name)
-                        .filter_map(|r| r.tap.clone()),
-                )
+                .chain(own_taps(&plan.ruleset, name))
                 .collect(),
         ),
     };
