@@ -1,7 +1,7 @@
 //! The file-system trust boundary, with the real binary: what `install` creates under
 //! `umask 000`, a state directory others can write to, symlinks planted in it, an
-//! untrusted hook settings file, and a libvirt status file that is a symlink to
-//! `/dev/zero`. Each of these was a way, for someone who is not root, to steer what
+//! untrusted hook settings file, a config file swapped between its check and its read,
+//! and a libvirt status file that is a symlink to `/dev/zero`. Each of these was a way, for someone who is not root, to steer what
 //! virtgate does as root, or to stall it.
 
 mod common;
@@ -192,4 +192,53 @@ fn a_status_file_linked_to_dev_zero_costs_nothing() {
             .is_ok_and(|r| r.starts_with("g1")),
         "the rest is applied"
     );
+}
+
+/// The owner and mode checks of a config file hold for what is then read: a file swapped
+/// between the check and the read (here a symlink flipped, as fast as it can be, between
+/// a trusted file and one anyone may write) is never read as trusted. Checking the path,
+/// then reading the path, let the writable file through within a few hundred loads.
+#[test]
+fn a_config_file_swapped_between_check_and_read_is_never_trusted() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = dir.path().join("trusted.toml");
+    let writable = dir.path().join("writable.toml");
+    std::fs::write(&trusted, "[domain.good]\nforwards = [\"8080:80\"]\n").unwrap();
+    std::fs::write(&writable, "[domain.evil]\nforwards = [\"8080:80\"]\n").unwrap();
+    std::fs::set_permissions(&trusted, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let main = dir.path().join("virtgate.toml");
+    std::os::unix::fs::symlink(&trusted, &main).unwrap();
+    let stop = AtomicBool::new(false);
+    let (mut good, mut refused, mut evil) = (0u32, 0u32, 0u32);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let tmp = dir.path().join("flip");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let target = if n % 2 == 0 { &writable } else { &trusted };
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(target, &tmp).unwrap();
+                std::fs::rename(&tmp, &main).unwrap();
+                n += 1;
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            match virtgate::config::load(&main) {
+                Ok(c) if c.domains.contains_key("evil") => evil += 1,
+                Ok(c) if c.domains.contains_key("good") => good += 1,
+                Ok(_) => {}
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(
+        evil, 0,
+        "read a writable file as trusted {evil} times ({good} trusted, {refused} refused)"
+    );
+    // both sides of the flip were seen: the race was run, not missed
+    assert!(good > 0 && refused > 0, "{good} trusted, {refused} refused");
 }
