@@ -7,7 +7,7 @@ use common::{Lab, LibvirtForm};
 
 const CONFIG: &str = "[domain.g1]\nforwards = [\"8080:80\", \"8090:81\"]\n[domain.ghost]\nforwards = [\"8099:80\"]\n";
 
-/// Exit status and the names of the steps that block.
+/// Exit status and the names of the steps that block (a step named once).
 fn blocked(lab: &Lab, args: &[&str]) -> (bool, Vec<String>, String) {
     let mut a = vec!["diagnose"];
     a.extend_from_slice(args);
@@ -15,13 +15,14 @@ fn blocked(lab: &Lab, args: &[&str]) -> (bool, Vec<String>, String) {
     let (ok, out, err) = lab.virtgate("nftables", &a);
     let v: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
-    let steps: Vec<String> = v["steps"]
+    let mut steps: Vec<String> = v["steps"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|s| s["ok"] == false)
         .map(|s| s["step"].as_str().unwrap().to_string())
         .collect();
+    steps.dedup();
     assert_eq!(v["clear"] == true, ok, "exit status says the same: {out}");
     (ok, steps, out)
 }
@@ -81,4 +82,84 @@ fn diagnose_names_what_blocks_and_only_that() {
     // the text form says the fix
     let (ok, out, _) = lab.virtgate("nftables", &["diagnose", "ghost"]);
     assert!(!ok && out.contains("fix: virsh start ghost"), "{out}");
+}
+
+/// Other tables that drop the flow, each induced on its own: a Docker-like `FORWARD`
+/// policy drop, a firewalld-like zone's final reject, and another table's drop at a lower
+/// priority. The kernel agrees: the port does not answer while diagnose says it is
+/// blocked, and answers once it says the path is clear. Rules that drop other flows
+/// (`ct state invalid`, another interface, a client address) block nothing.
+#[test]
+fn diagnose_names_a_foreign_drop_and_the_kernel_agrees() {
+    if !common::can_run_netns("diagnose_names_a_foreign_drop_and_the_kernel_agrees") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    lab.write_config("[domain.g1]\nforwards = [\"8080:80\"]\n");
+    lab.apply("nftables");
+    let answers = || lab.client.tcp(common::sa("203.0.113.1:8080")).is_ok();
+    let clear = |why: &str| {
+        let (ok, b, out) = blocked(&lab, &["g1"]);
+        assert!(ok && b.is_empty(), "{why}: {out}");
+        assert!(answers(), "{why}: the port answers");
+    };
+    clear("before");
+    // rules of other flows: no block
+    lab.host.exec_stdin(
+        &["nft", "-f", "-"],
+        "table inet other {\n chain fwchain {\n  type filter hook forward priority -200; policy accept;\n  ct state invalid drop\n  oifname \"docker0\" drop\n  udp dport 80 drop\n  ip saddr 192.0.2.66 drop\n }\n}\n",
+    );
+    let (_, _, out) = blocked(&lab, &["g1"]);
+    assert!(
+        out.contains("may drop some"),
+        "the client-address drop is named: {out}"
+    );
+    clear("harmless rules");
+    // another table's drop at a lower priority
+    lab.host.exec(&[
+        "nft", "add", "rule", "inet", "other", "fwchain", "tcp", "dport", "80", "drop",
+    ]);
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(!ok && b == ["foreign"], "{out}");
+    assert!(
+        out.contains("inet other fwchain") && out.contains("connections to"),
+        "{out}"
+    );
+    assert!(!answers(), "the kernel drops it too");
+    lab.host.exec(&["nft", "delete", "table", "inet", "other"]);
+    clear("table gone");
+    // a firewalld-like zone: the replies' way is open, the final reject is not
+    lab.host.exec_stdin(
+        &["nft", "-f", "-"],
+        "table inet firewalld {\n chain filter_FORWARD {\n  type filter hook forward priority filter + 10; policy accept;\n  ct state established,related accept\n  ct state invalid drop\n  iifname \"lo\" accept\n  reject with icmpx admin-prohibited\n }\n}\n",
+    );
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(!ok && b == ["foreign"], "{out}");
+    assert!(out.contains("inet firewalld filter_FORWARD"), "{out}");
+    assert!(!answers(), "the kernel rejects it too");
+    lab.host
+        .exec(&["nft", "delete", "table", "inet", "firewalld"]);
+    clear("firewalld gone");
+    // Docker's FORWARD policy drop, set up after virtgate applied: blocked until apply
+    // puts virtgate's accept in that chain
+    lab.host.exec(&["iptables", "-P", "FORWARD", "DROP"]);
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(!ok && b == ["foreign"], "{out}");
+    assert!(
+        out.contains("policy drop") && out.contains("ip filter FORWARD"),
+        "{out}"
+    );
+    assert!(!answers(), "the kernel drops it too");
+    lab.apply("nftables");
+    clear("after apply");
+    // libvirt's iptables form: its FORWARD rejects come after virtgate's accept at the
+    // top, which a policy drop does not reach either
+    drop(lab);
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config("[domain.g1]\nforwards = [\"8080:80\"]\n");
+    lab.apply("nftables");
+    lab.host.exec(&["iptables", "-P", "FORWARD", "DROP"]);
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(ok && b.is_empty(), "{out}");
+    assert!(lab.client.tcp(common::sa("203.0.113.1:8080")).is_ok());
 }

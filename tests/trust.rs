@@ -217,7 +217,11 @@ fn a_config_file_swapped_between_check_and_read_is_never_trusted() {
             let tmp = dir.path().join("flip");
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let target = if n.is_multiple_of(2) { &writable } else { &trusted };
+                let target = if n.is_multiple_of(2) {
+                    &writable
+                } else {
+                    &trusted
+                };
                 let _ = std::fs::remove_file(&tmp);
                 std::os::unix::fs::symlink(target, &tmp).unwrap();
                 std::fs::rename(&tmp, &main).unwrap();

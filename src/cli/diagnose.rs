@@ -180,6 +180,7 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
         )),
         _ => out.push(pass("ip_forward", "net.ipv4.ip_forward is on")),
     }
+    out.extend(foreign_steps(&active));
     for f in &active {
         let bridge = f.bridge.as_deref().unwrap_or("?");
         if f.spec.localhost && !facts.sysctls.route_localnet_on(bridge) {
@@ -244,18 +245,104 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
             )),
         }
     }
-    let counters = backend.counters(&st.ruleset).unwrap_or_default();
-    let packets: u64 = active
-        .iter()
-        .flat_map(|f| f.rule_ids.iter())
-        .filter_map(|id| counters.get(id))
-        .map(|c| c.packets)
-        .sum();
+    // counters: how many packets so far, and whether they move (over one second)
+    let packets = || {
+        let counters = backend.counters(&st.ruleset).unwrap_or_default();
+        active
+            .iter()
+            .flat_map(|f| f.rule_ids.iter())
+            .filter_map(|id| counters.get(id))
+            .map(|c| c.packets)
+            .sum::<u64>()
+    };
+    let before = packets();
+    std::thread::sleep(Duration::from_secs(1));
+    let moved = packets().saturating_sub(before);
     out.push(pass(
         "counters",
-        format!("{packets} packet(s) counted through these forwards so far"),
+        if moved > 0 {
+            format!("{before} packet(s) counted through these forwards, {moved} in the last second: traffic flows")
+        } else {
+            format!("{before} packet(s) counted through these forwards, none in the last second (no traffic now)")
+        },
     ));
     Ok(out)
+}
+
+/// Other tables' rules that drop a forward's flow (either way), from `nft -j list
+/// ruleset`: a drop every match of which holds blocks; one behind a match that depends
+/// on the client (its address, a named set) is named, and does not block.
+fn foreign_steps(active: &[&crate::plan::ForwardStatus]) -> Vec<Step> {
+    use crate::firewall::foreign::{Flow, drops};
+    let ruleset = match crate::exec::run_if_installed(&["nft", "-j", "list", "ruleset"]) {
+        Ok(Some(o)) if o.success => serde_json::from_str::<serde_json::Value>(&o.stdout).ok(),
+        _ => None,
+    };
+    let Some(ruleset) = ruleset else {
+        return vec![pass(
+            "foreign",
+            "no nftables ruleset to read (nft absent or refused): other tables not checked",
+        )];
+    };
+    let mut out = Vec::new();
+    for f in active {
+        let (Some(g), Some(bridge)) = (f.guest.first(), f.bridge.as_deref()) else {
+            continue;
+        };
+        for reply in [false, true] {
+            let flow = Flow {
+                proto: f.spec.proto,
+                guest: g.ip,
+                guest_port: f.spec.guest_ports.start,
+                bridge,
+                reply,
+            };
+            let way = if reply {
+                "replies from"
+            } else {
+                "connections to"
+            };
+            for d in drops(&ruleset, &flow) {
+                let what = format!(
+                    "{}: {way} {}:{} ({}) meet {} in chain {}",
+                    f.spec.short(),
+                    g.ip,
+                    flow.guest_port,
+                    f.spec.proto,
+                    d.what,
+                    d.chain
+                );
+                if !d.certain {
+                    out.push(pass(
+                        "foreign",
+                        format!("{what}, which may drop some of them (it depends on the client)"),
+                    ));
+                } else if d.chain.ends_with(" filter FORWARD") {
+                    out.push(block(
+                        "foreign",
+                        format!("{what}, which drops them (iptables' FORWARD, as Docker sets it up)"),
+                        "virtgate apply: it puts its accept at the top of that chain once the chain exists (the daemon does it by itself)",
+                    ));
+                } else {
+                    out.push(block(
+                        "foreign",
+                        format!("{what}, which drops them"),
+                        format!(
+                            "let DNAT'ed flows through there, e.g. nft insert rule {} ct status dnat accept (for firewalld: a policy or zone that allows forwarding to {bridge})",
+                            d.chain
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(pass(
+            "foreign",
+            "no other table drops these flows in a forward hook",
+        ));
+    }
+    out
 }
 
 pub fn run(ctx: &Context, domain: &str, port: Option<u16>, json: bool) -> Result<bool, String> {

@@ -106,7 +106,7 @@ pub enum Command {
     },
     /// Walk the path to a domain's forwards and say what holds, what blocks, and the fix
     #[command(
-        after_help = "Steps: config entry, domain running, guest address and its source, virtgate's rules\nand accept placement in the kernel, ip_forward, route_localnet (localhost forwards), hairpin\nmode (br_netfilter), the guest listening (a TCP connect from the host), counters. Exit 0: clear; 1: something blocks.\nExample:\n  virtgate diagnose web\n  virtgate diagnose web 8080 --json"
+        after_help = "Steps: config entry, domain running, guest address and its source, virtgate's rules\nand accept placement in the kernel, ip_forward, route_localnet (localhost forwards), hairpin\nmode (br_netfilter), other tables' drops in a forward hook (Docker's FORWARD policy, a\nfirewalld zone, any table), the guest listening (a TCP connect from the host), counters\nand whether they move. Exit 0: clear; 1: something blocks.\nExample:\n  virtgate diagnose web\n  virtgate diagnose web 8080 --json"
     )]
     Diagnose {
         /// The libvirt domain's name

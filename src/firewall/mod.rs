@@ -7,6 +7,7 @@
 //! Placement of the accept in libvirt's forward path is shared by both backends and lives
 //! in [`placement`]: it depends on libvirt's firewall form, not on virtgate's.
 
+pub mod foreign;
 pub mod iptables;
 pub mod nfnl;
 pub mod nftables;
