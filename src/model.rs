@@ -246,6 +246,32 @@ pub struct DomainConfig {
     pub forwards: Vec<ForwardSpec>,
     /// Refuse to start the domain if its forwards cannot be applied (hook).
     pub fail_closed: bool,
+    /// What the forwards' ports do while the domain is not running.
+    #[serde(default)]
+    pub when_stopped: WhenStopped,
+}
+
+/// What a domain's forwarded ports do while the domain is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenStopped {
+    /// Nothing: packets reach whatever listens on the host (the default).
+    #[default]
+    Pass,
+    /// Refused: a TCP reset, an ICMP port unreachable for UDP.
+    Reject,
+}
+
+impl WhenStopped {
+    pub fn parse(s: &str) -> Result<WhenStopped, String> {
+        match s {
+            "pass" => Ok(WhenStopped::Pass),
+            "reject" => Ok(WhenStopped::Reject),
+            other => Err(format!(
+                "when_stopped must be \"pass\" or \"reject\", not {other:?}"
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

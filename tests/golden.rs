@@ -21,6 +21,13 @@ description = "internal \"API\"; $(x)"
 host_port = 2222
 guest_port = 22
 interface = "eth1"
+[domain.stopped]
+when_stopped = "reject"
+forwards = ["7000:70", "7001:71/udp", "203.0.113.1:7002:72"]
+[[domain.stopped.forward]]
+host_port = 7003
+guest_port = 73
+source = ["198.51.100.0/24"]
 "#;
 
 fn facts(fw: LibvirtFirewall) -> Facts {

@@ -169,6 +169,8 @@ impl Config {
                                 uuid: d.uuid.clone(),
                                 forwards: forwards.clone(),
                                 fail_closed: md.fail_closed,
+                                // metadata is read from running domains only
+                                when_stopped: Default::default(),
                             },
                             origins: vec![origin.clone(); forwards.len()],
                             origin,

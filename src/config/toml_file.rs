@@ -12,13 +12,14 @@ use toml_edit::{Document, Item, Table, Value};
 use super::diag::{Diagnostic, Origin, Severity};
 use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::{BackendChoice, ConfiguredForward, ParsedFile};
-use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto};
+use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto, WhenStopped};
 
 const DOMAIN_KEYS: &[&str] = &[
     "forwards",
     "forward",
     "uuid",
     "fail_closed",
+    "when_stopped",
     "guest_address",
 ];
 /// The keys of a long-form forward (also the attributes of `<forward>` in metadata).
@@ -218,6 +219,10 @@ fn parse_domain(
         match k {
             "uuid" => dc.uuid = Some(want_str(v, &o, "uuid")?.to_ascii_lowercase()),
             "fail_closed" => dc.fail_closed = want_bool(v, &o, "fail_closed")?,
+            "when_stopped" => {
+                dc.when_stopped = WhenStopped::parse(want_str(v, &o, "when_stopped")?)
+                    .map_err(|e| (o.clone(), e))?
+            }
             "guest_address" => default_addresses = parse_addresses(v, &o)?,
             "forwards" => {
                 let arr = v
@@ -489,4 +494,33 @@ fn parse_port_value(v: &Value, o: &Origin, k: &str) -> DomainResult<PortRange> {
         o.clone(),
         format!("'{k}' must be a port number or a \"START-END\" string"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_stopped_is_read_and_a_bad_value_is_named_where_it_is() {
+        let p = Path::new("v.toml");
+        let ok = parse(
+            p,
+            "[domain.a]\nwhen_stopped = \"reject\"\nforwards = [\"80\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.domains[0].0.0.when_stopped, WhenStopped::Reject);
+        let dflt = parse(p, "[domain.a]\nforwards = [\"80\"]\n").unwrap();
+        assert_eq!(dflt.domains[0].0.0.when_stopped, WhenStopped::Pass);
+        let bad = parse(
+            p,
+            "[domain.a]\nforwards = [\"80\"]\nwhen_stopped = \"drop\"\n",
+        )
+        .unwrap();
+        assert!(bad.domains.is_empty() && bad.invalid_domains == ["a"]);
+        let msg = bad.diagnostics[0].to_string();
+        assert!(
+            msg.contains("v.toml:3") && msg.contains("\"pass\" or \"reject\""),
+            "{msg}"
+        );
+    }
 }

@@ -124,7 +124,11 @@ fn bucketed(top: &str, rules: Vec<(Proto, PortRange, String)>) -> Vec<(String, V
 
 /// Both families' table specs.
 pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
-    let rules: Vec<&Rule> = rs.rules.iter().filter(|r| r.family == family).collect();
+    let (refusals, rules): (Vec<&Rule>, Vec<&Rule>) = rs
+        .rules
+        .iter()
+        .filter(|r| r.family == family)
+        .partition(|r| r.refuses());
     let mut nat = TableSpec {
         table: "nat",
         ..Default::default()
@@ -237,7 +241,51 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             target: placement::XT_FORWARD.into(),
         }];
     }
+    if !refusals.is_empty() {
+        filter
+            .chains
+            .push((XT_INPUT.into(), refusal_rules(&refusals, family)));
+        filter.jumps.push(Jump {
+            builtin: "INPUT",
+            matches: "",
+            target: XT_INPUT.into(),
+        });
+    }
     vec![nat, filter]
+}
+
+/// The chain of stopped domains' refused ports, jumped to from `INPUT`.
+pub const XT_INPUT: &str = "VIRTGATE_INPUT";
+
+/// Stopped domains' refused ports: a TCP reset, an ICMP port unreachable otherwise
+/// (loopback is never forwarded by a listen key: left alone).
+fn refusal_rules(refusals: &[&Rule], family: Family) -> Vec<String> {
+    let mut v = vec![match family {
+        Family::Ipv4 => "-d 127.0.0.0/8 -j RETURN".to_string(),
+        Family::Ipv6 => "-d ::1/128 -j RETURN".to_string(),
+    }];
+    for r in refusals {
+        let how = match (r.proto, family) {
+            (Proto::Tcp, _) => "--reject-with tcp-reset",
+            (_, Family::Ipv4) => "--reject-with icmp-port-unreachable",
+            (_, Family::Ipv6) => "--reject-with icmp6-port-unreachable",
+        };
+        let m = proto_match(r, &r.host_ports);
+        let on = match &r.listen {
+            ListenOn::Any => String::new(),
+            ListenOn::Address(a) => format!("-d {} ", host(a)),
+            ListenOn::Interface(i) => format!("-i {i} "),
+        };
+        let srcs: Vec<String> = if r.sources.is_empty() {
+            vec![String::new()]
+        } else {
+            r.sources.iter().map(|s| format!("-s {s} ")).collect()
+        };
+        for s in srcs {
+            v.push(format!("{s}{on}{m} {} -j REJECT {how}", comment(r)));
+        }
+    }
+    v
 }
 
 /// The restore script that turns `old` into `new` for one table, touching only the chains

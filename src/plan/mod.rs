@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
-use crate::model::{DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto};
+use crate::model::{
+    DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto, WhenStopped,
+};
 
 pub mod conflicts;
 use conflicts::families;
@@ -68,6 +70,41 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A refusal of a stopped domain's forward (`when_stopped = "reject"`): the ports are
+    /// refused on the host, there is no guest. Stored as a rule whose guest address is the
+    /// unspecified one (which no forward can have) on the loopback "bridge".
+    pub fn refusal(
+        domain: &DomainConfig,
+        family: Family,
+        spec: &ForwardSpec,
+        listen: &ListenOn,
+    ) -> Rule {
+        let unspecified = match family {
+            Family::Ipv4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            Family::Ipv6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        Rule {
+            id: rule_id(domain, family, spec, listen),
+            domain: domain.name.clone(),
+            family,
+            proto: spec.proto,
+            listen: listen.clone(),
+            host_ports: spec.host_ports,
+            guest_ip: unspecified,
+            guest_ports: spec.host_ports,
+            sources: family_sources(spec, family),
+            localhost: false,
+            bridge: REFUSAL_BRIDGE.to_string(),
+            tap: None,
+            description: spec.description.clone(),
+        }
+    }
+
+    /// Whether this is a stopped domain's refusal, not a forward.
+    pub fn refuses(&self) -> bool {
+        self.guest_ip.is_unspecified()
+    }
+
     /// The key no two rules may share.
     pub fn listen_key(&self) -> (Family, Proto, ListenOn, PortRange) {
         (
@@ -87,6 +124,22 @@ impl Rule {
         }
         sanitize_comment(&c)
     }
+}
+
+/// The "bridge" of a refusal (it has no guest).
+pub const REFUSAL_BRIDGE: &str = "lo";
+
+/// A forward's allowed sources of one family, merged (so overlapping entries never
+/// collide in an interval set).
+fn family_sources(spec: &ForwardSpec, family: Family) -> Vec<IpNet> {
+    IpNet::aggregate(
+        &spec
+            .sources
+            .iter()
+            .filter(|s| Family::of_net(s) == family)
+            .copied()
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Makes text safe inside a quoted nft/iptables comment: printable ASCII, no quotes or
@@ -152,6 +205,11 @@ pub struct Held<'a> {
 }
 
 impl<'a> Held<'a> {
+    /// Whether this is a stopped domain's refusal (see [`Rule::refusal`]).
+    pub fn refuses(&self) -> bool {
+        self.guest_ip.is_unspecified()
+    }
+
     pub fn of(r: &'a Rule) -> Held<'a> {
         Held {
             domain: &r.domain,
@@ -209,10 +267,17 @@ impl Ruleset {
         // where the bridge is no libvirt network
         let mut keys: BTreeSet<(&str, Family, Option<IpAddr>)> = BTreeSet::new();
         let mut last = None;
+        // refusals have no guest: no accept, no hairpin
         let all = rules
             .iter()
+            .filter(|r| !r.refuses())
             .map(|r| (r.bridge.as_str(), r.family, r.guest_ip))
-            .chain(others.iter().map(|h| (h.bridge, h.family, h.guest_ip)));
+            .chain(
+                others
+                    .iter()
+                    .filter(|h| !h.refuses())
+                    .map(|h| (h.bridge, h.family, h.guest_ip)),
+            );
         for (bridge, family, guest_ip) in all {
             let known = networks.iter().any(|n| n.bridge == bridge);
             let k = (bridge, family, (!known).then_some(guest_ip));
@@ -702,15 +767,7 @@ fn plan_forward(
                     host_ports: spec.host_ports,
                     guest_ip: ga.ip,
                     guest_ports: spec.guest_ports,
-                    // merged, so overlapping entries never collide in an interval set
-                    sources: IpNet::aggregate(
-                        &spec
-                            .sources
-                            .iter()
-                            .filter(|s| Family::of_net(s) == family)
-                            .copied()
-                            .collect::<Vec<_>>(),
-                    ),
+                    sources: family_sources(spec, family),
                     localhost: spec.localhost && family == Family::Ipv4,
                     bridge: bridge.clone(),
                     tap: nic.and_then(|n| n.tap.clone()),
@@ -791,6 +848,49 @@ fn drop_contested_neighbours(statuses: &mut [ForwardStatus], rules: &mut Vec<Rul
 /// The planner. Domains earlier in `domains` win conflicts (the caller puts the ones
 /// holding their ports first). `carried` are rules installed before for running domains
 /// whose config is now invalid: they are kept as they are.
+/// The refusals of stopped domains' forwards (`when_stopped = "reject"`), each one
+/// unless a forward or an earlier refusal (planned, carried or held) has its port: a
+/// running domain's forward always wins.
+fn refusals(
+    domains: &[DomainConfig],
+    facts: &Facts,
+    refusing: &[(usize, usize, usize)],
+    statuses: &mut [ForwardStatus],
+    rules: &[Rule],
+    carried: &[Rule],
+    others: &[Held],
+) -> Vec<Rule> {
+    let mut out: Vec<Rule> = Vec::new();
+    for &(si, di, fi) in refusing {
+        let (d, spec) = (&domains[di], &domains[di].forwards[fi]);
+        let Ok(listen) = resolve_listen(&spec.listen, facts) else {
+            continue;
+        };
+        for family in families(spec) {
+            if let ListenOn::Address(a) = &listen
+                && Family::of(a) != family
+            {
+                continue;
+            }
+            let r = Rule::refusal(d, family, spec, &listen);
+            let taken = rules
+                .iter()
+                .chain(carried)
+                .chain(&out)
+                .map(Held::of)
+                .chain(others.iter().copied())
+                .any(|x| x.domain != d.name && conflicts::held_overlaps(&r, &x));
+            if !taken {
+                statuses[si].rule_ids.push(r.id.clone());
+                statuses[si].reason =
+                    Some("refused while stopped (when_stopped = \"reject\")".into());
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
 pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
     plan_with(domains, facts, carried.to_vec())
 }
@@ -856,6 +956,8 @@ pub fn plan_against(
     }
     let mut rules: Vec<Rule> = Vec::new();
     let mut statuses = Vec::new();
+    // stopped domains' forwards that refuse: (status index, domain, forward)
+    let mut refusing = Vec::new();
     for (di, d) in domains.iter().enumerate() {
         let dom = running_of.get(&di).copied();
         for (fi, spec) in d.forwards.iter().enumerate() {
@@ -870,6 +972,9 @@ pub fn plan_against(
                 continue;
             }
             let Some(dom) = dom else {
+                if d.when_stopped == WhenStopped::Reject {
+                    refusing.push((statuses.len(), di, fi));
+                }
                 statuses.push(status(d, spec, ForwardState::Stopped, None));
                 continue;
             };
@@ -881,7 +986,7 @@ pub fn plan_against(
                     .iter()
                     .map(Held::of)
                     .chain(others.iter().copied())
-                    .find(|x| x.domain != d.name && conflicts::held_overlaps(r, x))
+                    .find(|x| x.domain != d.name && !x.refuses() && conflicts::held_overlaps(r, x))
             }) {
                 st.state = ForwardState::Conflict;
                 st.reason = Some(format!(
@@ -898,6 +1003,16 @@ pub fn plan_against(
     }
     drop_contested_neighbours(&mut statuses, &mut rules);
     drop(ix);
+    let refusals = refusals(
+        domains,
+        facts,
+        &refusing,
+        &mut statuses,
+        &rules,
+        &carried,
+        others,
+    );
+    rules.extend(refusals);
     let mut all = carried;
     all.extend(rules);
     let mut ruleset = Ruleset::from_rules_and(all, others, &facts.networks, &facts.xt_forward);

@@ -145,6 +145,15 @@ fn unrow(domains: &[Cow<'_, str>], bridges: &[String], r: Row<'_>) -> Result<Rul
         .get(bridge)
         .ok_or_else(|| format!("rule {id}: no bridge {bridge}"))?
         .clone();
+    // a refusal (unspecified guest) is nothing else
+    if guest_ip.is_unspecified()
+        && (bridge != crate::plan::REFUSAL_BRIDGE
+            || localhost
+            || tap.is_some()
+            || guest_ports != host_ports)
+    {
+        return Err(format!("rule {id}: a refusal with a guest's fields"));
+    }
     Ok(Rule {
         id: id.into_owned(),
         domain,

@@ -60,6 +60,8 @@ pub struct Layout {
     pub chains: BTreeMap<String, Vec<String>>,
     /// Source sets of those forwards: name -> networks.
     pub source_sets: BTreeMap<String, (Family, Vec<IpNet>)>,
+    /// Whether a stopped domain's port is refused (the `input` and `refuse` chains).
+    pub refusals: bool,
 }
 
 fn fam_suffix(f: Family) -> &'static str {
@@ -181,20 +183,23 @@ pub fn declarations() -> Vec<SetDecl> {
             });
         }
     }
-    // verdict maps for forwards with a source allow-list
-    for (name, ty) in [
-        ("listen_addr4", "ipv4_addr . inet_proto . inet_service"),
-        ("listen_addr6", "ipv6_addr . inet_proto . inet_service"),
-        ("listen_if", "ifname . nf_proto . inet_proto . inet_service"),
-        ("listen_any", "nf_proto . inet_proto . inet_service"),
-    ] {
-        v.push(SetDecl {
-            name: name.into(),
-            key_type: ty.into(),
-            data_type: Some("verdict"),
-            interval: true,
-            counter: false,
-        });
+    // verdict maps for forwards with a source allow-list, and for stopped domains'
+    // refused ports
+    for prefix in ["listen", "stopped"] {
+        for (name, ty) in [
+            ("addr4", "ipv4_addr . inet_proto . inet_service"),
+            ("addr6", "ipv6_addr . inet_proto . inet_service"),
+            ("if", "ifname . nf_proto . inet_proto . inet_service"),
+            ("any", "nf_proto . inet_proto . inet_service"),
+        ] {
+            v.push(SetDecl {
+                name: format!("{prefix}_{name}"),
+                key_type: ty.into(),
+                data_type: Some("verdict"),
+                interval: true,
+                counter: false,
+            });
+        }
     }
     for f in [Family::Ipv4, Family::Ipv6] {
         let s = fam_suffix(f);
@@ -401,23 +406,25 @@ pub fn traffic_owner<'a>(index: &TrafficIndex<'a>, e: &Elem) -> Option<&'a Rule>
         .find(|r| r.guest_ports.start <= *hi && *lo <= r.guest_ports.end)
 }
 
-fn add_chain(layout: &mut Layout, r: &Rule) {
-    let (kind, prefix) = listen_fields(r);
+/// The element of a rule in a verdict map of listen keys (`listen_*` for forwards with an
+/// allow-list, `stopped_*` for refusals), going to `chain`.
+fn add_vmap_elem(layout: &mut Layout, prefix: &str, r: &Rule, chain: &str) {
+    let (kind, fields) = listen_fields(r);
     let (set, key) = match kind {
         ListenKind::Addr => (
-            format!("listen_addr{}", fam_suffix(r.family)),
-            key(&prefix, r.proto, port_field(&r.host_ports)),
+            format!("{prefix}_addr{}", fam_suffix(r.family)),
+            key(&fields, r.proto, port_field(&r.host_ports)),
         ),
         ListenKind::If => {
-            let mut k = prefix.clone();
+            let mut k = fields.clone();
             k.push(Field::NfProto(r.family));
             (
-                "listen_if".to_string(),
+                format!("{prefix}_if"),
                 key(&k, r.proto, port_field(&r.host_ports)),
             )
         }
         _ => (
-            "listen_any".to_string(),
+            format!("{prefix}_any"),
             key(
                 &[Field::NfProto(r.family)],
                 r.proto,
@@ -425,11 +432,38 @@ fn add_chain(layout: &mut Layout, r: &Rule) {
             ),
         ),
     };
-    let chain = format!("f_{}", r.id);
     layout.elements.entry(set).or_default().insert(Elem {
         key,
-        data: Some(Data::Goto(chain.clone())),
+        data: Some(Data::Goto(chain.to_string())),
     });
+}
+
+/// A stopped domain's refused port: to the `refuse` chain, through a chain of its own
+/// when only some sources may reach the forward (the others reach the host, as they do
+/// while the domain runs).
+fn add_refusal(layout: &mut Layout, r: &Rule) {
+    if r.sources.is_empty() {
+        add_vmap_elem(layout, "stopped", r, "refuse");
+        return;
+    }
+    let chain = format!("r_{}", r.id);
+    add_vmap_elem(layout, "stopped", r, &chain);
+    let fam = super::super::placement::nft_family(r.family);
+    layout.chains.insert(
+        chain,
+        vec![
+            format!("{fam} saddr != @s_{} return", r.id),
+            format!("jump refuse comment \"{}\"", r.comment()),
+        ],
+    );
+    layout
+        .source_sets
+        .insert(format!("s_{}", r.id), (r.family, r.sources.clone()));
+}
+
+fn add_chain(layout: &mut Layout, r: &Rule) {
+    let chain = format!("f_{}", r.id);
+    add_vmap_elem(layout, "listen", r, &chain);
     let fam = super::super::placement::nft_family(r.family);
     let lo = if r.localhost {
         " ip saddr != 127.0.0.0/8"
@@ -474,6 +508,11 @@ impl Layout {
             l.elements.insert(d.name, BTreeSet::new());
         }
         for r in rules {
+            if r.refuses() {
+                add_refusal(&mut l, r);
+                l.refusals = true;
+                continue;
+            }
             if has_chain(r) {
                 add_chain(&mut l, r);
             } else {
@@ -484,10 +523,11 @@ impl Layout {
                 add_dnat(&mut l, r, ListenKind::Lo, &[]);
             }
         }
-        add_targets(&mut l, "targets", rules);
+        let rules: Vec<&Rule> = rules.iter().copied().filter(|r| !r.refuses()).collect();
+        add_targets(&mut l, "targets", &rules);
         let lo: Vec<&Rule> = rules.iter().copied().filter(|r| r.localhost).collect();
         add_targets(&mut l, "lo_targets", &lo);
-        add_traffic(&mut l, rules);
+        add_traffic(&mut l, &rules);
         l
     }
 

@@ -13,7 +13,7 @@ pub mod layout;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -199,6 +199,42 @@ fn base_chains() -> Vec<Chain> {
     ]
 }
 
+/// The chains of stopped domains' refused ports, only while there are any (no hook on
+/// the host's input otherwise). Loopback is never forwarded by a listen key: left alone.
+fn refusal_chains() -> Vec<Chain> {
+    vec![
+        Chain {
+            name: "refuse",
+            hook: None,
+            rules: vec![
+                "meta l4proto tcp reject with tcp reset".into(),
+                "reject".into(),
+            ],
+        },
+        Chain {
+            name: "input",
+            hook: Some("type filter hook input priority filter - 5; policy accept;"),
+            rules: vec![
+                "ip daddr 127.0.0.0/8 return".into(),
+                "ip6 daddr ::1 return".into(),
+                "ip daddr . meta l4proto . th dport vmap @stopped_addr4".into(),
+                "ip6 daddr . meta l4proto . th dport vmap @stopped_addr6".into(),
+                "iifname . meta nfproto . meta l4proto . th dport vmap @stopped_if".into(),
+                "meta nfproto . meta l4proto . th dport vmap @stopped_any".into(),
+            ],
+        },
+    ]
+}
+
+/// The fixed chains of a layout.
+fn fixed_chains(l: &Layout) -> Vec<Chain> {
+    let mut v = base_chains();
+    if l.refusals {
+        v.extend(refusal_chains());
+    }
+    v
+}
+
 fn set_decl_text(out: &mut String, d: &SetDecl, elems: &[String]) {
     let kind = if d.data_type.is_some() { "map" } else { "set" };
     let ty = match d.data_type {
@@ -269,7 +305,7 @@ fn render_table(rs: &Ruleset, kept: &Kept) -> String {
         }
         out.push_str("\t}\n");
     }
-    for c in base_chains() {
+    for c in fixed_chains(&l) {
         let _ = writeln!(out, "\tchain {} {{", c.name);
         if let Some(h) = c.hook {
             let _ = writeln!(out, "\t\t{h}");
@@ -380,6 +416,16 @@ fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
         }
     }
     let out = &mut d.statements;
+    // the refusal chains come first and go last: other chains jump to `refuse`
+    if new.refusals && !old.refusals {
+        for c in refusal_chains() {
+            let hook = c.hook.map(|h| format!(" {{ {h} }}")).unwrap_or_default();
+            let _ = writeln!(out, "add chain inet {TABLE} {}{hook}", c.name);
+            for r in &c.rules {
+                let _ = writeln!(out, "add rule inet {TABLE} {} {r}", c.name);
+            }
+        }
+    }
     for (name, rules) in &old.chains {
         match new.chains.get(name) {
             Some(r) if r == rules => {}
@@ -422,6 +468,11 @@ fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
         let _ = writeln!(out, "add chain inet {TABLE} {name}");
         for r in rules {
             let _ = writeln!(out, "add rule inet {TABLE} {name} {r}");
+        }
+    }
+    if old.refusals && !new.refusals {
+        for c in refusal_chains().iter().rev() {
+            let _ = writeln!(out, "delete chain inet {TABLE} {}", c.name);
         }
     }
     d
@@ -472,9 +523,14 @@ fn changed_rules<'a>(a: &'a [Rule], b: &'a [Rule]) -> impl Iterator<Item = &'a R
 /// every element depends only on rules with the same guest address (and hairpins only on
 /// the hairpin list), so diffing these parts gives the whole difference.
 fn touched_layouts(old: &Ruleset, new: &Ruleset) -> (Layout, Layout) {
-    let guests: BTreeSet<IpAddr> = changed_rules(&old.rules, &new.rules)
+    let mut guests: BTreeSet<IpAddr> = changed_rules(&old.rules, &new.rules)
         .map(|r| r.guest_ip)
         .collect();
+    // whether any refusal is left depends on both families' refusals
+    if guests.iter().any(IpAddr::is_unspecified) {
+        guests.insert(Ipv4Addr::UNSPECIFIED.into());
+        guests.insert(Ipv6Addr::UNSPECIFIED.into());
+    }
     let part = |rs: &Ruleset| {
         let mut l = Layout::of_guests(rs, &guests);
         let h = Layout::of(&Ruleset {
@@ -693,7 +749,7 @@ impl Backend for Nftables {
         }
         let l = Layout::of(rs);
         // the shape: chains with their number of rules, sets
-        let mut want_rules: BTreeMap<String, usize> = base_chains()
+        let mut want_rules: BTreeMap<String, usize> = fixed_chains(&l)
             .into_iter()
             .map(|c| (c.name.to_string(), c.rules.len()))
             .collect();
