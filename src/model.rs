@@ -212,6 +212,112 @@ pub struct ForwardSpec {
     pub guest_addresses: Vec<IpAddr>,
     pub localhost: bool,
     pub description: Option<String>,
+    /// New connections over this rate are dropped (opt-in).
+    #[serde(default)]
+    pub rate: Option<RateLimit>,
+}
+
+/// The unit of a rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateUnit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl RateUnit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateUnit::Second => "second",
+            RateUnit::Minute => "minute",
+            RateUnit::Hour => "hour",
+            RateUnit::Day => "day",
+        }
+    }
+
+    pub fn seconds(self) -> u64 {
+        match self {
+            RateUnit::Second => 1,
+            RateUnit::Minute => 60,
+            RateUnit::Hour => 3600,
+            RateUnit::Day => 86400,
+        }
+    }
+}
+
+/// Whom a rate limit counts: each client address on its own, or the forward as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatePer {
+    Source,
+    Forward,
+}
+
+/// A new-connection rate limit: `count` per `unit`, with bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub count: u32,
+    pub unit: RateUnit,
+    pub burst: u32,
+    pub per: RatePer,
+}
+
+impl RateLimit {
+    pub const MAX_COUNT: u32 = 1_000_000;
+    pub const MAX_BURST: u32 = 10_000;
+    pub const DEFAULT_BURST: u32 = 5;
+
+    /// Parses `N/UNIT` (`50/second`, `10/minute`; `s`, `sec`, `min`, `h`, `d` too).
+    pub fn parse_rate(s: &str) -> Result<(u32, RateUnit), String> {
+        let bad = || format!("rate {s:?} must be N/second, N/minute, N/hour or N/day");
+        let (n, u) = s.split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        let unit = match u.trim() {
+            "second" | "sec" | "s" => RateUnit::Second,
+            "minute" | "min" | "m" => RateUnit::Minute,
+            "hour" | "h" => RateUnit::Hour,
+            "day" | "d" => RateUnit::Day,
+            _ => return Err(bad()),
+        };
+        if n == 0 || n > Self::MAX_COUNT {
+            return Err(format!("rate {s:?}: N must be 1 to {}", Self::MAX_COUNT));
+        }
+        Ok((n, unit))
+    }
+
+    /// Checks the burst and the whole (also for values read back from state).
+    pub fn new(count: u32, unit: RateUnit, burst: u32, per: RatePer) -> Result<RateLimit, String> {
+        if count == 0 || count > Self::MAX_COUNT {
+            return Err(format!("rate: N must be 1 to {}", Self::MAX_COUNT));
+        }
+        if burst == 0 || burst > Self::MAX_BURST {
+            return Err(format!("burst must be 1 to {}", Self::MAX_BURST));
+        }
+        Ok(RateLimit {
+            count,
+            unit,
+            burst,
+            per,
+        })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per = match self.per {
+            RatePer::Source => "per source",
+            RatePer::Forward => "per forward",
+        };
+        write!(
+            f,
+            "{}/{} burst {} {per}",
+            self.count,
+            self.unit.as_str(),
+            self.burst
+        )
+    }
 }
 
 impl ForwardSpec {

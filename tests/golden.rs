@@ -21,6 +21,13 @@ description = "internal \"API\"; $(x)"
 host_port = 2222
 guest_port = 22
 interface = "eth1"
+rate = "10/minute"
+burst = 4
+[[domain.api.forward]]
+host_port = 2223
+guest_port = 23
+rate = "100/second"
+rate_per = "forward"
 [domain.stopped]
 when_stopped = "reject"
 forwards = ["7000:70", "7001:71/udp", "203.0.113.1:7002:72"]

@@ -21,6 +21,10 @@ struct Row<'a> {
     state: ForwardState,
     packets: u64,
     bytes: u64,
+    /// The rate limit, and the new connections it dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate: Option<String>,
+    rate_limited: u64,
     description: Option<&'a str>,
     note: Option<String>,
 }
@@ -95,6 +99,7 @@ fn row<'a>(
             .fold(Counters::default(), |a, b| Counters {
                 packets: a.packets + b.packets,
                 bytes: a.bytes + b.bytes,
+                rate_limited: a.rate_limited + b.rate_limited,
             });
     // planned but not installed yet (e.g. its address appeared after the last apply)
     let not_applied = f.state == ForwardState::Active
@@ -117,6 +122,8 @@ fn row<'a>(
         state,
         packets: c.packets,
         bytes: c.bytes,
+        rate: f.spec.rate.map(|l| l.to_string()),
+        rate_limited: c.rate_limited,
         description: f.spec.description.as_deref(),
         note: if state == ForwardState::Drifted {
             Some("the kernel no longer holds what virtgate applied; run `virtgate apply`".into())
@@ -219,6 +226,12 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             r.packets,
             r.bytes
         );
+        if let Some(rate) = &r.rate {
+            println!(
+                "    rate limit {rate}: {} new connection(s) dropped",
+                r.rate_limited
+            );
+        }
         if let Some(n) = &r.note {
             println!("    {}", printable(n));
         }

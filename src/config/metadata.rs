@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::toml_file::{FORWARD_KEYS, parse_cidr, parse_nic, validate_ifname};
-use crate::model::{ForwardSpec, Listen, PortRange, Proto};
+use crate::model::{ForwardSpec, Listen, PortRange, Proto, RateLimit, RatePer};
 
 pub const NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
 
@@ -150,6 +150,26 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
         Some(o) => return Err(format!("localhost must be true or false, not {o:?}")),
     };
     spec.description = attr("description").map(str::to_string);
+    spec.rate = match attr("rate") {
+        None if attr("burst").is_some() || attr("rate_per").is_some() => {
+            return Err("'burst' and 'rate_per' need a 'rate'".into());
+        }
+        None => None,
+        Some(r) => {
+            let (count, unit) = RateLimit::parse_rate(r)?;
+            let burst = match attr("burst") {
+                None => RateLimit::DEFAULT_BURST,
+                Some(b) => b
+                    .parse()
+                    .map_err(|_| format!("burst {b:?} is not a positive number"))?,
+            };
+            let per = match attr("rate_per") {
+                None => RatePer::Source,
+                Some(p) => super::toml_file::parse_rate_per(p)?,
+            };
+            Some(RateLimit::new(count, unit, burst, per)?)
+        }
+    };
     if listens.is_empty() {
         listens.push(Listen::Any);
     }

@@ -12,7 +12,10 @@ use toml_edit::{Document, Item, Table, Value};
 use super::diag::{Diagnostic, Origin, Severity};
 use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::{BackendChoice, ConfiguredForward, ParsedFile};
-use crate::model::{DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto, WhenStopped};
+use crate::model::{
+    DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto, RateLimit, RatePer, RateUnit,
+    WhenStopped,
+};
 
 const DOMAIN_KEYS: &[&str] = &[
     "forwards",
@@ -34,6 +37,9 @@ pub const FORWARD_KEYS: &[&str] = &[
     "guest_address",
     "localhost",
     "description",
+    "rate",
+    "burst",
+    "rate_per",
 ];
 
 struct Ctx<'a> {
@@ -277,6 +283,38 @@ fn parse_domain(
     Ok((dc, forwards))
 }
 
+/// `rate_per`'s value.
+pub fn parse_rate_per(s: &str) -> Result<RatePer, String> {
+    match s {
+        "source" => Ok(RatePer::Source),
+        "forward" => Ok(RatePer::Forward),
+        o => Err(format!(
+            "rate_per must be \"source\" or \"forward\", not {o:?}"
+        )),
+    }
+}
+
+/// A forward's rate limit from its `rate`, `burst` and `rate_per` (the last two only
+/// with a rate).
+fn rate_limit(
+    rate: Option<(u32, RateUnit)>,
+    burst: Option<(u32, Origin)>,
+    per: Option<(RatePer, Origin)>,
+    origin: &Origin,
+) -> DomainResult<Option<RateLimit>> {
+    let Some((count, unit)) = rate else {
+        if let Some(o) = burst.map(|b| b.1).or(per.map(|p| p.1)) {
+            return Err((o, "'burst' and 'rate_per' need a 'rate'".into()));
+        }
+        return Ok(None);
+    };
+    let (b, bo) = burst.unwrap_or((RateLimit::DEFAULT_BURST, origin.clone()));
+    let per = per.map(|p| p.0).unwrap_or(RatePer::Source);
+    RateLimit::new(count, unit, b, per)
+        .map(Some)
+        .map_err(|e| (bo, e))
+}
+
 fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
     let origin = ctx.origin(t.span());
     let mut f = ForwardSpec::default();
@@ -284,6 +322,7 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
     let mut guest: Option<(PortRange, Origin)> = None;
     let mut listens: Vec<Listen> = Vec::new();
     let mut interface: Option<String> = None;
+    let (mut rate, mut burst, mut rate_per) = (None, None, None);
     for (k, item) in t.iter() {
         let o = ctx.origin(item.span());
         let v = item
@@ -342,6 +381,25 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
                     .ok_or_else(|| (o.clone(), "'description' must be a string".to_string()))?;
                 f.description = Some(s.to_string());
             }
+            "rate" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| (o.clone(), "'rate' must be a string".to_string()))?;
+                rate = Some(RateLimit::parse_rate(s).map_err(|e| (o.clone(), e))?);
+            }
+            "burst" => {
+                let n = v
+                    .as_integer()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| (o.clone(), "'burst' must be a positive number".to_string()))?;
+                burst = Some((n, o.clone()));
+            }
+            "rate_per" => {
+                rate_per = Some((
+                    parse_rate_per(v.as_str().unwrap_or("")).map_err(|e| (o.clone(), e))?,
+                    o.clone(),
+                ));
+            }
             other => {
                 return Err((
                     ctx.origin(t.key(other).and_then(|k| k.span()).or(item.span())),
@@ -354,6 +412,7 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
         }
     }
     let host = host.ok_or_else(|| (origin.clone(), "missing 'host_port'".to_string()))?;
+    f.rate = rate_limit(rate, burst, rate_per, &origin)?;
     let (guest, go) = guest.unwrap_or((host, origin.clone()));
     check_lengths(host, guest).map_err(|e| (go, e))?;
     f.host_ports = host;

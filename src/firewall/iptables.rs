@@ -241,6 +241,22 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             target: placement::XT_FORWARD.into(),
         }];
     }
+    let mut mangle = TableSpec {
+        table: "mangle",
+        ..Default::default()
+    };
+    let limited: Vec<&Rule> = rules.iter().copied().filter(|r| r.rate.is_some()).collect();
+    if !limited.is_empty() {
+        // before DNAT (nat cannot drop), for what reaches a listen key of the host
+        mangle.chains = vec![(XT_LIMIT.into(), limit_rules(&limited))];
+        for builtin in ["PREROUTING", "OUTPUT"] {
+            mangle.jumps.push(Jump {
+                builtin,
+                matches: "-m addrtype --dst-type LOCAL",
+                target: XT_LIMIT.into(),
+            });
+        }
+    }
     if !refusals.is_empty() {
         filter
             .chains
@@ -251,7 +267,49 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             target: XT_INPUT.into(),
         });
     }
-    vec![nat, filter]
+    vec![nat, filter, mangle]
+}
+
+/// The chain of rate limits, jumped to from mangle's `PREROUTING` and `OUTPUT`.
+pub const XT_LIMIT: &str = "VIRTGATE_LIMIT";
+
+/// New connections over a forward's rate are dropped: one hashlimit per forward (its
+/// name from the rule id, at most 15 characters), by client address or for all.
+fn limit_rules(limited: &[&Rule]) -> Vec<String> {
+    let mut v = Vec::new();
+    for r in limited {
+        let Some(l) = r.rate else { continue };
+        let unit = match l.unit {
+            crate::model::RateUnit::Second => "sec",
+            crate::model::RateUnit::Minute => "min",
+            crate::model::RateUnit::Hour => "hour",
+            crate::model::RateUnit::Day => "day",
+        };
+        let mode = match l.per {
+            crate::model::RatePer::Source => " --hashlimit-mode srcip",
+            crate::model::RatePer::Forward => "",
+        };
+        let name: String = format!("vg{}", &r.id[..r.id.len().min(13)]);
+        let hl = format!(
+            "-m conntrack --ctstate NEW -m hashlimit --hashlimit-above {}/{unit} --hashlimit-burst {}{mode} --hashlimit-name {name}",
+            l.count, l.burst
+        );
+        let m = proto_match(r, &r.host_ports);
+        let on = match &r.listen {
+            ListenOn::Any => String::new(),
+            ListenOn::Address(a) => format!("-d {} ", host(a)),
+            ListenOn::Interface(i) => format!("-i {i} "),
+        };
+        let srcs: Vec<String> = if r.sources.is_empty() {
+            vec![String::new()]
+        } else {
+            r.sources.iter().map(|s| format!("-s {s} ")).collect()
+        };
+        for s in srcs {
+            v.push(format!("{s}{on}{m} {hl} {} -j DROP", comment(r)));
+        }
+    }
+    v
 }
 
 /// The chain of stopped domains' refused ports, jumped to from `INPUT`.
@@ -413,7 +471,7 @@ impl Iptables {
         let mut batch = String::new();
         for f in [Family::Ipv4, Family::Ipv6] {
             let fam = placement::nft_family(f);
-            for t in ["nat", "filter"] {
+            for t in ["nat", "filter", "mangle"] {
                 let table = format!("{fam} {t}");
                 if !now.contains(&table) {
                     continue;
@@ -568,11 +626,21 @@ impl Backend for Iptables {
         Ok(true)
     }
 
-    fn counters(&self, _rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError> {
+    fn counters(&self, rs: &Ruleset) -> Result<BTreeMap<String, Counters>, FirewallError> {
         let mut forward: BTreeMap<String, Counters> = BTreeMap::new();
         let mut dnat: BTreeMap<String, Counters> = BTreeMap::new();
+        let mut limited: BTreeMap<String, Counters> = BTreeMap::new();
+        let limits = rs.rules.iter().any(|r| r.rate.is_some());
         for f in [Family::Ipv4, Family::Ipv6] {
-            for (t, map) in [("filter", &mut forward), ("nat", &mut dnat)] {
+            let tables = [
+                ("filter", &mut forward),
+                ("nat", &mut dnat),
+                ("mangle", &mut limited),
+            ];
+            for (t, map) in tables {
+                if t == "mangle" && !limits {
+                    continue;
+                }
                 for line in xtables::save(f, t, true).lines() {
                     let Some(rest) = line.strip_prefix('[') else {
                         continue;
@@ -598,6 +666,10 @@ impl Backend for Iptables {
         // DNAT rules count the first packet of each connection
         for (k, v) in dnat {
             forward.entry(k).or_insert(v);
+        }
+        // the drops of a rate limit: one packet per refused new connection
+        for (k, v) in limited {
+            forward.entry(k).or_default().rate_limited += v.packets;
         }
         Ok(forward)
     }

@@ -35,6 +35,8 @@ pub enum FirewallError {
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
+    /// New connections dropped by the forward's rate limit.
+    pub rate_limited: u64,
 }
 
 /// A firewall backend.

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 
 use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic};
 use crate::model::{
-    DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto, WhenStopped,
+    DomainConfig, Family, ForwardSpec, Listen, NicSelector, PortRange, Proto, RateLimit,
+    WhenStopped,
 };
 
 pub mod conflicts;
@@ -67,6 +68,8 @@ pub struct Rule {
     /// The guest's bridge port (tap), if known.
     pub tap: Option<String>,
     pub description: Option<String>,
+    /// New connections over this rate are dropped.
+    pub rate: Option<RateLimit>,
 }
 
 impl Rule {
@@ -97,6 +100,7 @@ impl Rule {
             bridge: REFUSAL_BRIDGE.to_string(),
             tap: None,
             description: spec.description.clone(),
+            rate: None,
         }
     }
 
@@ -772,6 +776,7 @@ fn plan_forward(
                     bridge: bridge.clone(),
                     tap: nic.and_then(|n| n.tap.clone()),
                     description: spec.description.clone(),
+                    rate: spec.rate,
                 });
                 st.guest.push(ga);
             }

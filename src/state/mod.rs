@@ -349,6 +349,7 @@ mod tests {
             bridge: "virbr0".into(),
             tap: Some("vnet0".into()),
             description: Some("d".into()),
+            rate: None,
         }
     }
 

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::facts::LibvirtFirewall;
-use crate::model::{Family, PortRange, Proto};
+use crate::model::{Family, PortRange, Proto, RateLimit, RatePer, RateUnit};
 use crate::plan::{BridgeAccept, Hairpin, Held, ListenOn, Rule, Ruleset};
 
 /// id, domain (index into `domains`), family (4|6), proto, listen (`*`, `a:ADDR`,
@@ -168,8 +168,13 @@ fn unrow(domains: &[Cow<'_, str>], bridges: &[String], r: Row<'_>) -> Result<Rul
         bridge,
         tap: tap.map(ifname).transpose()?,
         description: description.map(Cow::into_owned),
+        rate: None,
     })
 }
+
+/// A rule's rate limit, stored after a domain's rows (rows of earlier releases have
+/// none): row index, count, unit, burst, per.
+type RateRow = (u32, u32, RateUnit, u32, RatePer);
 
 /// Names stored once, referred to by index.
 #[derive(Default)]
@@ -263,13 +268,34 @@ fn encode_domain(rules: &[&Rule]) -> String {
         hairpin_ports: Vec::new(),
     };
     // a Vec of borrowed rows cannot fail to encode
-    b64(&postcard::to_allocvec(&st).unwrap_or_default())
+    let mut bytes = postcard::to_allocvec(&st).unwrap_or_default();
+    let rates: Vec<RateRow> = rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.rate.map(|l| (i as u32, l.count, l.unit, l.burst, l.per)))
+        .collect();
+    if !rates.is_empty() {
+        bytes.extend(postcard::to_allocvec(&rates).unwrap_or_default());
+    }
+    b64(&bytes)
 }
 
 fn decode_domain(name: &str, text: &str) -> Result<Vec<Rule>, String> {
-    let bytes = unb64(text).map_err(|e| format!("domain {name:?}: {e}"))?;
-    let st: Stored = take_all(&bytes).map_err(|e| format!("domain {name:?}: {e}"))?;
-    let rs = decode_stored(st)?;
+    let at = |e: String| format!("domain {name:?}: {e}");
+    let bytes = unb64(text).map_err(at)?;
+    let (st, rest): (Stored, _) =
+        postcard::take_from_bytes(&bytes).map_err(|e| at(e.to_string()))?;
+    let mut rs = decode_stored(st)?;
+    if !rest.is_empty() {
+        let rates: Vec<RateRow> = take_all(rest).map_err(at)?;
+        for (i, count, unit, burst, per) in rates {
+            let r = rs
+                .rules
+                .get_mut(i as usize)
+                .ok_or_else(|| at(format!("a rate of row {i}, which is not there")))?;
+            r.rate = Some(RateLimit::new(count, unit, burst, per).map_err(at)?);
+        }
+    }
     if let Some(r) = rs.rules.iter().find(|r| r.domain != name) {
         return Err(format!(
             "rule {} of domain {:?} stored under {name:?}",
@@ -789,6 +815,9 @@ mod tests {
             bridge: "virbr0".into(),
             tap: tap.map(str::to_string),
             description: Some(format!("{domain} {n}")),
+            // some rows with a rate: stored after the rows, read back in place
+            rate: (n % 4 == 1)
+                .then(|| RateLimit::new(10, RateUnit::Minute, 3, RatePer::Forward).unwrap()),
         }
     }
 
@@ -832,7 +861,11 @@ mod tests {
 
     #[test]
     fn the_previous_format_loads() {
-        let rs = world();
+        // it had no rate limits
+        let mut rs = world();
+        for r in &mut rs.rules {
+            r.rate = None;
+        }
         let (mut domains, mut bridges) = (Names::default(), Names::default());
         let rows = rs
             .rules

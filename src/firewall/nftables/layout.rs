@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::model::{Family, PortRange, Proto};
+use crate::model::{Family, PortRange, Proto, RateLimit, RatePer};
 use crate::plan::{ListenOn, Rule, Ruleset};
 
 /// One field of a concatenated key or of map data, as an inclusive range (lo == hi for a
@@ -62,6 +62,29 @@ pub struct Layout {
     pub source_sets: BTreeMap<String, (Family, Vec<IpNet>)>,
     /// Whether a stopped domain's port is refused (the `input` and `refuse` chains).
     pub refusals: bool,
+    /// Per-source rate limits' dynamic sets: name -> (family, element timeout in seconds).
+    pub meters: BTreeMap<String, (Family, u64)>,
+}
+
+/// How long a per-source meter keeps a client's bucket: long enough to refill its burst,
+/// at least a minute.
+pub fn meter_timeout(l: &RateLimit) -> u64 {
+    let period = l.unit.seconds();
+    (u64::from(l.burst) * period / u64::from(l.count) + period).max(60)
+}
+
+/// The rule that drops new connections over a rate (`fam`: `ip` or `ip6`).
+fn limit_rule(r: &Rule, l: &RateLimit, fam: &str) -> String {
+    let rate = format!(
+        "limit rate over {}/{} burst {} packets",
+        l.count,
+        l.unit.as_str(),
+        l.burst
+    );
+    match l.per {
+        RatePer::Forward => format!("{rate} counter drop"),
+        RatePer::Source => format!("update @l_{} {{ {fam} saddr {rate} }} counter drop", r.id),
+    }
 }
 
 fn fam_suffix(f: Family) -> &'static str {
@@ -240,9 +263,9 @@ pub fn declarations() -> Vec<SetDecl> {
     v
 }
 
-/// Whether a rule needs its own chain (source allow-list).
+/// Whether a rule needs its own chain (a source allow-list, a rate limit).
 pub fn has_chain(r: &Rule) -> bool {
-    !r.sources.is_empty()
+    !r.sources.is_empty() || r.rate.is_some()
 }
 
 /// The listen key fields of a rule for a listen kind (without proto and port).
@@ -465,21 +488,32 @@ fn add_chain(layout: &mut Layout, r: &Rule) {
     let chain = format!("f_{}", r.id);
     add_vmap_elem(layout, "listen", r, &chain);
     let fam = super::super::placement::nft_family(r.family);
-    let lo = if r.localhost {
-        " ip saddr != 127.0.0.0/8"
-    } else {
-        ""
-    };
-    layout.chains.insert(
-        chain,
-        vec![
-            format!("{fam} saddr != @s_{}{lo} return", r.id),
-            format!("{} comment \"{}\"", super::dnat_stmt(r), r.comment()),
-        ],
-    );
-    layout
-        .source_sets
-        .insert(format!("s_{}", r.id), (r.family, r.sources.clone()));
+    let mut rules = Vec::new();
+    if !r.sources.is_empty() {
+        let lo = if r.localhost {
+            " ip saddr != 127.0.0.0/8"
+        } else {
+            ""
+        };
+        rules.push(format!("{fam} saddr != @s_{}{lo} return", r.id));
+        layout
+            .source_sets
+            .insert(format!("s_{}", r.id), (r.family, r.sources.clone()));
+    }
+    if let Some(l) = &r.rate {
+        rules.push(limit_rule(r, l, fam));
+        if l.per == RatePer::Source {
+            layout
+                .meters
+                .insert(format!("l_{}", r.id), (r.family, meter_timeout(l)));
+        }
+    }
+    rules.push(format!(
+        "{} comment \"{}\"",
+        super::dnat_stmt(r),
+        r.comment()
+    ));
+    layout.chains.insert(chain, rules);
 }
 
 impl Layout {

@@ -265,6 +265,14 @@ fn source_set_decl(name: &str, family: Family, nets: &[IpNet]) -> SetDecl {
     }
 }
 
+/// The body of a per-source rate limit's dynamic set.
+fn meter_decl(family: Family, timeout: u64) -> String {
+    format!(
+        "type {}_addr; size 65535; flags dynamic,timeout; timeout {timeout}s;",
+        nfproto(family)
+    )
+}
+
 /// Counter values by the canonical key bytes of their element.
 type Kept = HashMap<Vec<u8>, (u64, u64)>;
 
@@ -297,6 +305,13 @@ fn render_table(rs: &Ruleset, kept: &Kept) -> String {
     for (name, (fam, nets)) in &l.source_sets {
         let e: Vec<String> = nets.iter().map(IpNet::to_string).collect();
         set_decl_text(&mut out, &source_set_decl(name, *fam, nets), &e);
+    }
+    for (name, (fam, timeout)) in &l.meters {
+        let _ = writeln!(
+            out,
+            "\tset {name} {{\n\t\t{}\n\t}}",
+            meter_decl(*fam, *timeout)
+        );
     }
     for (name, rules) in &l.chains {
         let _ = writeln!(out, "\tchain {name} {{");
@@ -448,6 +463,20 @@ fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
             }
         }
     }
+    for (name, m) in &old.meters {
+        if new.meters.get(name) != Some(m) {
+            let _ = writeln!(out, "delete set inet {TABLE} {name}");
+        }
+    }
+    for (name, m) in &new.meters {
+        if old.meters.get(name) != Some(m) {
+            let _ = writeln!(
+                out,
+                "add set inet {TABLE} {name} {{ {} }}",
+                meter_decl(m.0, m.1)
+            );
+        }
+    }
     for (name, (fam, nets)) in &new.source_sets {
         if old.source_sets.get(name) == Some(&(*fam, nets.clone())) {
             continue;
@@ -545,6 +574,31 @@ fn touched_layouts(old: &Ruleset, new: &Ruleset) -> (Layout, Layout) {
         l
     };
     (part(old), part(new))
+}
+
+/// The counters of the rate limits' drops, by rule id (from the rules of the forwards'
+/// chains: `f_ID`).
+fn rate_limited() -> Result<BTreeMap<String, u64>, FirewallError> {
+    let out = exec::run(&["nft", "-j", "list", "table", "inet", TABLE], None)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| FirewallError::Parse(format!("nft -j list table: {e}")))?;
+    let mut m = BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let r = &item["rule"];
+        let Some(id) = r["chain"].as_str().and_then(|c| c.strip_prefix("f_")) else {
+            continue;
+        };
+        let exprs = r["expr"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        if !exprs.iter().any(|e| e.get("drop").is_some()) {
+            continue;
+        }
+        let packets: u64 = exprs
+            .iter()
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum();
+        *m.entry(id.to_string()).or_default() += packets;
+    }
+    Ok(m)
 }
 
 /// Runs one `nft -f -` transaction.
@@ -778,6 +832,7 @@ impl Backend for Nftables {
         let decls = declarations();
         let mut want_sets: BTreeSet<String> = decls.iter().map(|d| d.name.clone()).collect();
         want_sets.extend(l.source_sets.keys().cloned());
+        want_sets.extend(l.meters.keys().cloned());
         let sets: BTreeSet<String> = nfnl::sets(inet(), TABLE)
             .map_err(io_err("sets"))?
             .unwrap_or_default()
@@ -833,6 +888,11 @@ impl Backend for Nftables {
                 let c: &mut Counters = m.entry(r.id.clone()).or_default();
                 c.packets += packets;
                 c.bytes += bytes;
+            }
+        }
+        if rs.rules.iter().any(|r| r.rate.is_some()) {
+            for (id, dropped) in rate_limited()? {
+                m.entry(id).or_default().rate_limited += dropped;
             }
         }
         Ok(m)
