@@ -478,6 +478,54 @@ fn real_libvirtd_real_vms() {
         );
     }
 
+    // vgB's forward moves from the config file into its own <metadata> (virsh metadata,
+    // live and persistent), and out again
+    let out = env.virtgate(&["remove", "vgB", "8081:80"]);
+    assert!(out.contains("wrote"), "{out}");
+    wait_for("B's forward is gone with its config entry", 10, || {
+        http_get(&env.client, pubv(8081)).is_err()
+    });
+    let out = env.virtgate(&[
+        "add",
+        "--metadata",
+        "vgB",
+        "8081:80",
+        "--description",
+        "from <metadata>",
+    ]);
+    assert!(out.contains("--live --config"), "{out}");
+    wait_for("B answers through the forward in its metadata", 10, || {
+        http_get(&env.client, pubv(8081)).is_ok_and(|b| b.starts_with("vm-guest-ok vgB"))
+    });
+    let inactive = must_virsh(&["dumpxml", "--inactive", "vgB"]);
+    assert!(
+        inactive.contains("https://virtgate.dev/xmlns/1") && inactive.contains("8081:80"),
+        "persistent too:\n{inactive}"
+    );
+    let (ok, _, err) = env.host.try_exec(&[
+        env!("CARGO_BIN_EXE_virtgate"),
+        "--config",
+        env.dir.path().join("virtgate.toml").to_str().unwrap(),
+        "--state-dir",
+        env.dir.path().join("state").to_str().unwrap(),
+        "--backend",
+        "nftables",
+        "add",
+        "--metadata",
+        "vgB",
+        "8081:80",
+    ]);
+    assert!(
+        !ok && err.contains("already has"),
+        "the same forward twice: {err}"
+    );
+    env.virtgate(&["remove", "--metadata", "vgB", "8081:80"]);
+    wait_for("B's metadata forward is gone", 10, || {
+        http_get(&env.client, pubv(8081)).is_err()
+    });
+    let (_, out) = virsh(&["metadata", "vgB", "https://virtgate.dev/xmlns/1"]);
+    assert!(!out.contains("8081"), "{out}");
+
     // uninstall: hook files and rules gone, ruleset as before install
     let out = env.virtgate(&["uninstall"]);
     assert!(out.contains("removed all"), "{out}");

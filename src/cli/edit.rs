@@ -207,5 +207,14 @@ pub fn remove(ctx: &Context, domain: &str, spec: &str) -> Result<bool, String> {
             }
         ));
     }
+    // an entry left with nothing in it goes (a domain in the file hides its <metadata>)
+    let empty = t.iter().all(|(k, v)| match k {
+        "forwards" => v.as_array().is_some_and(|a| a.is_empty()),
+        "forward" => v.as_array_of_tables().is_some_and(|a| a.is_empty()),
+        _ => false,
+    });
+    if empty && let Some(d) = doc.get_mut("domain").and_then(|d| d.as_table_mut()) {
+        d.remove(domain);
+    }
     commit(ctx, domain, &doc.to_string())
 }

@@ -7,6 +7,7 @@ mod docs;
 mod edit;
 mod import;
 mod install;
+mod metadata_edit;
 mod render;
 mod status;
 mod unit;
@@ -72,9 +73,9 @@ pub enum Command {
     /// Make the kernel match the config now, in one atomic change
     #[command(after_help = "Example:\n  virtgate apply")]
     Apply,
-    /// Add a forward to a domain's entry in the config file, then apply
+    /// Add a forward to a domain's entry in the config file (or its <metadata>), then apply
     #[command(
-        after_help = "Keeps the file's comments and layout; the whole config is checked as it would be\nfirst: an invalid or conflicting forward writes nothing.\nExample:\n  virtgate add web 8080:80\n  virtgate add web 203.0.113.1:2222:22 --description \"ssh for the web team\""
+        after_help = "Keeps the file's comments and layout; the whole config is checked as it would be\nfirst: an invalid or conflicting forward writes nothing. With --metadata the forward goes\nin the domain's own XML (virsh metadata, live and persistent), and travels with it.\nExample:\n  virtgate add web 8080:80\n  virtgate add web 203.0.113.1:2222:22 --description \"ssh for the web team\"\n  virtgate add --metadata web 8443:443"
     )]
     Add {
         /// The libvirt domain's name
@@ -84,14 +85,22 @@ pub enum Command {
         /// Written as a long-form [[domain.NAME.forward]] entry with this description
         #[arg(long)]
         description: Option<String>,
+        /// In the domain's <metadata> (through virsh), not in the config file
+        #[arg(long)]
+        metadata: bool,
     },
-    /// Remove a forward from a domain's entry in the config file, then apply
-    #[command(after_help = "Example:\n  virtgate remove web 8080:80")]
+    /// Remove a forward from a domain's entry in the config file (or its <metadata>), then apply
+    #[command(
+        after_help = "Example:\n  virtgate remove web 8080:80\n  virtgate remove --metadata web 8443:443"
+    )]
     Remove {
         /// The libvirt domain's name
         domain: String,
         /// The forward as `add` took it (short form)
         spec: String,
+        /// From the domain's <metadata> (through virsh), not from the config file
+        #[arg(long)]
+        metadata: bool,
     },
     /// Print the TOML equivalent of a libvirt-hook-qemu hooks.json (or --write it to conf.d/)
     #[command(
@@ -314,8 +323,24 @@ pub fn run(cli: Cli) -> ExitCode {
             domain,
             spec,
             description,
+            metadata: false,
         } => edit::add(&ctx, domain, spec, description.as_deref()),
-        Command::Remove { domain, spec } => edit::remove(&ctx, domain, spec),
+        Command::Add {
+            domain,
+            spec,
+            description,
+            metadata: true,
+        } => metadata_edit::add(&ctx, domain, spec, description.as_deref()),
+        Command::Remove {
+            domain,
+            spec,
+            metadata: false,
+        } => edit::remove(&ctx, domain, spec),
+        Command::Remove {
+            domain,
+            spec,
+            metadata: true,
+        } => metadata_edit::remove(&ctx, domain, spec),
         Command::Diagnose { domain, port, json } => diagnose::run(&ctx, domain, *port, *json),
         Command::ImportHooksJson { file, write } => import::run(&ctx, file, *write),
         Command::Render => render::run(&ctx),
