@@ -139,11 +139,70 @@ fn man_page_and_completions() {
     for shell in ["bash", "zsh", "fish"] {
         let (code, out, _) = vg(&["completions", shell]);
         assert_eq!(code, 0);
+        // the script asks the binary at each TAB
         assert!(
-            out.contains("virtgate") && out.contains("uninstall"),
-            "{shell}"
+            out.contains("COMPLETE") && out.contains("virtgate"),
+            "{shell}: {out}"
         );
     }
+}
+
+/// What the binary answers a shell's completion request with (fish's form: one
+/// candidate per line, a tab before its help).
+fn complete(words: &[&str]) -> Vec<String> {
+    let mut argv = vec!["--", "virtgate"];
+    argv.extend_from_slice(words);
+    let out = Command::new(env!("CARGO_BIN_EXE_virtgate"))
+        .args(&argv)
+        .env("COMPLETE", "fish")
+        .env_remove("VIRTGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn completions_know_commands_and_the_config_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("virtgate.toml");
+    std::fs::write(
+        &cfg,
+        "[domain.web]\nforwards = [\"8080:80\"]\n[domain.db]\nforwards = [\"5432\"]\n[domain.broken]\nforwards = [\"0:1\"]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    assert!(complete(&["un"]).contains(&"uninstall".to_string()));
+    for cmd in ["diagnose", "add", "remove"] {
+        let got = complete(&["--config", c, cmd, ""]);
+        for d in ["web", "db", "broken"] {
+            assert!(got.contains(&d.to_string()), "{cmd}: {got:?}");
+        }
+        let got = complete(&["--config", c, cmd, "w"]);
+        assert_eq!(got, ["web"], "{cmd}");
+    }
+    // through bash itself, with the script `completions bash` prints
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_virtgate"))
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        "source <(virtgate completions bash); COMP_WORDS=(virtgate --config {c} diagnose d); COMP_CWORD=4; _clap_complete_virtgate virtgate d diagnose; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env(
+            "PATH",
+            format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "db", "{out:?}");
 }
 
 #[test]

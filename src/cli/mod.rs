@@ -3,7 +3,7 @@
 
 mod check;
 mod diagnose;
-mod docs;
+pub mod docs;
 mod edit;
 mod import;
 mod install;
@@ -79,6 +79,7 @@ pub enum Command {
     )]
     Add {
         /// The libvirt domain's name
+        #[arg(add = clap_complete::ArgValueCandidates::new(docs::domain_candidates))]
         domain: String,
         /// The forward, short form: [LISTEN_IP:]HOST[-END]:GUEST[-END][/tcp|udp|sctp]
         spec: String,
@@ -95,6 +96,7 @@ pub enum Command {
     )]
     Remove {
         /// The libvirt domain's name
+        #[arg(add = clap_complete::ArgValueCandidates::new(docs::domain_candidates))]
         domain: String,
         /// The forward as `add` took it (short form)
         spec: String,
@@ -119,6 +121,7 @@ pub enum Command {
     )]
     Diagnose {
         /// The libvirt domain's name
+        #[arg(add = clap_complete::ArgValueCandidates::new(docs::domain_candidates))]
         domain: String,
         /// Only the forwards of this host port
         port: Option<u16>,
