@@ -163,3 +163,34 @@ fn diagnose_names_a_foreign_drop_and_the_kernel_agrees() {
     assert!(ok && b.is_empty(), "{out}");
     assert!(lab.client.tcp(common::sa("203.0.113.1:8080")).is_ok());
 }
+
+/// A `localhost` forward needs `route_localnet` on the guest's bridge, which virtgate
+/// reports and never sets: diagnose names it, and only it, until it is on.
+#[test]
+fn diagnose_names_route_localnet_for_a_localhost_forward() {
+    if !common::can_run_netns("diagnose_names_route_localnet_for_a_localhost_forward") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    lab.write_config(
+        "[[domain.g1.forward]]\nhost_port = 8085\nguest_port = 80\nlocalhost = true\n",
+    );
+    lab.apply("nftables");
+    lab.host
+        .exec(&["sysctl", "-qw", "net.ipv4.conf.virbr0.route_localnet=0"]);
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(!ok && b == ["route_localnet"], "{out}");
+    assert!(
+        out.contains("sysctl -w net.ipv4.conf.virbr0.route_localnet=1"),
+        "{out}"
+    );
+    assert!(
+        lab.host.tcp(common::sa("127.0.0.1:8085")).is_err(),
+        "the kernel agrees: no answer on 127.0.0.1"
+    );
+    lab.host
+        .exec(&["sysctl", "-qw", "net.ipv4.conf.virbr0.route_localnet=1"]);
+    let (ok, b, out) = blocked(&lab, &["g1"]);
+    assert!(ok && b.is_empty(), "{out}");
+    assert!(lab.host.tcp(common::sa("127.0.0.1:8085")).is_ok());
+}

@@ -257,15 +257,32 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
     };
     let before = packets();
     std::thread::sleep(Duration::from_secs(1));
-    let moved = packets().saturating_sub(before);
-    out.push(pass(
-        "counters",
-        if moved > 0 {
-            format!("{before} packet(s) counted through these forwards, {moved} in the last second: traffic flows")
-        } else {
-            format!("{before} packet(s) counted through these forwards, none in the last second (no traffic now)")
-        },
-    ));
+    let counters = backend.counters(&st.ruleset).unwrap_or_default();
+    let ids = || active.iter().flat_map(|f| f.rule_ids.iter());
+    let now: u64 = ids()
+        .filter_map(|id| counters.get(id))
+        .map(|c| c.packets)
+        .sum();
+    let limited: u64 = ids()
+        .filter_map(|id| counters.get(id))
+        .map(|c| c.rate_limited)
+        .sum();
+    let moved = now.saturating_sub(before);
+    let mut detail = if moved > 0 {
+        format!(
+            "{before} packet(s) counted through these forwards, {moved} in the last second: traffic flows"
+        )
+    } else {
+        format!(
+            "{before} packet(s) counted through these forwards, none in the last second (no traffic now)"
+        )
+    };
+    if limited > 0 {
+        detail.push_str(&format!(
+            "; {limited} new connection(s) dropped by the rate limit"
+        ));
+    }
+    out.push(pass("counters", detail));
     Ok(out)
 }
 
