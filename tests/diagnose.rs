@@ -165,10 +165,11 @@ fn diagnose_names_a_foreign_drop_and_the_kernel_agrees() {
 }
 
 /// A `localhost` forward needs `route_localnet` on the guest's bridge, which virtgate
-/// reports and never sets: diagnose names it, and only it, until it is on.
+/// reports and never sets: diagnose names it, and only it, until it is on. A running
+/// domain whose guest has no known address: diagnose names the address step.
 #[test]
-fn diagnose_names_route_localnet_for_a_localhost_forward() {
-    if !common::can_run_netns("diagnose_names_route_localnet_for_a_localhost_forward") {
+fn diagnose_names_route_localnet_and_a_pending_address() {
+    if !common::can_run_netns("diagnose_names_route_localnet_and_a_pending_address") {
         return;
     }
     let lab = Lab::new(LibvirtForm::Nftables);
@@ -193,4 +194,20 @@ fn diagnose_names_route_localnet_for_a_localhost_forward() {
     let (ok, b, out) = blocked(&lab, &["g1"]);
     assert!(ok && b.is_empty(), "{out}");
     assert!(lab.host.tcp(common::sa("127.0.0.1:8085")).is_ok());
+    // a running domain whose NIC has no reservation, lease or neighbour entry: pending
+    let xml = common::domain_xml("noaddr", "52:54:00:00:00:99", "default", "virbr0", "vnet9");
+    std::fs::write(
+        lab.root().join("run/libvirt/qemu/noaddr.xml"),
+        format!("<domstatus state='running' reason='booted' pid='1'>\n{xml}</domstatus>\n"),
+    )
+    .unwrap();
+    lab.write_config(
+        "[[domain.g1.forward]]\nhost_port = 8085\nguest_port = 80\nlocalhost = true\n[domain.noaddr]\nforwards = [\"8086:80\"]\n",
+    );
+    let (ok, b, out) = blocked(&lab, &["noaddr"]);
+    assert!(!ok && b == ["address"], "{out}");
+    assert!(
+        out.contains("pending") && out.contains("reservation"),
+        "{out}"
+    );
 }
