@@ -2,6 +2,7 @@
 //! status of every configured forward. No I/O here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -51,9 +52,11 @@ pub enum ListenOn {
 /// One forward of one family, ready to render.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Rule {
+    /// The domain first: a ruleset sorted by [`Rule`]'s order is grouped by domain, as the
+    /// state stores it (reading it back needs no sort).
+    pub domain: String,
     /// Stable identifier (hash of domain identity and listen key), used for chain names.
     pub id: String,
-    pub domain: String,
     pub family: Family,
     pub proto: Proto,
     pub listen: ListenOn,
@@ -187,7 +190,18 @@ pub fn sort_rules(rules: &mut Vec<Rule>) {
         return;
     }
     let mut order: Vec<usize> = (0..rules.len()).collect();
-    order.sort_unstable_by(|&a, &b| rules[a].cmp(&rules[b]));
+    if rules.is_sorted_by(|a, b| a.domain <= b.domain) {
+        // grouped by domain already (the planner's order): each domain's rules alone
+        let mut start = 0;
+        while start < order.len() {
+            let d = &rules[start].domain;
+            let end = start + rules[start..].iter().take_while(|r| &r.domain == d).count();
+            order[start..end].sort_unstable_by(|&a, &b| rules[a].cmp(&rules[b]));
+            start = end;
+        }
+    } else {
+        order.sort_unstable_by(|&a, &b| rules[a].cmp(&rules[b]));
+    }
     let mut slots: Vec<Option<Rule>> = std::mem::take(rules).into_iter().map(Some).collect();
     rules.extend(order.into_iter().filter_map(|i| slots[i].take()));
 }
@@ -370,11 +384,23 @@ pub struct Plan {
 
 /// Stable rule identifier: domain identity (UUID if known, else name) + listen key.
 fn rule_id(domain: &DomainConfig, family: Family, spec: &ForwardSpec, listen: &ListenOn) -> String {
-    let mut h = Sha256::new();
-    h.update(domain.uuid.as_deref().unwrap_or(&domain.name).as_bytes());
-    h.update([0]);
-    h.update(format!("{family:?}|{}|{listen:?}|{}", spec.proto, spec.host_ports).as_bytes());
-    let d = h.finalize();
+    // the hasher fed as `format!` would have written it (the same ids), without the string
+    struct Feed(Sha256);
+    impl std::fmt::Write for Feed {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.update(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut h = Feed(Sha256::new());
+    h.0.update(domain.uuid.as_deref().unwrap_or(&domain.name).as_bytes());
+    h.0.update([0]);
+    let _ = write!(
+        h,
+        "{family:?}|{}|{listen:?}|{}",
+        spec.proto, spec.host_ports
+    );
+    let d = h.0.finalize();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(16);
     for b in d.iter().take(8) {
@@ -524,15 +550,15 @@ fn claimed_by_other(
 }
 
 /// Finds the guest address of one family for a NIC, in the documented order.
-fn resolve_address(
+fn resolve_address<'a>(
     family: Family,
     spec: &ForwardSpec,
-    nic: Option<&Nic>,
+    nic: Option<&'a Nic>,
     net: Option<&NetworkFacts>,
     facts: &Facts,
     (dom, domain): (&DomainFacts, &str),
     ix: &Index,
-) -> Result<GuestAddr, String> {
+) -> Result<GuestAddr, Unresolved<'a>> {
     let bridge = nic.and_then(|n| n.bridge.as_deref());
     if let Some(ip) = spec
         .guest_addresses
@@ -540,7 +566,7 @@ fn resolve_address(
         .find(|a| Family::of(a) == family)
     {
         if let Some(why) = guest_ip_problem(ip, net, bridge, facts) {
-            return Err(format!("configured guest address {ip} {why}"));
+            return Err(Unresolved::Configured(*ip, why));
         }
         return Ok(GuestAddr {
             ip: *ip,
@@ -548,10 +574,7 @@ fn resolve_address(
         });
     }
     let (Some(nic), Some(net)) = (nic, net) else {
-        return Err(
-            "the domain has no NIC on a known libvirt network and no guest_address is configured"
-                .into(),
-        );
+        return Err(Unresolved::NoNetwork);
     };
     let fam_ok = |ip: &IpAddr| {
         Family::of(ip) == family && guest_ip_problem(ip, Some(net), bridge, facts).is_none()
@@ -607,15 +630,35 @@ fn resolve_address(
             source: AddrSource::Neighbour,
         });
     }
-    Err(format!(
-        "no {} address known for NIC {} yet (add a <dhcp><host mac='{}' ip=.../> reservation or guest_address, or wait for its DHCP lease)",
-        match family {
-            Family::Ipv4 => "IPv4",
-            Family::Ipv6 => "IPv6",
-        },
-        nic.mac,
-        nic.mac
-    ))
+    Err(Unresolved::NoAddress(family, &nic.mac))
+}
+
+/// Why a forward has no guest address of one family (written out only when it is said:
+/// most guests have no IPv6 address, and that is no news).
+#[derive(Debug)]
+enum Unresolved<'a> {
+    Configured(IpAddr, String),
+    NoNetwork,
+    NoAddress(Family, &'a str),
+}
+
+impl std::fmt::Display for Unresolved<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unresolved::Configured(ip, why) => write!(f, "configured guest address {ip} {why}"),
+            Unresolved::NoNetwork => f.write_str(
+                "the domain has no NIC on a known libvirt network and no guest_address is configured",
+            ),
+            Unresolved::NoAddress(family, mac) => write!(
+                f,
+                "no {} address known for NIC {mac} yet (add a <dhcp><host mac='{mac}' ip=.../> reservation or guest_address, or wait for its DHCP lease)",
+                match family {
+                    Family::Ipv4 => "IPv4",
+                    Family::Ipv6 => "IPv6",
+                },
+            ),
+        }
+    }
 }
 
 /// Why `ip` cannot be a guest's address behind `net` (or, on a bridge that is no libvirt
@@ -631,23 +674,26 @@ fn guest_ip_problem(
     if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || v4_broadcast {
         return Some("is a loopback, unspecified, multicast or broadcast address".into());
     }
-    let (subnets, own, what): (Vec<IpNet>, Vec<IpAddr>, String) = match (net, bridge) {
+    // what to call the place in a message (written only for one)
+    let what = || match (net, bridge) {
+        (Some(n), _) => format!("network {}", n.name),
+        (None, Some(b)) => format!("the host's addresses on bridge {b}"),
+        (None, None) => String::new(),
+    };
+    let (subnet, own) = match (net, bridge) {
         (Some(n), _) => (
-            n.subnets().collect(),
-            n.addresses.iter().map(|a| a.addr()).collect(),
-            format!("network {}", n.name),
+            n.subnets().find(|s| s.contains(ip)),
+            n.addresses.iter().any(|a| a.addr() == *ip),
         ),
         (None, Some(b)) => {
-            let mine: Vec<&IpNet> = facts
+            let mine = facts
                 .host_addresses
                 .iter()
                 .filter(|(i, _)| i == b)
-                .map(|(_, n)| n)
-                .collect();
+                .map(|(_, n)| n);
             (
-                mine.iter().map(|n| n.trunc()).collect(),
-                mine.iter().map(|n| n.addr()).collect(),
-                format!("the host's addresses on bridge {b}"),
+                mine.clone().map(|n| n.trunc()).find(|s| s.contains(ip)),
+                mine.clone().any(|n| n.addr() == *ip),
             )
         }
         (None, None) => {
@@ -656,11 +702,11 @@ fn guest_ip_problem(
             );
         }
     };
-    let Some(subnet) = subnets.iter().find(|s| s.contains(ip)) else {
-        return Some(format!("is outside the subnet of {what}"));
+    let Some(subnet) = subnet else {
+        return Some(format!("is outside the subnet of {}", what()));
     };
-    if own.contains(ip) {
-        return Some(format!("is the host's own address ({what})"));
+    if own {
+        return Some(format!("is the host's own address ({})", what()));
     }
     if let IpNet::V4(s) = subnet
         && s.prefix_len() < 31
@@ -791,10 +837,10 @@ fn plan_forward(
             .iter()
             .any(|a| !st.guest.iter().any(|g| g.ip == *a))
         {
-            st.reason = reasons.into_iter().next();
+            st.reason = reasons.into_iter().next().map(|e| e.to_string());
         }
     } else {
-        st.reason = reasons.into_iter().next();
+        st.reason = reasons.into_iter().next().map(|e| e.to_string());
     }
     (st, rules)
 }
