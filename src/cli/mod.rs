@@ -233,6 +233,10 @@ fn apply(ctx: &Context) -> Result<bool, String> {
             "virtgate: {errors} config error(s): the domains concerned were left as they were"
         );
     }
+    // the process ends here: freeing every rule and forward one by one costs more than
+    // the exit does (a tenth of an `apply` at 10,000 forwards)
+    std::mem::forget(out);
+    std::mem::forget(cfg);
     Ok(errors == 0)
 }
 

@@ -195,10 +195,14 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             warnings,
             daemon,
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
-        );
+        // compact, written as it is serialized (10,000 forwards: pretty-printing cost
+        // more than everything else status does)
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer(&mut out, &rep).map_err(|e| e.to_string())?;
+        writeln!(out)
+            .and_then(|_| out.flush())
+            .map_err(super::output_error)?;
         return Ok(());
     }
     println!(

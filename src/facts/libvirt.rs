@@ -178,16 +178,18 @@ pub fn read_xml(path: &Path) -> Option<String> {
 }
 
 fn xml_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = fs::read_dir(dir)
+    use std::os::unix::ffi::OsStrExt;
+    // sorted by file name, as bytes (all in one directory: no path comparison needed)
+    let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "xml"))
+                .map(|e| e.file_name())
+                .filter(|n| n.as_bytes().ends_with(b".xml"))
                 .collect()
         })
         .unwrap_or_default();
-    v.sort();
-    v
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    names.into_iter().map(|n| dir.join(n)).collect()
 }
 
 /// Running domains: one status file each in `run/libvirt/qemu`.
