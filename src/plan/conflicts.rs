@@ -75,6 +75,9 @@ fn all_forwards(domains: &[DomainConfig]) -> Vec<((usize, usize), &ForwardSpec)>
         .collect()
 }
 
+/// Up to this many forwards, [`find_conflicts`] compares them pairwise.
+const SMALL: usize = 32;
+
 /// The pairwise definition: O(n^2). Use [`find_conflicts`].
 pub fn find_conflicts_naive(domains: &[DomainConfig]) -> Vec<Conflict> {
     let all = all_forwards(domains);
@@ -235,6 +238,16 @@ impl Classes {
 /// Finds forwards that claim the same listen address, protocol and port. The first in
 /// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
 pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
+    // a hook's one domain: pairwise beats allocating the per-port index
+    if domains.iter().map(|d| d.forwards.len()).sum::<usize>() <= SMALL {
+        return find_conflicts_naive(domains);
+    }
+    find_conflicts_indexed(domains)
+}
+
+/// [`find_conflicts`] through the per-port index, whatever the number of forwards (the
+/// property test checks it against [`find_conflicts_naive`]).
+pub fn find_conflicts_indexed(domains: &[DomainConfig]) -> Vec<Conflict> {
     let all = all_forwards(domains);
     // one slot per (protocol, family)
     let slot = |p: Proto, f: Family| {
