@@ -85,7 +85,7 @@ pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
 /// started, minus those hooks reported as stopped.
 pub fn facts_for(ctx: &Context, st: &State) -> Facts {
     let extra: Vec<_> = st.started.values().cloned().collect();
-    let mut f = crate::facts::gather(&ctx.libvirt, &extra);
+    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &crate::firewall::placement::Probe);
     f.domains.retain(|d| !st.stopped.contains(&d.name));
     f
 }
@@ -95,7 +95,7 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
 /// (what is installed for them stays as it is).
 pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
     let domains: Vec<_> = domain.into_iter().cloned().collect();
-    crate::facts::gather_only(&ctx.libvirt, domains)
+    crate::facts::gather_only(&ctx.libvirt, domains, &crate::firewall::placement::Probe)
 }
 
 /// Which domains a reconcile may change.

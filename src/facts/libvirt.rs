@@ -207,7 +207,7 @@ pub fn read_running_domains(paths: &LibvirtPaths) -> Vec<DomainFacts> {
 
 /// Networks: live status first, then definitions of inactive networks. Networks whose
 /// status does not record libvirt's firewall backend get it from the kernel.
-pub fn read_networks(paths: &LibvirtPaths) -> Vec<NetworkFacts> {
+pub fn read_networks(paths: &LibvirtPaths, probe: &dyn super::FirewallProbe) -> Vec<NetworkFacts> {
     let mut out: Vec<NetworkFacts> = Vec::new();
     let mut unrecorded = Vec::new();
     for p in xml_files(&paths.network_status_dir()) {
@@ -232,7 +232,7 @@ pub fn read_networks(paths: &LibvirtPaths) -> Vec<NetworkFacts> {
         }
     }
     if !unrecorded.is_empty() {
-        let nft_bridges = crate::firewall::placement::libvirt_nft_bridges();
+        let nft_bridges = probe.libvirt_nft_bridges();
         for i in unrecorded {
             if nft_bridges.contains(&out[i].bridge) {
                 out[i].firewall = LibvirtFirewall::Nftables;

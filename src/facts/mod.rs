@@ -216,7 +216,21 @@ impl LibvirtPaths {
 }
 
 /// Gathers all facts from libvirt's files, the kernel and /proc.
-pub fn gather(paths: &LibvirtPaths, extra_domains: &[DomainFacts]) -> Facts {
+/// What gathering facts needs from the kernel's firewall, asked only where it matters:
+/// the bridges libvirt's nftables form guards (for networks whose status does not record
+/// the form) and the families whose iptables `FORWARD` chain exists (beside libvirt's
+/// nftables form). The firewall side answers (`firewall::placement::Probe`):
+/// facts never run the firewall's tools themselves.
+pub trait FirewallProbe {
+    fn libvirt_nft_bridges(&self) -> std::collections::BTreeSet<String>;
+    fn xt_forward_families(&self) -> Vec<crate::model::Family>;
+}
+
+pub fn gather(
+    paths: &LibvirtPaths,
+    extra_domains: &[DomainFacts],
+    probe: &dyn FirewallProbe,
+) -> Facts {
     let mut domains = libvirt::read_running_domains(paths);
     let known: std::collections::HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
     for d in extra_domains {
@@ -224,12 +238,16 @@ pub fn gather(paths: &LibvirtPaths, extra_domains: &[DomainFacts]) -> Facts {
             domains.push(d.clone());
         }
     }
-    gather_only(paths, domains)
+    gather_only(paths, domains, probe)
 }
 
 /// [`gather`] with the given domains instead of libvirt's running ones.
-pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
-    let networks = libvirt::read_networks(paths);
+pub fn gather_only(
+    paths: &LibvirtPaths,
+    domains: Vec<DomainFacts>,
+    probe: &dyn FirewallProbe,
+) -> Facts {
+    let networks = libvirt::read_networks(paths, probe);
     let leases = networks
         .iter()
         .flat_map(|n| leases::read_leases(&paths.dnsmasq_dir(), &n.bridge))
@@ -241,7 +259,7 @@ pub fn gather_only(paths: &LibvirtPaths, domains: Vec<DomainFacts>) -> Facts {
         .iter()
         .any(|n| n.firewall == LibvirtFirewall::Nftables)
     {
-        crate::firewall::placement::xt_forward_families()
+        probe.xt_forward_families()
     } else {
         Vec::new()
     };
