@@ -210,4 +210,12 @@ fn diagnose_names_route_localnet_and_a_pending_address() {
         out.contains("pending") && out.contains("reservation"),
         "{out}"
     );
+    // an entry with an error: named, with where it is
+    lab.write_config("[domain.noaddr]\nforwards = [\"8086:80\", \"0:80\"]\n");
+    let (ok, b, out) = blocked(&lab, &["noaddr"]);
+    assert!(!ok && b == ["config"], "{out}");
+    assert!(
+        out.contains("has errors") && out.contains("virtgate.toml:2"),
+        "{out}"
+    );
 }
