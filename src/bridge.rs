@@ -5,10 +5,8 @@ use std::collections::BTreeMap;
 use std::fs;
 
 fn path(port: &str) -> Option<String> {
-    // interface names never contain '/', but the name comes from XML: refuse anything odd
-    if port.is_empty() || port.len() > 15 || port.contains('/') || port.starts_with('.') {
-        return None;
-    }
+    // the name comes from XML: refuse anything that is no interface name
+    crate::model::validate_ifname(port).ok()?;
     Some(format!("/sys/class/net/{port}/brport/hairpin_mode"))
 }
 

@@ -3,8 +3,8 @@
 
 use ipnet::IpNet;
 use proptest::prelude::*;
+use virtgate::model::conflicts::find_conflicts_indexed;
 use virtgate::model::{DomainConfig, ForwardSpec, Listen, PortRange, Proto};
-use virtgate::plan::conflicts::find_conflicts_indexed;
 use virtgate::plan::{find_conflicts, find_conflicts_naive};
 
 fn listen() -> impl Strategy<Value = Listen> {

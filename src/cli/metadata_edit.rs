@@ -138,7 +138,7 @@ fn commit(
     for (i, a) in specs.iter().enumerate() {
         if let Some(b) = specs[..i]
             .iter()
-            .find(|b| crate::plan::conflicts::specs_overlap(a, b))
+            .find(|b| crate::model::conflicts::specs_overlap(a, b))
         {
             return Err(format!(
                 "nothing set: {} overlaps {} of the same domain",
@@ -151,7 +151,7 @@ fn commit(
                 .domain
                 .forwards
                 .iter()
-                .find(|b| crate::plan::conflicts::specs_overlap(a, b))
+                .find(|b| crate::model::conflicts::specs_overlap(a, b))
             {
                 return Err(format!(
                     "nothing set: {} conflicts with {} of domain {name:?} ({})",

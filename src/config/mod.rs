@@ -13,8 +13,6 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 pub use diag::{Diagnostic, Origin, Severity};
 
 use crate::model::{DomainConfig, ForwardSpec};
@@ -29,26 +27,7 @@ pub const CONFLICT_MARK: &str = " conflicts with forward ";
 /// The default main config file.
 pub const DEFAULT_CONFIG: &str = "/etc/virtgate/virtgate.toml";
 
-/// Which firewall backend virtgate writes its own rules with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    #[default]
-    Auto,
-    Nftables,
-    Iptables,
-}
-
-impl BackendChoice {
-    pub fn parse(s: &str) -> Option<BackendChoice> {
-        match s {
-            "auto" => Some(BackendChoice::Auto),
-            "nftables" => Some(BackendChoice::Nftables),
-            "iptables" => Some(BackendChoice::Iptables),
-            _ => None,
-        }
-    }
-}
+pub use crate::model::BackendChoice;
 
 /// A forward with the position it was written at.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -355,7 +334,7 @@ fn merge_unchecked(parsed: Vec<ParsedFile>) -> Config {
 /// Conflicting forwards (same listen, protocol and overlapping ports) are errors.
 fn add_conflicts(cfg: &mut Config) {
     let domains: Vec<DomainConfig> = cfg.domain_configs();
-    for c in crate::plan::find_conflicts(&domains) {
+    for c in crate::model::conflicts::find_conflicts(&domains) {
         let d = &cfg.domains[&domains[c.second.0].name];
         let first = &cfg.domains[&domains[c.first.0].name];
         let f1 = &first.domain.forwards[c.first.1];

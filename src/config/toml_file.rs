@@ -6,7 +6,6 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use ipnet::IpNet;
 use toml_edit::{Document, Item, Table, Value};
 
 use super::diag::{Diagnostic, Origin, Severity};
@@ -16,6 +15,7 @@ use crate::model::{
     DomainConfig, ForwardSpec, Listen, NicSelector, PortRange, Proto, RateLimit, RatePer, RateUnit,
     WhenStopped,
 };
+pub use crate::model::{parse_cidr, validate_ifname};
 
 const DOMAIN_KEYS: &[&str] = &[
     "forwards",
@@ -444,29 +444,6 @@ fn parse_long(ctx: &Ctx, t: &Table) -> DomainResult<Vec<ConfiguredForward>> {
 /// Interface names as the kernel accepts them: 1-15 bytes, no '/', whitespace or quotes.
 /// Interface names as they may appear in a rule: 1-15 bytes of letters, digits and
 /// `-_.@:` (no quotes, spaces or the `+`/`*` wildcards iptables and nft read differently).
-pub fn validate_ifname(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 15
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'));
-    if !ok {
-        return Err(format!("'{s}' is not a valid interface name"));
-    }
-    Ok(())
-}
-
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let s = s.trim();
-    if let Ok(n) = s.parse::<IpNet>() {
-        return Ok(n.trunc());
-    }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("'{s}' is not an address or CIDR"))
-}
-
 pub fn parse_nic(s: &str) -> Result<NicSelector, String> {
     let is_mac = s.len() == 17
         && s.split(':').count() == 6

@@ -46,7 +46,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
             // names end up in firewall rules: anything a kernel interface name cannot be
             // is dropped here
             let ifname = |v: Option<&str>| {
-                v.filter(|n| crate::config::toml_file::validate_ifname(n).is_ok())
+                v.filter(|n| crate::model::validate_ifname(n).is_ok())
                     .map(str::to_string)
             };
             nics.push(Nic {
@@ -78,7 +78,7 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
         .and_then(|b| b.attribute("name"))
         .unwrap_or_default()
         .to_string();
-    if crate::config::toml_file::validate_ifname(&bridge).is_err() {
+    if crate::model::validate_ifname(&bridge).is_err() {
         return Err(format!(
             "network {name:?}: bridge name {bridge:?} is not a valid interface name"
         ));

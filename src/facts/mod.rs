@@ -45,20 +45,7 @@ pub struct DomainFacts {
     pub metadata: Option<crate::config::metadata::MetadataForwards>,
 }
 
-/// A MAC address as `aa:bb:cc:dd:ee:ff` (lower case), if `s` is one (six hex pairs
-/// separated by `:` or `-`). MACs come from files others write and reach `status` and
-/// rules: anything else is not a MAC.
-pub fn parse_mac(s: &str) -> Option<String> {
-    let parts: Vec<&str> = s.trim().split([':', '-']).collect();
-    if parts.len() != 6
-        || !parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        return None;
-    }
-    Some(parts.join(":").to_ascii_lowercase())
-}
+pub use crate::model::parse_mac;
 
 /// A DHCP host reservation of a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

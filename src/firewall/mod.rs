@@ -16,8 +16,8 @@ pub mod xtables;
 
 use std::collections::BTreeMap;
 
-use crate::config::BackendChoice;
 use crate::exec::ExecError;
+use crate::model::BackendChoice;
 use crate::plan::Ruleset;
 
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use crate::model::{
 };
 
 pub mod conflicts;
-use conflicts::families;
-pub use conflicts::{Conflict, find_conflicts, find_conflicts_naive};
+use crate::model::conflicts::families;
+pub use crate::model::conflicts::{Conflict, find_conflicts, find_conflicts_naive};
 
 /// Where a guest address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

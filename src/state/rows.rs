@@ -71,7 +71,7 @@ fn unfam(f: u8) -> Result<Family, String> {
 }
 
 fn ifname(s: Cow<'_, str>) -> Result<String, String> {
-    crate::config::toml_file::validate_ifname(&s).map(|_| s.into_owned())
+    crate::model::validate_ifname(&s).map(|_| s.into_owned())
 }
 
 fn row(r: &Rule, domain: usize, bridge: usize) -> Row<'_> {

@@ -1,6 +1,8 @@
 //! Core value types shared by config, planner and backends: protocols, port ranges,
 //! listen selectors and the validated forward specification.
 
+pub mod conflicts;
+
 use std::fmt;
 use std::net::IpAddr;
 
@@ -378,6 +380,69 @@ impl WhenStopped {
             )),
         }
     }
+}
+
+/// Which firewall backend virtgate writes its own rules with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+impl BackendChoice {
+    pub fn parse(s: &str) -> Option<BackendChoice> {
+        match s {
+            "auto" => Some(BackendChoice::Auto),
+            "nftables" => Some(BackendChoice::Nftables),
+            "iptables" => Some(BackendChoice::Iptables),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a network interface name as Linux takes it (at most 15 bytes, no `/`, not `.`
+/// or `..`), narrowed to the characters interface names have in practice: one rule for
+/// the config, libvirt's files and the state.
+pub fn validate_ifname(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'));
+    if !ok {
+        return Err(format!("'{s}' is not a valid interface name"));
+    }
+    Ok(())
+}
+
+/// An address or a network (host bits cleared), as the config writes sources.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("'{s}' is not an address or CIDR"))
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff` (lower case), if `s` is one (six hex pairs
+/// separated by `:` or `-`). MACs come from files others write and reach `status` and
+/// rules: anything else is not a MAC.
+pub fn parse_mac(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.trim().split([':', '-']).collect();
+    if parts.len() != 6
+        || !parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
 }
 
 #[cfg(test)]

@@ -1,0 +1,255 @@
+//! Conflicts between forwards: two forwards conflict when they use the same protocol, a
+//! common address family, listen selectors that can receive the same packet (or are both
+//! reachable from localhost) and overlapping host ports. The first (in the given order)
+//! wins; a loser never blocks anyone.
+//!
+//! [`find_conflicts`] runs in O(n log n) (plus the overlaps it reports): forwards that
+//! won are kept in per-(protocol, family, listen class) interval maps, and each forward
+//! asks only the classes its listen selector can overlap. [`find_conflicts_naive`] is the
+//! pairwise definition, kept for the property test that checks the two agree.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use super::{DomainConfig, Family, ForwardSpec, Listen, PortRange, Proto};
+
+/// A conflict: forward `second` (domain index, forward index) collides with `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    pub first: (usize, usize),
+    pub second: (usize, usize),
+}
+
+pub(crate) fn families(spec: &ForwardSpec) -> Vec<Family> {
+    [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .filter(|f| spec.allows_family(*f))
+        .collect()
+}
+
+/// Whether two forwards could receive the same packet.
+pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
+    let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
+    // localhost forwards share one key space (127.0.0.1), whatever they listen on
+    let listen_overlap = a.listen.overlaps(&b.listen) || (a.localhost && b.localhost);
+    a.proto == b.proto && fam_overlap && listen_overlap && a.host_ports.overlaps(&b.host_ports)
+}
+
+fn all_forwards(domains: &[DomainConfig]) -> Vec<((usize, usize), &ForwardSpec)> {
+    domains
+        .iter()
+        .enumerate()
+        .flat_map(|(di, d)| {
+            d.forwards
+                .iter()
+                .enumerate()
+                .map(move |(fi, f)| ((di, fi), f))
+        })
+        .collect()
+}
+
+/// Up to this many forwards, [`find_conflicts`] compares them pairwise.
+const SMALL: usize = 32;
+
+/// The pairwise definition: O(n^2). Use [`find_conflicts`].
+pub fn find_conflicts_naive(domains: &[DomainConfig]) -> Vec<Conflict> {
+    let all = all_forwards(domains);
+    let mut out = Vec::new();
+    let mut losers = BTreeSet::new();
+    for (i, (a_idx, a)) in all.iter().enumerate() {
+        if losers.contains(a_idx) {
+            continue;
+        }
+        for (b_idx, b) in &all[i + 1..] {
+            if !losers.contains(b_idx) && specs_overlap(a, b) {
+                out.push(Conflict {
+                    first: *a_idx,
+                    second: *b_idx,
+                });
+                losers.insert(*b_idx);
+            }
+        }
+    }
+    out
+}
+
+/// Ports painted by the first forward that claimed them: disjoint ranges, start -> (end,
+/// position of the forward).
+#[derive(Debug, Default)]
+struct Painted(BTreeMap<u16, (u16, usize)>);
+
+impl Painted {
+    /// The earliest forward holding a port of `r`.
+    fn earliest(&self, r: PortRange) -> Option<usize> {
+        self.0
+            .range(..=r.end)
+            .rev()
+            .take_while(|(_, (end, _))| *end >= r.start)
+            .map(|(_, (_, pos))| *pos)
+            .min()
+    }
+
+    /// Paints the ports of `r` nobody holds yet with `pos`.
+    fn paint(&mut self, r: PortRange, pos: usize) {
+        if self.earliest(r).is_none() {
+            self.0.insert(r.start, (r.end, pos));
+            return;
+        }
+        let taken: Vec<(u16, u16)> = self
+            .0
+            .range(..=r.end)
+            .rev()
+            .take_while(|(_, (end, _))| *end >= r.start)
+            .map(|(s, (e, _))| (*s, *e))
+            .collect();
+        let mut next = u32::from(r.start);
+        for (s, e) in taken.into_iter().rev() {
+            if u32::from(s) > next {
+                self.0.insert(next as u16, (s - 1, pos));
+            }
+            next = next.max(u32::from(e) + 1);
+        }
+        if next <= u32::from(r.end) {
+            self.0.insert(next as u16, (r.end, pos));
+        }
+    }
+}
+
+/// [`Painted`] for the classes most forwards fall in: one slot per port (allocated on
+/// first use), so a single port costs O(1) to look up and to paint.
+#[derive(Debug, Default)]
+struct Dense(Vec<u32>);
+
+impl Dense {
+    const FREE: u32 = u32::MAX;
+
+    fn earliest(&self, r: PortRange) -> Option<usize> {
+        let m = *self
+            .0
+            .get(r.start as usize..=r.end as usize)?
+            .iter()
+            .min()?;
+        (m != Self::FREE).then_some(m as usize)
+    }
+
+    fn paint(&mut self, r: PortRange, pos: usize) {
+        if self.0.is_empty() {
+            self.0 = vec![Self::FREE; 65536];
+        }
+        for slot in &mut self.0[r.start as usize..=r.end as usize] {
+            if *slot == Self::FREE {
+                *slot = pos as u32;
+            }
+        }
+    }
+}
+
+/// Winners of one (protocol, family), by listen class.
+#[derive(Debug, Default)]
+struct Classes {
+    addr: HashMap<IpAddr, Painted>,
+    iface: HashMap<String, Painted>,
+    /// Any address (and hooks.json's default-route address): overlaps everything.
+    wild: Dense,
+    any_addr: Dense,
+    any_if: Dense,
+    all: Dense,
+    localhost: Dense,
+}
+
+impl Classes {
+    /// The earliest winner a forward overlaps.
+    fn earliest(&self, f: &ForwardSpec) -> Option<usize> {
+        let r = f.host_ports;
+        let lo = if f.localhost {
+            self.localhost.earliest(r)
+        } else {
+            None
+        };
+        let listen = match &f.listen {
+            Listen::Address(a) => [
+                self.addr.get(a).and_then(|p| p.earliest(r)),
+                self.any_if.earliest(r),
+                self.wild.earliest(r),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Listen::Interface(i) => [
+                self.iface.get(i).and_then(|p| p.earliest(r)),
+                self.any_addr.earliest(r),
+                self.wild.earliest(r),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Listen::Any | Listen::DefaultRoute => self.all.earliest(r),
+        };
+        lo.into_iter().chain(listen).min()
+    }
+
+    fn record(&mut self, f: &ForwardSpec, pos: usize) {
+        let r = f.host_ports;
+        self.all.paint(r, pos);
+        match &f.listen {
+            Listen::Address(a) => {
+                self.addr.entry(*a).or_default().paint(r, pos);
+                self.any_addr.paint(r, pos);
+            }
+            Listen::Interface(i) => {
+                self.iface.entry(i.clone()).or_default().paint(r, pos);
+                self.any_if.paint(r, pos);
+            }
+            Listen::Any | Listen::DefaultRoute => self.wild.paint(r, pos),
+        }
+        if f.localhost {
+            self.localhost.paint(r, pos);
+        }
+    }
+}
+
+/// Finds forwards that claim the same listen address, protocol and port. The first in
+/// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
+pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
+    // a hook's one domain: pairwise beats allocating the per-port index
+    if domains.iter().map(|d| d.forwards.len()).sum::<usize>() <= SMALL {
+        return find_conflicts_naive(domains);
+    }
+    find_conflicts_indexed(domains)
+}
+
+/// [`find_conflicts`] through the per-port index, whatever the number of forwards (the
+/// property test checks it against [`find_conflicts_naive`]).
+pub fn find_conflicts_indexed(domains: &[DomainConfig]) -> Vec<Conflict> {
+    let all = all_forwards(domains);
+    // one slot per (protocol, family)
+    let slot = |p: Proto, f: Family| {
+        (match p {
+            Proto::Tcp => 0,
+            Proto::Udp => 2,
+            Proto::Sctp => 4,
+        }) + usize::from(f == Family::Ipv6)
+    };
+    let mut index: Vec<Classes> = (0..6).map(|_| Classes::default()).collect();
+    let mut out = Vec::new();
+    for (pos, (idx, f)) in all.iter().enumerate() {
+        let fams = [Family::Ipv4, Family::Ipv6].map(|fam| f.allows_family(fam).then_some(fam));
+        let winner = fams
+            .iter()
+            .flatten()
+            .filter_map(|fam| index[slot(f.proto, *fam)].earliest(f))
+            .min();
+        if let Some(w) = winner {
+            out.push(Conflict {
+                first: all[w].0,
+                second: *idx,
+            });
+            continue;
+        }
+        for fam in fams.iter().flatten() {
+            index[slot(f.proto, *fam)].record(f, pos);
+        }
+    }
+    out.sort();
+    out
+}
