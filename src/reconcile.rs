@@ -460,3 +460,16 @@ fn apply_plan(
     state.backend = (!state.ruleset.is_empty()).then(|| backend.name().to_string());
     Ok(changed)
 }
+
+/// Where config and facts meet: a running domain's `<metadata>` for the config to merge.
+impl crate::config::CarriesMetadata for crate::facts::DomainFacts {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn uuid(&self) -> Option<&str> {
+        self.uuid.as_deref()
+    }
+    fn metadata_xml(&self) -> Option<&str> {
+        self.metadata.as_deref()
+    }
+}

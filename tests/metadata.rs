@@ -89,3 +89,38 @@ fn metadata_forwards() {
         "another domain's broken metadata changes nothing for g3"
     );
 }
+
+/// The facts keep a domain's element as text, the config reads it: with its prefix
+/// declared on an ancestor, or as the default namespace.
+#[test]
+fn metadata_is_kept_as_text_that_parses_on_its_own() {
+    // the prefix declared on an ancestor, as a hand-written definition may have it
+    let x = r#"<domain xmlns:vg='https://virtgate.dev/xmlns/1'><name>m</name>
+  <metadata><other xmlns='urn:x'/><vg:forwards fail_closed='true'><vg:forward spec='8080:80' description='a &amp; b'/></vg:forwards></metadata>
+  <devices/></domain>"#;
+    let d = virtgate::facts::libvirt::parse_domain_xml(x).unwrap();
+    let xml = d.metadata.as_deref().unwrap();
+    let md = virtgate::config::metadata::from_xml(xml).unwrap();
+    assert!(md.fail_closed);
+    let f = md.forwards.unwrap();
+    assert_eq!(f[0].host_ports.start, 8080);
+    assert_eq!(f[0].description.as_deref(), Some("a & b"));
+    // a default namespace works the same
+    let x = "<domain><name>m</name><metadata><forwards xmlns='https://virtgate.dev/xmlns/1'><forward spec='81'/></forwards></metadata></domain>";
+    let xml = virtgate::facts::libvirt::parse_domain_xml(x)
+        .unwrap()
+        .metadata
+        .unwrap();
+    assert!(
+        virtgate::config::metadata::from_xml(&xml)
+            .unwrap()
+            .forwards
+            .is_ok()
+    );
+    assert_eq!(
+        virtgate::facts::libvirt::parse_domain_xml("<domain><name>m</name></domain>")
+            .unwrap()
+            .metadata,
+        None
+    );
+}

@@ -23,7 +23,7 @@ use super::short::{check_lengths, listen_from_ip, parse_short};
 use super::toml_file::{FORWARD_KEYS, parse_cidr, parse_nic, validate_ifname};
 use crate::model::{ForwardSpec, Listen, PortRange, Proto, RateLimit, RatePer};
 
-pub const NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
+pub use crate::model::METADATA_NAMESPACE as NAMESPACE;
 
 /// What a domain's metadata says, or why it cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +35,18 @@ pub struct MetadataForwards {
 /// Finds virtgate's element under `<metadata>` of a `<domain>` node.
 pub fn from_domain(domain: Node) -> Option<MetadataForwards> {
     let md = domain.children().find(|c| c.has_tag_name("metadata"))?;
-    let el = md
+    from_parent(md)
+}
+
+/// Reads virtgate's element from the text the facts keep of it
+/// (see `facts::DomainFacts::metadata`).
+pub fn from_xml(xml: &str) -> Option<MetadataForwards> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    from_parent(doc.root_element())
+}
+
+fn from_parent(parent: Node) -> Option<MetadataForwards> {
+    let el = parent
         .children()
         .find(|c| c.is_element() && c.tag_name().namespace() == Some(NAMESPACE))?;
     let fail_closed = el.attribute("fail_closed") == Some("true");

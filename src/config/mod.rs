@@ -29,6 +29,15 @@ pub const DEFAULT_CONFIG: &str = "/etc/virtgate/virtgate.toml";
 
 pub use crate::model::BackendChoice;
 
+/// A running domain as far as merging its `<metadata>` needs it (the facts implement it:
+/// config never reads libvirt's files).
+pub trait CarriesMetadata {
+    fn name(&self) -> &str;
+    fn uuid(&self) -> Option<&str>;
+    /// virtgate's element of the domain's `<metadata>`, as XML that parses on its own.
+    fn metadata_xml(&self) -> Option<&str>;
+}
+
 /// A forward with the position it was written at.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConfiguredForward {
@@ -96,11 +105,8 @@ impl Config {
 
     /// This config plus the forwards that running domains carry in their `<metadata>`
     /// (a domain in the config file wins over its metadata).
-    pub fn with_metadata(
-        &self,
-        domains: &[crate::facts::DomainFacts],
-    ) -> std::borrow::Cow<'_, Config> {
-        if domains.iter().all(|d| d.metadata.is_none()) {
+    pub fn with_metadata<D: CarriesMetadata>(&self, domains: &[D]) -> std::borrow::Cow<'_, Config> {
+        if domains.iter().all(|d| d.metadata_xml().is_none()) {
             return std::borrow::Cow::Borrowed(self);
         }
         let mut cfg = Config {
@@ -113,17 +119,20 @@ impl Config {
         };
         let mut added = false;
         for d in domains {
-            let Some(md) = &d.metadata else { continue };
+            let Some(md) = d.metadata_xml().and_then(metadata::from_xml) else {
+                continue;
+            };
+            let (name, uuid) = (d.name(), d.uuid());
             let origin = Origin {
-                file: PathBuf::from(format!("<metadata of domain {:?}>", d.name)),
+                file: PathBuf::from(format!("<metadata of domain {name:?}>")),
                 line: 1,
                 col: 1,
             };
-            if let Some(c) = cfg.domains.get(&d.name) {
+            if let Some(c) = cfg.domains.get(name) {
                 cfg.diagnostics.push(Diagnostic {
                     origin,
                     severity: Severity::Warning,
-                    domain: Some(d.name.clone()),
+                    domain: Some(name.to_string()),
                     message: format!(
                         "forwards in <metadata> ignored: the domain is configured at {}",
                         c.origin
@@ -131,21 +140,21 @@ impl Config {
                 });
                 continue;
             }
-            if cfg.invalid_domains.contains(&d.name) {
+            if cfg.invalid_domains.contains(name) {
                 continue;
             }
             if md.fail_closed {
-                cfg.fail_closed.insert(d.name.clone());
+                cfg.fail_closed.insert(name.to_string());
             }
             match &md.forwards {
                 Ok(forwards) => {
                     added = true;
                     cfg.domains.insert(
-                        d.name.clone(),
+                        name.to_string(),
                         ConfiguredDomain {
                             domain: DomainConfig {
-                                name: d.name.clone(),
-                                uuid: d.uuid.clone(),
+                                name: name.to_string(),
+                                uuid: uuid.map(str::to_string),
                                 forwards: forwards.clone(),
                                 fail_closed: md.fail_closed,
                                 // metadata is read from running domains only
@@ -157,11 +166,11 @@ impl Config {
                     );
                 }
                 Err(e) => {
-                    cfg.invalid_domains.insert(d.name.clone());
+                    cfg.invalid_domains.insert(name.to_string());
                     cfg.diagnostics.push(Diagnostic {
                         origin,
                         severity: Severity::Error,
-                        domain: Some(d.name.clone()),
+                        domain: Some(name.to_string()),
                         message: e.clone(),
                     });
                 }

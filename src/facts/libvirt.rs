@@ -57,13 +57,29 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainFacts, String> {
             });
         }
     }
-    let metadata = crate::config::metadata::from_domain(dom);
+    let metadata = metadata_element(dom, text);
     Ok(DomainFacts {
         name,
         uuid,
         nics,
         metadata,
     })
+}
+
+/// virtgate's element under the domain's `<metadata>`, as its text in a wrapper that
+/// declares its namespace (the element's prefix may be declared above it).
+fn metadata_element(dom: roxmltree::Node, text: &str) -> Option<String> {
+    use crate::model::METADATA_NAMESPACE as NS;
+    let md = dom.children().find(|c| c.has_tag_name("metadata"))?;
+    let el = md
+        .children()
+        .find(|c| c.is_element() && c.tag_name().namespace() == Some(NS))?;
+    let frag = text.get(el.range())?;
+    let decl = match el.lookup_prefix(NS) {
+        Some(p) if !p.is_empty() => format!("xmlns:{p}=\"{NS}\""),
+        _ => format!("xmlns=\"{NS}\""),
+    };
+    Some(format!("<metadata {decl}>{frag}</metadata>"))
 }
 
 /// Parses a network XML (plain `<network>` or a `<networkstatus>` wrapper).

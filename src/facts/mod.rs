@@ -40,9 +40,19 @@ pub struct DomainFacts {
     pub name: String,
     pub uuid: Option<String>,
     pub nics: Vec<Nic>,
-    /// Forwards the domain carries in its `<metadata>`, if any.
-    #[serde(default)]
-    pub metadata: Option<crate::config::metadata::MetadataForwards>,
+    /// virtgate's element of the domain's `<metadata>`, if it has one, as XML that parses
+    /// on its own (its namespace declared on a wrapper); the config reads it. A state
+    /// written by an earlier release kept it parsed: that is dropped (the next hook or
+    /// apply reads it again from libvirt's files).
+    #[serde(default, deserialize_with = "metadata_text")]
+    pub metadata: Option<String>,
+}
+
+fn metadata_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 
 pub use crate::model::parse_mac;

@@ -284,7 +284,7 @@ fn qemu_with(
     // the domain's own <metadata> forwards count for its checks here
     let own = match &parsed {
         Ok(d) => cfg.with_metadata(std::slice::from_ref(d)),
-        Err(_) => cfg.with_metadata(&[]),
+        Err(_) => cfg.with_metadata::<crate::facts::DomainFacts>(&[]),
     };
     let cfg_name = config_name(&own, name, parsed.as_ref().ok());
     if !concerns_virtgate(ctx, &own, name, parsed.as_ref().ok()) {

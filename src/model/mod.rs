@@ -3,6 +3,9 @@
 
 pub mod conflicts;
 
+/// The XML namespace of virtgate's element in a domain's `<metadata>`.
+pub const METADATA_NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
+
 use std::fmt;
 use std::net::IpAddr;
 
