@@ -296,3 +296,21 @@ pub fn gather_only(
             .unwrap_or(0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_started_domain_stored_by_an_earlier_release_loads() {
+        // the earlier state kept the metadata parsed: dropped, the rest kept
+        let old = r#"{"name":"web","uuid":null,"nics":[],"metadata":{"forwards":{"Ok":[]},"fail_closed":true}}"#;
+        let d: DomainFacts = serde_json::from_str(old).unwrap();
+        assert_eq!((d.name.as_str(), d.metadata), ("web", None));
+        let now = r#"{"name":"web","uuid":null,"nics":[],"metadata":"<metadata/>"}"#;
+        let d: DomainFacts = serde_json::from_str(now).unwrap();
+        assert_eq!(d.metadata.as_deref(), Some("<metadata/>"));
+        let none = r#"{"name":"web","uuid":null,"nics":[]}"#;
+        assert_eq!(serde_json::from_str::<DomainFacts>(none).unwrap().metadata, None);
+    }
+}
