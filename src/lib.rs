@@ -19,4 +19,5 @@ pub mod logging;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod rules;
 pub mod state;

@@ -311,6 +311,9 @@ mod tests {
         let d: DomainFacts = serde_json::from_str(now).unwrap();
         assert_eq!(d.metadata.as_deref(), Some("<metadata/>"));
         let none = r#"{"name":"web","uuid":null,"nics":[]}"#;
-        assert_eq!(serde_json::from_str::<DomainFacts>(none).unwrap().metadata, None);
+        assert_eq!(
+            serde_json::from_str::<DomainFacts>(none).unwrap().metadata,
+            None
+        );
     }
 }
