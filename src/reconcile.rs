@@ -27,7 +27,7 @@ impl Context {
             (BackendChoice::Auto, Some(c)) => c,
             (c, _) => c,
         };
-        firewall::backend_with_state(choice, &self.state_dir)
+        firewall::backend(choice)
     }
 }
 
@@ -151,6 +151,7 @@ pub fn reconcile_scoped(
         inst = None;
     }
     let before = state.without_ruleset();
+    backend.set_memory(state.xt_preexisting.clone());
     begin(ctx, &mut state, update);
     let facts = gather(&state);
     let (plan, result) = match (&mut inst, scope) {
@@ -166,10 +167,13 @@ pub fn reconcile_scoped(
                 Scope::Domain(name) => plan_domain(config, &facts, &state, name),
             };
             let Plan { ruleset, forwards } = plan;
-            let r = apply_plan(ctx, &mut state, ruleset, backend.as_ref(), scope);
+            let r = apply_plan(&mut state, ruleset, backend.as_ref(), scope);
             (forwards, r)
         }
     };
+    if state.backend.as_deref().is_none_or(|b| b == backend.name()) {
+        state.xt_preexisting = backend.memory();
+    }
     // what the hook recorded (started, stopped) is kept even if the change failed; an
     // unchanged state is not written again
     if !matches!(result, Ok(false)) || state.without_ruleset() != before {
@@ -373,7 +377,6 @@ fn apply_part(
 /// writes the delta straight away (only libvirt's chain is read, for the placement); if
 /// the kernel refuses it, the whole ruleset is written instead.
 fn apply_plan(
-    ctx: &Context,
     state: &mut State,
     ruleset: plan::Ruleset,
     backend: &dyn Backend,
@@ -389,7 +392,13 @@ fn apply_plan(
         && !state.ruleset.is_empty()
     {
         let choice = BackendChoice::parse(&old).unwrap_or_default();
-        firewall::backend_with_state(choice, &ctx.state_dir).apply(&Default::default())?;
+        let old = firewall::backend(choice);
+        old.set_memory(state.xt_preexisting.take());
+        let removed = old.apply(&Default::default());
+        state.xt_preexisting = old.memory();
+        removed?;
+        // the new backend starts remembering from here
+        backend.set_memory(None);
         state.ruleset = Default::default();
         state.generation = None;
     }

@@ -202,14 +202,13 @@ pub fn uninstall(ctx: &Context) -> Result<bool, String> {
         .as_deref()
         .and_then(crate::config::BackendChoice::parse)
         .unwrap_or(ctx.backend);
-    firewall::backend_with_state(backend, &ctx.state_dir)
-        .apply(&Default::default())
+    let b = firewall::backend(backend);
+    b.set_memory(st.xt_preexisting.take());
+    b.apply(&Default::default())
         .map_err(|e| format!("removing rules: {e}"))?;
     crate::bridge::sync(&[], &mut st.hairpin_saved, None);
     // nothing of virtgate's is left: its state goes too (the lock file stays while held)
-    for f in ["state.json", "iptables-created.json"] {
-        let _ = fs::remove_file(dir.path().join(f));
-    }
+    dir.remove_all();
     println!(
         "removed all of virtgate's rules; kept the config {}",
         ctx.config_path.display()

@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use super::xtables::{self, Jump, TableSpec};
 use super::{Backend, Counters, FirewallError, nfnl, nftables, placement};
@@ -22,9 +21,10 @@ use crate::plan::{ListenOn, Rule, Ruleset};
 
 #[derive(Debug, Default, Clone)]
 pub struct Iptables {
-    /// Where to remember which tables/chains virtgate created (iptables-nft creates them
-    /// lazily; exact removal deletes them again).
-    pub state_dir: Option<PathBuf>,
+    /// The tables and chains that existed before virtgate first added any (iptables-nft
+    /// creates them lazily; exact removal deletes what it created): the backend's
+    /// memory, kept in the state by reconcile.
+    preexisting: std::cell::RefCell<Option<BTreeSet<String>>>,
 }
 
 fn host(ip: &IpAddr) -> String {
@@ -436,37 +436,20 @@ fn is_nft_variant() -> bool {
 }
 
 impl Iptables {
-    fn created_path(&self) -> Option<PathBuf> {
-        self.state_dir
-            .as_ref()
-            .map(|d| d.join("iptables-created.json"))
-    }
-
     /// Remembers, before virtgate first adds anything, what already existed.
     fn remember_preexisting(&self) {
-        let Some(p) = self.created_path() else { return };
-        if p.exists() {
+        if self.preexisting.borrow().is_some() || !is_nft_variant() {
             return;
         }
-        if !is_nft_variant() {
-            return;
-        }
-        let pre = present_chains();
-        if let Ok(text) = serde_json::to_string(&pre) {
-            let _ = crate::state::write_atomic(&p, text.as_bytes());
-        }
+        *self.preexisting.borrow_mut() = Some(present_chains());
     }
 
     /// After removing everything: iptables-nft created tables and built-in chains lazily;
     /// delete the empty ones that did not exist before virtgate.
     fn cleanup_created(&self) -> Result<(), FirewallError> {
-        let Some(p) = self.created_path() else {
+        let Some(pre) = self.preexisting.borrow_mut().take() else {
             return Ok(());
         };
-        let Ok(text) = crate::files::read_text(&p, 1 << 20, crate::files::Follow::No) else {
-            return Ok(());
-        };
-        let pre: BTreeSet<String> = serde_json::from_str(&text).unwrap_or_default();
         let now = present_chains();
         let mut batch = String::new();
         for f in [Family::Ipv4, Family::Ipv6] {
@@ -503,10 +486,13 @@ impl Iptables {
                 }
             }
         }
-        if !batch.is_empty() {
-            nftables::nft_apply(&batch)?;
+        if !batch.is_empty()
+            && let Err(e) = nftables::nft_apply(&batch)
+        {
+            // tried again next time
+            *self.preexisting.borrow_mut() = Some(pre);
+            return Err(e);
         }
-        let _ = std::fs::remove_file(p);
         Ok(())
     }
 }
@@ -514,6 +500,14 @@ impl Iptables {
 impl Backend for Iptables {
     fn name(&self) -> &'static str {
         "iptables"
+    }
+
+    fn memory(&self) -> Option<BTreeSet<String>> {
+        self.preexisting.borrow().clone()
+    }
+
+    fn set_memory(&self, memory: Option<BTreeSet<String>>) {
+        *self.preexisting.borrow_mut() = memory;
     }
 
     fn render(&self, rs: &Ruleset) -> String {

@@ -43,6 +43,18 @@ pub struct Counters {
 pub trait Backend {
     fn name(&self) -> &'static str;
 
+    /// What the backend keeps between runs; reconcile stores it in the state, gives it
+    /// back before a change ([`Backend::set_memory`]) and reads it after. The iptables
+    /// backend: the tables and chains that existed before it first added any, so that
+    /// removing everything deletes only what it created. Backends never write files.
+    fn memory(&self) -> Option<std::collections::BTreeSet<String>> {
+        None
+    }
+
+    fn set_memory(&self, memory: Option<std::collections::BTreeSet<String>>) {
+        let _ = memory;
+    }
+
     /// The exact text `apply` loads for virtgate's own rules (placement included as the
     /// backend would write it), without touching the kernel.
     fn render(&self, rs: &Ruleset) -> String;
@@ -127,11 +139,9 @@ pub fn next_generation(g: u32) -> u32 {
 }
 
 /// The backend chosen by name; `auto` prefers nftables when `nft` is installed.
-pub fn backend_with_state(choice: BackendChoice, state_dir: &std::path::Path) -> Box<dyn Backend> {
+pub fn backend(choice: BackendChoice) -> Box<dyn Backend> {
     match resolve(choice) {
-        BackendChoice::Iptables => Box::new(iptables::Iptables {
-            state_dir: Some(state_dir.to_path_buf()),
-        }),
+        BackendChoice::Iptables => Box::new(iptables::Iptables::default()),
         _ => Box::new(nftables::Nftables),
     }
 }

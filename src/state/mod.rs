@@ -56,6 +56,12 @@ pub struct State {
     /// The boot this state belongs to: after a reboot, nothing of `started` runs.
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// What the backend remembers between runs ([`crate::firewall::Backend::memory`]):
+    /// the iptables backend, the tables and chains that existed before it first added
+    /// any (earlier releases kept it in `iptables-created.json`, read once if this is
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xt_preexisting: Option<std::collections::BTreeSet<String>>,
 }
 
 impl State {
@@ -69,6 +75,7 @@ impl State {
             hairpin_saved: self.hairpin_saved.clone(),
             stopped: self.stopped.clone(),
             boot_id: self.boot_id.clone(),
+            xt_preexisting: self.xt_preexisting.clone(),
         }
     }
 }
@@ -137,7 +144,9 @@ impl StateDir {
     }
 
     pub fn load(&self) -> Result<State, StateError> {
-        read_state(&self.file())
+        let mut st = read_state(&self.file())?;
+        self.adopt_legacy(&mut st);
+        Ok(st)
     }
 
     pub fn save(&self, st: &State) -> Result<(), StateError> {
@@ -146,7 +155,36 @@ impl StateDir {
             path: p.clone(),
             msg: e.to_string(),
         })?;
-        write_atomic(&p, &text).map_err(|source| StateError::Io { path: p, source })
+        write_atomic(&p, &text).map_err(|source| StateError::Io { path: p, source })?;
+        self.drop_legacy();
+        Ok(())
+    }
+
+    /// Everything virtgate keeps here but the lock (uninstall: nothing is left to keep).
+    pub fn remove_all(&self) {
+        let _ = fs::remove_file(self.file());
+        self.drop_legacy();
+    }
+
+    /// Where earlier releases' iptables backend kept what existed before it.
+    fn legacy_file(&self) -> PathBuf {
+        self.dir.join("iptables-created.json")
+    }
+
+    /// The legacy file's content, into a state that has none yet.
+    fn adopt_legacy(&self, st: &mut State) {
+        if st.xt_preexisting.is_some() {
+            return;
+        }
+        let p = self.legacy_file();
+        if let Ok(text) = crate::files::read_text(&p, 1 << 20, crate::files::Follow::No) {
+            st.xt_preexisting = serde_json::from_str(&text).ok();
+        }
+    }
+
+    /// Once the state is written, it holds what the legacy file said.
+    fn drop_legacy(&self) {
+        let _ = fs::remove_file(self.legacy_file());
     }
 }
 
@@ -165,6 +203,8 @@ struct RawState<'a> {
     stopped: std::collections::BTreeSet<String>,
     #[serde(default)]
     boot_id: Option<String>,
+    #[serde(default)]
+    xt_preexisting: Option<std::collections::BTreeSet<String>>,
 }
 
 impl StateDir {
@@ -172,7 +212,9 @@ impl StateDir {
     /// the whole shared part: accepts, hairpins, hairpin ports); every other domain's
     /// rules stay encoded in the [`Installed`], which has the index of all of them.
     pub fn load_for(&self, domain: &str) -> Result<(State, Installed), StateError> {
-        read_state_for(&self.file(), domain)
+        let (mut st, inst) = read_state_for(&self.file(), domain)?;
+        self.adopt_legacy(&mut st);
+        Ok((st, inst))
     }
 
     /// Writes a state loaded with [`StateDir::load_for`]: `st.ruleset`'s rules replace
@@ -197,6 +239,7 @@ impl StateDir {
             ("hairpin_saved", &st.hairpin_saved),
             ("stopped", &st.stopped),
             ("boot_id", &st.boot_id),
+            ("xt_preexisting", &st.xt_preexisting),
         ] {
             out.push_str(",\"");
             out.push_str(key);
@@ -204,7 +247,9 @@ impl StateDir {
             out.push_str(&json(v)?);
         }
         out.push('}');
-        write_atomic(&p, out.as_bytes()).map_err(|source| StateError::Io { path: p, source })
+        write_atomic(&p, out.as_bytes()).map_err(|source| StateError::Io { path: p, source })?;
+        self.drop_legacy();
+        Ok(())
     }
 }
 
@@ -255,6 +300,7 @@ fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
         hairpin_saved: raw.hairpin_saved,
         stopped: raw.stopped,
         boot_id: raw.boot_id,
+        xt_preexisting: raw.xt_preexisting,
     };
     let (ruleset, inst) = match range {
         Some(r) => rows::parse_for(b, r, domain)?,
@@ -362,6 +408,26 @@ mod tests {
         let text = serde_json::to_string(&st).unwrap();
         assert!(text.len() < 400, "{} bytes: {text}", text.len());
         assert_eq!(parse(text.as_bytes()).unwrap(), st);
+    }
+
+    #[test]
+    fn the_iptables_memory_of_an_earlier_release_moves_into_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::lock(dir.path()).unwrap();
+        let legacy = dir.path().join("iptables-created.json");
+        fs::write(&legacy, r#"["ip filter","ip filter FORWARD"]"#).unwrap();
+        let st = sd.load().unwrap();
+        let want: std::collections::BTreeSet<String> =
+            ["ip filter", "ip filter FORWARD"].map(String::from).into();
+        assert_eq!(st.xt_preexisting.as_ref(), Some(&want));
+        sd.save(&st).unwrap();
+        assert!(
+            !legacy.exists(),
+            "written into state.json, the old file goes"
+        );
+        assert_eq!(sd.load().unwrap().xt_preexisting, Some(want));
+        sd.remove_all();
+        assert!(!dir.path().join("state.json").exists());
     }
 
     #[test]
