@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::facts::LibvirtFirewall;
+use crate::model::LibvirtFirewall;
 use crate::model::{Family, PortRange, Proto, RateLimit};
 
 /// A listen selector after resolution: no `DefaultRoute` left.

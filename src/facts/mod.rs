@@ -14,16 +14,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Which firewall form libvirt uses for a network.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LibvirtFirewall {
-    #[default]
-    Iptables,
-    Nftables,
-}
+pub use crate::model::LibvirtFirewall;
 
 /// One NIC of a domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

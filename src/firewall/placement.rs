@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 
 use super::FirewallError;
 use super::nfnl::{self, RuleInfo};
-use crate::facts::LibvirtFirewall;
 use crate::model::Family;
+use crate::model::LibvirtFirewall;
 use crate::plan::BridgeAccept;
 
 /// Comment marking virtgate's rules in libvirt's nftables chains.

@@ -385,6 +385,17 @@ impl WhenStopped {
     }
 }
 
+/// Which firewall form libvirt uses for a network.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LibvirtFirewall {
+    #[default]
+    Iptables,
+    Nftables,
+}
+
 /// Which firewall backend virtgate writes its own rules with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

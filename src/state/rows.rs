@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::facts::LibvirtFirewall;
+use crate::model::LibvirtFirewall;
 use crate::model::{Family, PortRange, Proto, RateLimit, RatePer, RateUnit};
 use crate::plan::{BridgeAccept, Hairpin, Held, ListenOn, Rule, Ruleset};
 
