@@ -270,6 +270,24 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
     vec![nat, filter, mangle]
 }
 
+/// The matches of a rule's listen key (address or interface, protocol, host ports), one
+/// per allowed source, as iptables-save writes them.
+fn listen_matches(r: &Rule) -> Vec<String> {
+    let m = proto_match(r, &r.host_ports);
+    let on = match &r.listen {
+        ListenOn::Any => String::new(),
+        ListenOn::Address(a) => format!("-d {} ", host(a)),
+        ListenOn::Interface(i) => format!("-i {i} "),
+    };
+    if r.sources.is_empty() {
+        return vec![format!("{on}{m}")];
+    }
+    r.sources
+        .iter()
+        .map(|s| format!("-s {s} {on}{m}"))
+        .collect()
+}
+
 /// The chain of rate limits, jumped to from mangle's `PREROUTING` and `OUTPUT`.
 pub const XT_LIMIT: &str = "VIRTGATE_LIMIT";
 
@@ -294,19 +312,8 @@ fn limit_rules(limited: &[&Rule]) -> Vec<String> {
             "-m conntrack --ctstate NEW -m hashlimit --hashlimit-above {}/{unit} --hashlimit-burst {}{mode} --hashlimit-name {name}",
             l.count, l.burst
         );
-        let m = proto_match(r, &r.host_ports);
-        let on = match &r.listen {
-            ListenOn::Any => String::new(),
-            ListenOn::Address(a) => format!("-d {} ", host(a)),
-            ListenOn::Interface(i) => format!("-i {i} "),
-        };
-        let srcs: Vec<String> = if r.sources.is_empty() {
-            vec![String::new()]
-        } else {
-            r.sources.iter().map(|s| format!("-s {s} ")).collect()
-        };
-        for s in srcs {
-            v.push(format!("{s}{on}{m} {hl} {} -j DROP", comment(r)));
+        for m in listen_matches(r) {
+            v.push(format!("{m} {hl} {} -j DROP", comment(r)));
         }
     }
     v
@@ -328,19 +335,8 @@ fn refusal_rules(refusals: &[&Rule], family: Family) -> Vec<String> {
             (_, Family::Ipv4) => "--reject-with icmp-port-unreachable",
             (_, Family::Ipv6) => "--reject-with icmp6-port-unreachable",
         };
-        let m = proto_match(r, &r.host_ports);
-        let on = match &r.listen {
-            ListenOn::Any => String::new(),
-            ListenOn::Address(a) => format!("-d {} ", host(a)),
-            ListenOn::Interface(i) => format!("-i {i} "),
-        };
-        let srcs: Vec<String> = if r.sources.is_empty() {
-            vec![String::new()]
-        } else {
-            r.sources.iter().map(|s| format!("-s {s} ")).collect()
-        };
-        for s in srcs {
-            v.push(format!("{s}{on}{m} {} -j REJECT {how}", comment(r)));
+        for m in listen_matches(r) {
+            v.push(format!("{m} {} -j REJECT {how}", comment(r)));
         }
     }
     v
