@@ -122,112 +122,131 @@ fn bucketed(top: &str, rules: Vec<(Proto, PortRange, String)>) -> Vec<(String, V
     chains
 }
 
-/// Both families' table specs.
+/// Both families' table specs: nat (DNAT, hairpin and localhost masquerade), filter
+/// (the accept where libvirt's iptables form needs it, stopped domains' refusals) and
+/// mangle (rate limits).
 pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
     let (refusals, rules): (Vec<&Rule>, Vec<&Rule>) = rs
         .rules
         .iter()
         .filter(|r| r.family == family)
         .partition(|r| r.refuses());
+    vec![
+        nat_spec(rs, &rules, family),
+        filter_spec(rs, &refusals, family),
+        mangle_spec(&rules),
+    ]
+}
+
+/// DNAT by listen key (bucketed by port), localhost DNAT, and masquerade for hairpin and
+/// localhost flows.
+fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSpec {
     let mut nat = TableSpec {
         table: "nat",
         ..Default::default()
     };
+    if rules.is_empty() {
+        return nat;
+    }
+    let (mut pre, mut dnat, mut out) = (vec![], vec![], vec![]);
+    // hairpin masquerade per (bridge, subnet); localhost masquerade
+    let mut hairpin: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut lo_masq = Vec::new();
+    for r in rules {
+        let m = proto_match(r, &r.host_ports);
+        let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
+        let srcs: Vec<String> = if r.sources.is_empty() {
+            vec![String::new()]
+        } else {
+            r.sources.iter().map(|s| format!("-s {s} ")).collect()
+        };
+        for s in &srcs {
+            match &r.listen {
+                ListenOn::Any => dnat.push((r.proto, r.host_ports, format!("{s}{m} {target}"))),
+                ListenOn::Address(a) => dnat.push((
+                    r.proto,
+                    r.host_ports,
+                    format!("{s}-d {} {m} {target}", host(a)),
+                )),
+                ListenOn::Interface(i) => pre.push(format!("{s}-i {i} {m} {target}")),
+            }
+        }
+        if r.localhost {
+            out.push(format!("-d 127.0.0.0/8 {m} {target}"));
+            lo_masq.push(format!(
+                "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
+                host(&r.guest_ip),
+                proto_match(r, &r.guest_ports)
+            ));
+        }
+        for h in rs
+            .hairpins
+            .iter()
+            .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
+        {
+            hairpin
+                .entry((h.bridge.clone(), h.subnet.to_string()))
+                .or_default()
+                .push(format!(
+                    "-s {} -d {} -o {} {} -j MASQUERADE",
+                    h.subnet,
+                    host(&r.guest_ip),
+                    h.bridge,
+                    proto_match(r, &r.guest_ports)
+                ));
+        }
+    }
+    pre.push("-j VIRTGATE_DNAT".into());
+    if family == Family::Ipv4 {
+        out.push("-d 127.0.0.0/8 -j RETURN".into());
+    } else {
+        out.push("-d ::1/128 -j RETURN".into());
+    }
+    out.push("-j VIRTGATE_DNAT".into());
+    // postrouting: only DNAT'ed flows, dispatched by where they come from
+    let mut post = vec!["-m conntrack ! --ctstate DNAT -j RETURN".to_string()];
+    let mut post_chains = Vec::new();
+    if !lo_masq.is_empty() {
+        post.push("-s 127.0.0.0/8 -j VIRTGATE_LOCALHOST".into());
+        post_chains.push(("VIRTGATE_LOCALHOST".to_string(), lo_masq));
+    }
+    for (i, ((bridge, subnet), rules)) in hairpin.into_iter().enumerate() {
+        let chain = format!("VIRTGATE_HAIRPIN{i}");
+        post.push(format!("-s {subnet} -o {bridge} -j {chain}"));
+        post_chains.push((chain, rules));
+    }
+    nat.chains = bucketed("VIRTGATE_DNAT", dnat);
+    nat.chains.push(("VIRTGATE_PREROUTING".into(), pre));
+    nat.chains.push(("VIRTGATE_OUTPUT".into(), out));
+    nat.chains.push(("VIRTGATE_POSTROUTING".into(), post));
+    nat.chains.extend(post_chains);
+    nat.jumps = vec![
+        Jump {
+            builtin: "PREROUTING",
+            matches: "-m addrtype --dst-type LOCAL",
+            target: "VIRTGATE_PREROUTING".into(),
+        },
+        Jump {
+            builtin: "OUTPUT",
+            matches: "-m addrtype --dst-type LOCAL",
+            target: "VIRTGATE_OUTPUT".into(),
+        },
+        Jump {
+            builtin: "POSTROUTING",
+            matches: "",
+            target: "VIRTGATE_POSTROUTING".into(),
+        },
+    ];
+    nat
+}
+
+/// The accept per bridge where libvirt's iptables form (or someone's `FORWARD`) needs
+/// it, and stopped domains' refusals in `INPUT`.
+fn filter_spec(rs: &Ruleset, refusals: &[&Rule], family: Family) -> TableSpec {
     let mut filter = TableSpec {
         table: "filter",
         ..Default::default()
     };
-    if !rules.is_empty() {
-        let (mut pre, mut dnat, mut out) = (vec![], vec![], vec![]);
-        // hairpin masquerade per (bridge, subnet); localhost masquerade
-        let mut hairpin: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        let mut lo_masq = Vec::new();
-        for r in &rules {
-            let m = proto_match(r, &r.host_ports);
-            let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
-            let srcs: Vec<String> = if r.sources.is_empty() {
-                vec![String::new()]
-            } else {
-                r.sources.iter().map(|s| format!("-s {s} ")).collect()
-            };
-            for s in &srcs {
-                match &r.listen {
-                    ListenOn::Any => dnat.push((r.proto, r.host_ports, format!("{s}{m} {target}"))),
-                    ListenOn::Address(a) => dnat.push((
-                        r.proto,
-                        r.host_ports,
-                        format!("{s}-d {} {m} {target}", host(a)),
-                    )),
-                    ListenOn::Interface(i) => pre.push(format!("{s}-i {i} {m} {target}")),
-                }
-            }
-            if r.localhost {
-                out.push(format!("-d 127.0.0.0/8 {m} {target}"));
-                lo_masq.push(format!(
-                    "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
-                    host(&r.guest_ip),
-                    proto_match(r, &r.guest_ports)
-                ));
-            }
-            for h in rs
-                .hairpins
-                .iter()
-                .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
-            {
-                hairpin
-                    .entry((h.bridge.clone(), h.subnet.to_string()))
-                    .or_default()
-                    .push(format!(
-                        "-s {} -d {} -o {} {} -j MASQUERADE",
-                        h.subnet,
-                        host(&r.guest_ip),
-                        h.bridge,
-                        proto_match(r, &r.guest_ports)
-                    ));
-            }
-        }
-        pre.push("-j VIRTGATE_DNAT".into());
-        if family == Family::Ipv4 {
-            out.push("-d 127.0.0.0/8 -j RETURN".into());
-        } else {
-            out.push("-d ::1/128 -j RETURN".into());
-        }
-        out.push("-j VIRTGATE_DNAT".into());
-        // postrouting: only DNAT'ed flows, dispatched by where they come from
-        let mut post = vec!["-m conntrack ! --ctstate DNAT -j RETURN".to_string()];
-        let mut post_chains = Vec::new();
-        if !lo_masq.is_empty() {
-            post.push("-s 127.0.0.0/8 -j VIRTGATE_LOCALHOST".into());
-            post_chains.push(("VIRTGATE_LOCALHOST".to_string(), lo_masq));
-        }
-        for (i, ((bridge, subnet), rules)) in hairpin.into_iter().enumerate() {
-            let chain = format!("VIRTGATE_HAIRPIN{i}");
-            post.push(format!("-s {subnet} -o {bridge} -j {chain}"));
-            post_chains.push((chain, rules));
-        }
-        nat.chains = bucketed("VIRTGATE_DNAT", dnat);
-        nat.chains.push(("VIRTGATE_PREROUTING".into(), pre));
-        nat.chains.push(("VIRTGATE_OUTPUT".into(), out));
-        nat.chains.push(("VIRTGATE_POSTROUTING".into(), post));
-        nat.chains.extend(post_chains);
-        nat.jumps = vec![
-            Jump {
-                builtin: "PREROUTING",
-                matches: "-m addrtype --dst-type LOCAL",
-                target: "VIRTGATE_PREROUTING".into(),
-            },
-            Jump {
-                builtin: "OUTPUT",
-                matches: "-m addrtype --dst-type LOCAL",
-                target: "VIRTGATE_OUTPUT".into(),
-            },
-            Jump {
-                builtin: "POSTROUTING",
-                matches: "",
-                target: "VIRTGATE_POSTROUTING".into(),
-            },
-        ];
-    }
     if placement::needs_xt(&rs.accepts, family) {
         // one accept per bridge for DNAT'ed flows (per forward, every packet of every
         // flow would walk one rule per forward)
@@ -241,13 +260,27 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             target: placement::XT_FORWARD.into(),
         }];
     }
+    if !refusals.is_empty() {
+        filter
+            .chains
+            .push((XT_INPUT.into(), refusal_rules(refusals, family)));
+        filter.jumps.push(Jump {
+            builtin: "INPUT",
+            matches: "",
+            target: XT_INPUT.into(),
+        });
+    }
+    filter
+}
+
+/// Rate limits: before DNAT (nat cannot drop), for what reaches a listen key of the host.
+fn mangle_spec(rules: &[&Rule]) -> TableSpec {
     let mut mangle = TableSpec {
         table: "mangle",
         ..Default::default()
     };
     let limited: Vec<&Rule> = rules.iter().copied().filter(|r| r.rate.is_some()).collect();
     if !limited.is_empty() {
-        // before DNAT (nat cannot drop), for what reaches a listen key of the host
         mangle.chains = vec![(XT_LIMIT.into(), limit_rules(&limited))];
         for builtin in ["PREROUTING", "OUTPUT"] {
             mangle.jumps.push(Jump {
@@ -257,17 +290,7 @@ pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
             });
         }
     }
-    if !refusals.is_empty() {
-        filter
-            .chains
-            .push((XT_INPUT.into(), refusal_rules(&refusals, family)));
-        filter.jumps.push(Jump {
-            builtin: "INPUT",
-            matches: "",
-            target: XT_INPUT.into(),
-        });
-    }
-    vec![nat, filter, mangle]
+    mangle
 }
 
 /// The matches of a rule's listen key (address or interface, protocol, host ports), one
