@@ -74,6 +74,8 @@ fn scenario(form: LibvirtForm, backend: &str) {
         0,
         "{what}: per forward, shared"
     );
+    // the host's own connections to the listen key are limited too (their own bucket)
+    assert_eq!(accepted(&lab.host, pubv(8080), 6), 3, "{what}: from the host");
     // no limit
     assert_eq!(accepted(c, pubv(8082), 10), 10, "{what}: no limit");
     // counted: one dropped SYN per refused connect (within 400 ms nothing is resent)
@@ -89,12 +91,12 @@ fn scenario(form: LibvirtForm, backend: &str) {
             .and_then(|f| f["rate_limited"].as_u64())
             .unwrap_or(u64::MAX)
     };
-    assert_eq!(dropped("8080"), 6, "{what}: {out}");
+    assert_eq!(dropped("8080"), 9, "{what}: {out}");
     assert_eq!(dropped("8081"), 5, "{what}: {out}");
     assert_eq!(dropped("8082"), 0, "{what}: {out}");
     let (_, text, _) = lab.virtgate(backend, &["status"]);
     assert!(
-        text.contains("rate limit 5/minute burst 3 per source: 6 new connection(s) dropped"),
+        text.contains("rate limit 5/minute burst 3 per source: 9 new connection(s) dropped"),
         "{text}"
     );
     // the limit goes with its config: the next connects are accepted at once

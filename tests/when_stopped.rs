@@ -71,6 +71,12 @@ fn scenario(backend: &str) {
     );
     assert_eq!(udp(c, pubv(5353)), "refused", "{backend}: UDP too");
     assert_eq!(tcp(c, pubv(8082)), "host", "{backend}: g2 does not opt in");
+    // loopback is never refused: the host reaches its own listener on 127.0.0.1
+    assert_eq!(
+        tcp(&lab.host, sa("127.0.0.1:8080")),
+        "host",
+        "{backend}: loopback"
+    );
     let (ok, out, _) = lab.virtgate(backend, &["status"]);
     assert!(ok && out.contains("refused while stopped"), "{out}");
 
