@@ -75,7 +75,11 @@ fn scenario(form: LibvirtForm, backend: &str) {
         "{what}: per forward, shared"
     );
     // the host's own connections to the listen key are limited too (their own bucket)
-    assert_eq!(accepted(&lab.host, pubv(8080), 6), 3, "{what}: from the host");
+    assert_eq!(
+        accepted(&lab.host, pubv(8080), 6),
+        3,
+        "{what}: from the host"
+    );
     // no limit
     assert_eq!(accepted(c, pubv(8082), 10), 10, "{what}: no limit");
     // counted: one dropped SYN per refused connect (within 400 ms nothing is resent)
