@@ -299,19 +299,21 @@ fn guest_step(f: &ForwardStatus) -> Option<Step> {
 /// The counters: how many packets so far, whether they move (over one second), and what
 /// a rate limit dropped.
 fn counters_step(backend: &dyn Backend, st: &state::State, active: &[&ForwardStatus]) -> Step {
-    let sum = |pick: fn(&crate::firewall::Counters) -> u64| {
+    // the forwards' counters summed: (packets, new connections a rate limit dropped)
+    let read = || {
         let counters = backend.counters(&st.ruleset).unwrap_or_default();
         active
             .iter()
             .flat_map(|f| f.rule_ids.iter())
             .filter_map(|id| counters.get(id))
-            .map(pick)
-            .sum::<u64>()
+            .fold((0u64, 0u64), |(p, l), c| {
+                (p + c.packets, l + c.rate_limited)
+            })
     };
-    let before = sum(|c| c.packets);
+    let (before, _) = read();
     std::thread::sleep(Duration::from_secs(1));
-    let moved = sum(|c| c.packets).saturating_sub(before);
-    let limited = sum(|c| c.rate_limited);
+    let (after, limited) = read();
+    let moved = after.saturating_sub(before);
     let mut detail = if moved > 0 {
         format!(
             "{before} packet(s) counted through these forwards, {moved} in the last second: traffic flows"
