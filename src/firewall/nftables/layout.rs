@@ -510,7 +510,7 @@ fn add_chain(layout: &mut Layout, r: &Rule) {
     }
     rules.push(format!(
         "{} comment \"{}\"",
-        super::dnat_stmt(r),
+        super::render::dnat_stmt(r),
         r.comment()
     ));
     layout.chains.insert(chain, rules);
