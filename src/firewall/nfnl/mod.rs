@@ -1,0 +1,300 @@
+//! Reading nf_tables in-process over netlink (NETLINK_NETFILTER), without spawning `nft`.
+//!
+//! Why not `nft list`: every `nft` listing fills nft's cache with the whole ruleset
+//! (PERF-FACTS.md: 200 ms at 10,000 forwards), while the kernel answers a dump filtered by
+//! table, chain or set directly. Only the few reads virtgate needs are here: whether a
+//! table exists, the rules of one chain (handle and comment), the chains and sets of a
+//! table, and the elements of one set (raw key/data bytes and element counters). Writes
+//! still go through one `nft -f` transaction.
+
+mod batch;
+mod read;
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+pub use batch::{Batch, ElemBytes, ElemData};
+pub use read::{
+    RawElem, RuleInfo, chains, elements, generation, rules, sets, table_exists, verdict_bytes,
+};
+
+thread_local! {
+    /// This thread's socket, with the network namespace it was opened in.
+    static SOCKET: RefCell<Option<(Socket, u64)>> = const { RefCell::new(None) };
+}
+
+/// Whether this process committed a deletion: closing its socket then waits for the
+/// kernel to free what was deleted ([`release`]).
+static DELETED: AtomicBool = AtomicBool::new(false);
+
+/// The inode of this thread's network namespace.
+fn netns_id() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// Runs one exchange on this thread's socket, opened on first use (and again after a
+/// failed exchange, or in another network namespace).
+fn with_socket<T>(f: impl FnOnce(&mut Socket) -> io::Result<T>) -> io::Result<T> {
+    let ns = netns_id()?;
+    SOCKET.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(_, n)| *n != ns) {
+            let mut socket = Socket::new(NETLINK_NETFILTER)?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            *slot = Some((socket, ns));
+        }
+        let Some((socket, _)) = slot.as_mut() else {
+            return Err(io::Error::other("no netlink socket"));
+        };
+        let r = f(socket);
+        if r.is_err() {
+            // whatever the kernel still has to say belongs to the failed exchange
+            *slot = None;
+        }
+        r
+    })
+}
+
+/// Closes every descriptor but `a` and `b` (`a < b`). Async-signal-safe.
+unsafe fn close_all_but(a: i32, b: i32) {
+    let ranges = [(0, a - 1), (a + 1, b - 1), (b + 1, i32::MAX)];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        // SAFETY: close_range takes two descriptor numbers and flags
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0) };
+        if r != 0 {
+            // before Linux 5.9: one by one, as far as descriptors usually go
+            for fd in first..=last.min(65_535) {
+                // SAFETY: closing a number that may not be open is harmless
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
+/// Closes this thread's socket without making the caller wait for the kernel.
+///
+/// Since Linux 6.x ("flush pending destroy work before netlink notifier"), releasing
+/// any nf_tables netlink socket waits until the kernel has freed what earlier
+/// transactions deleted, an RCU grace period (10-15 ms here, PERF-FACTS.md's delete
+/// floor). The deletion itself is committed and in force long before. A hook that
+/// deleted something therefore hands its socket to a short-lived child, which closes it
+/// once this process has exited; the child holds no other descriptor (not libvirt's
+/// pipes, not the state lock), so nothing waits for it. Call this last, just before the
+/// process exits.
+pub fn release() {
+    let Some((socket, _)) = SOCKET.with(|c| c.borrow_mut().take()) else {
+        return;
+    };
+    if !DELETED.load(Ordering::Relaxed) {
+        return;
+    }
+    let fd = socket.as_raw_fd();
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: the child calls only async-signal-safe functions (close, read, _exit).
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            close_all_but(fd.min(pipe[0]), fd.max(pipe[0]));
+            // until the parent has exited (its end of the pipe closes with it), then the
+            // last close of the socket, which waits for the kernel here
+            let mut b = 0u8;
+            while libc::read(pipe[0], (&raw mut b).cast(), 1) > 0 {}
+            libc::close(fd);
+            libc::_exit(0);
+        },
+        pid if pid > 0 => {
+            // not the last reference now: closing it here does not wait
+            drop(socket);
+            // SAFETY: our own descriptor, read end only; the write end stays open until
+            // this process exits
+            unsafe { libc::close(pipe[0]) };
+        }
+        _ => {
+            // no child: close it here, and wait
+            // SAFETY: our own descriptors
+            unsafe {
+                libc::close(pipe[0]);
+                libc::close(pipe[1]);
+            }
+        }
+    }
+}
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+
+const NFT_MSG_GETTABLE: u16 = 1;
+
+const NFT_MSG_GETCHAIN: u16 = 4;
+
+const NFT_MSG_GETRULE: u16 = 7;
+
+const NFT_MSG_GETSET: u16 = 10;
+
+const NFT_MSG_GETSETELEM: u16 = 13;
+
+const NFT_MSG_GETGEN: u16 = 16;
+
+const NLM_F_REQUEST: u16 = 1;
+
+const NLM_F_ACK: u16 = 4;
+
+const NLM_F_DUMP: u16 = 0x300;
+
+const NLMSG_ERROR: u16 = 2;
+
+const NLMSG_DONE: u16 = 3;
+
+/// nfgenmsg families.
+pub const NFPROTO_INET: u8 = 1;
+
+pub const NFPROTO_IPV4: u8 = 2;
+
+pub const NFPROTO_IPV6: u8 = 10;
+
+/// One netlink attribute: type (flags masked off) and payload.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr<'a> {
+    pub kind: u16,
+    pub data: &'a [u8],
+}
+
+/// Iterates the attributes in `buf`.
+pub fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Attr<'_>> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let a = Attr {
+            kind,
+            data: &buf[4..len],
+        };
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some(a)
+    })
+}
+
+/// The first attribute of a kind.
+pub fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    attrs(buf).find(|a| a.kind == kind).map(|a| a.data)
+}
+
+fn be64(b: &[u8]) -> u64 {
+    b.get(..8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn put_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    let len = 4 + data.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(data);
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}
+
+fn put_str(buf: &mut Vec<u8>, kind: u16, s: &str) {
+    let mut d = s.as_bytes().to_vec();
+    d.push(0);
+    put_attr(buf, kind, &d);
+}
+
+/// The netlink messages in one received buffer: (type, payload after the header).
+fn messages(data: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 16 > data.len() {
+            return None;
+        }
+        let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+        let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
+        if len < 16 || off + len > data.len() {
+            off = data.len();
+            return Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            )));
+        }
+        let payload = &data[off + 16..off + len];
+        off += (len + 3) & !3;
+        Some(Ok((kind, payload)))
+    })
+}
+
+/// The error code of an NLMSG_ERROR payload (0: an acknowledgement).
+fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+/// Sends one request and returns the payloads (after the nfgenmsg header) of the
+/// answers. `Ok(None)` when the kernel says the object does not exist.
+fn request(
+    msg: u16,
+    family: u8,
+    dump: bool,
+    attrs: &[(u16, &str)],
+) -> io::Result<Option<Vec<Vec<u8>>>> {
+    let mut body = vec![family, 0, 0, 0];
+    for (k, v) in attrs {
+        put_str(&mut body, *k, v);
+    }
+    let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { NLM_F_ACK };
+    let mut buf = Vec::with_capacity(16 + body.len());
+    buf.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&1u32.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&body);
+    with_socket(|socket| {
+        socket.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = socket.recv_from_full()?;
+            if data.is_empty() {
+                return Ok(Some(out));
+            }
+            for m in messages(&data) {
+                let (kind, payload) = m?;
+                match kind {
+                    NLMSG_DONE => return Ok(Some(out)),
+                    NLMSG_ERROR => {
+                        return match -error_code(payload) {
+                            0 => Ok(Some(out)),
+                            libc::ENOENT => Ok(None),
+                            e => Err(io::Error::from_raw_os_error(e)),
+                        };
+                    }
+                    _ => out.push(payload.get(4..).unwrap_or_default().to_vec()),
+                }
+            }
+        }
+    })
+}
