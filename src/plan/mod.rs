@@ -203,51 +203,14 @@ pub fn plan_against(
     others: &[Held],
 ) -> Plan {
     // only running domains compete for ports
-    // Facts::domain's lookup, indexed (one pass instead of one scan per domain)
-    let mut by_uuid: HashMap<&str, &DomainFacts> = HashMap::new();
-    let mut by_name: HashMap<&str, &DomainFacts> = HashMap::new();
-    let mut unpinned: HashMap<&str, &DomainFacts> = HashMap::new();
-    for d in facts.domains.iter().rev() {
-        if let Some(u) = d.uuid.as_deref() {
-            by_uuid.insert(u, d);
-        } else {
-            unpinned.insert(&d.name, d);
-        }
-        by_name.insert(&d.name, d);
-    }
-    let lookup = |name: &str, uuid: Option<&str>| match uuid {
-        Some(u) => by_uuid.get(u).or_else(|| unpinned.get(name)).copied(),
-        None => by_name.get(name).copied(),
-    };
-    let running: Vec<(usize, &DomainFacts)> = domains
-        .iter()
-        .enumerate()
-        .filter_map(|(i, d)| lookup(&d.name, d.uuid.as_deref()).map(|f| (i, f)))
-        .collect();
+    let running = running_domains(domains, facts);
     let running_of: BTreeMap<usize, &DomainFacts> = running.iter().copied().collect();
     let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
     let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(&competing)
         .into_iter()
         .map(|c| ((running[c.second.0].0, c.second.1), c))
         .collect();
-    // explicit guest addresses and installed guests, by the domains that use them
-    let macs: std::collections::HashSet<String> = running
-        .iter()
-        .flat_map(|(_, f)| &f.nics)
-        .map(|n| n.mac.to_ascii_lowercase())
-        .collect();
-    let mut ix = Index::new(facts, &macs);
-    for o in domains {
-        for ip in o.forwards.iter().flat_map(|f| f.guest_addresses.iter()) {
-            ix.claims.push((*ip, o.name.as_str()));
-        }
-    }
-    for r in &carried {
-        ix.claims.push((r.guest_ip, r.domain.as_str()));
-    }
-    for h in others {
-        ix.claims.push((h.guest_ip, h.domain));
-    }
+    let ix = claims_index(domains, facts, &running, &carried, others);
     let mut rules: Vec<Rule> = Vec::new();
     let mut statuses = Vec::new();
     // stopped domains' forwards that refuse: (status index, domain, forward)
@@ -272,27 +235,14 @@ pub fn plan_against(
                 statuses.push(status(d, spec, ForwardState::Stopped, None));
                 continue;
             };
-            let (mut st, rs) = plan_forward(d, dom, spec, facts, &ix);
-            // a port still held by a rule installed for another domain and kept as it is
-            // (its config is invalid now, or only this domain is being planned)
-            if let Some(holder) = rs.iter().find_map(|r| {
-                carried
-                    .iter()
-                    .map(Held::of)
-                    .chain(others.iter().copied())
-                    .find(|x| x.domain != d.name && !x.refuses() && conflicts::held_overlaps(r, x))
-            }) {
-                st.state = ForwardState::Conflict;
-                st.reason = Some(format!(
-                    "conflicts with {}/{} installed for domain {:?}, which keeps it",
-                    holder.host_ports, holder.proto, holder.domain
-                ));
-                st.rule_ids.clear();
-                statuses.push(st);
-                continue;
+            let (st, rs) = plan_forward(d, dom, spec, facts, &ix);
+            match held_elsewhere(&d.name, &rs, &carried, others) {
+                Some(holder) => statuses.push(kept_by(st, &holder)),
+                None => {
+                    rules.extend(rs);
+                    statuses.push(st);
+                }
             }
-            rules.extend(rs);
-            statuses.push(st);
         }
     }
     drop_contested_neighbours(&mut statuses, &mut rules);
@@ -310,18 +260,108 @@ pub fn plan_against(
     let mut all = carried;
     all.extend(rules);
     let mut ruleset = Ruleset::from_rules_and(all, others, &facts.networks, &facts.xt_forward);
-    if facts.sysctls.bridge_nf_call_iptables == Some(true) {
-        // one tap per guest NIC, shared by its rules: sorted as borrowed names, copied once
-        let ports: BTreeSet<&str> = ruleset
-            .rules
-            .iter()
-            .filter_map(|r| r.tap.as_deref())
-            .collect();
-        let ports: Vec<String> = ports.into_iter().map(str::to_string).collect();
-        ruleset.hairpin_ports = ports;
-    }
+    ruleset.hairpin_ports = hairpin_ports(&ruleset, facts);
     Plan {
         ruleset,
         forwards: statuses,
     }
+}
+
+/// The configured domains that run, by their index in `domains`: [`Facts::domain`]'s
+/// lookup, indexed (one pass instead of one scan per domain).
+fn running_domains<'f>(
+    domains: &[DomainConfig],
+    facts: &'f Facts,
+) -> Vec<(usize, &'f DomainFacts)> {
+    let mut by_uuid: HashMap<&str, &DomainFacts> = HashMap::new();
+    let mut by_name: HashMap<&str, &DomainFacts> = HashMap::new();
+    let mut unpinned: HashMap<&str, &DomainFacts> = HashMap::new();
+    for d in facts.domains.iter().rev() {
+        if let Some(u) = d.uuid.as_deref() {
+            by_uuid.insert(u, d);
+        } else {
+            unpinned.insert(&d.name, d);
+        }
+        by_name.insert(&d.name, d);
+    }
+    let lookup = |name: &str, uuid: Option<&str>| match uuid {
+        Some(u) => by_uuid.get(u).or_else(|| unpinned.get(name)).copied(),
+        None => by_name.get(name).copied(),
+    };
+    domains
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| lookup(&d.name, d.uuid.as_deref()).map(|f| (i, f)))
+        .collect()
+}
+
+/// The address index of the running domains' NICs, with every address claimed: explicit
+/// guest addresses, and the guests of installed rules, by the domains that use them.
+fn claims_index<'a>(
+    domains: &'a [DomainConfig],
+    facts: &'a Facts,
+    running: &[(usize, &DomainFacts)],
+    carried: &'a [Rule],
+    others: &[Held<'a>],
+) -> Index<'a> {
+    let macs: std::collections::HashSet<String> = running
+        .iter()
+        .flat_map(|(_, f)| &f.nics)
+        .map(|n| n.mac.to_ascii_lowercase())
+        .collect();
+    let mut ix = Index::new(facts, &macs);
+    for o in domains {
+        for ip in o.forwards.iter().flat_map(|f| f.guest_addresses.iter()) {
+            ix.claims.push((*ip, o.name.as_str()));
+        }
+    }
+    for r in carried {
+        ix.claims.push((r.guest_ip, r.domain.as_str()));
+    }
+    for h in others {
+        ix.claims.push((h.guest_ip, h.domain));
+    }
+    ix
+}
+
+/// A port of `rules` still held by a rule installed for another domain and kept as it is
+/// (its config is invalid now, or only this domain is being planned).
+fn held_elsewhere<'a>(
+    domain: &str,
+    rules: &[Rule],
+    carried: &'a [Rule],
+    others: &[Held<'a>],
+) -> Option<Held<'a>> {
+    rules.iter().find_map(|r| {
+        carried
+            .iter()
+            .map(Held::of)
+            .chain(others.iter().copied())
+            .find(|x| x.domain != domain && !x.refuses() && conflicts::held_overlaps(r, x))
+    })
+}
+
+/// A forward that lost its port to `holder`.
+fn kept_by(mut st: ForwardStatus, holder: &Held) -> ForwardStatus {
+    st.state = ForwardState::Conflict;
+    st.reason = Some(format!(
+        "conflicts with {}/{} installed for domain {:?}, which keeps it",
+        holder.host_ports, holder.proto, holder.domain
+    ));
+    st.rule_ids.clear();
+    st
+}
+
+/// With bridged traffic seen by iptables, the guests' taps hairpin: one per guest NIC,
+/// shared by its rules (sorted as borrowed names, copied once).
+fn hairpin_ports(ruleset: &Ruleset, facts: &Facts) -> Vec<String> {
+    if facts.sysctls.bridge_nf_call_iptables != Some(true) {
+        return Vec::new();
+    }
+    let ports: BTreeSet<&str> = ruleset
+        .rules
+        .iter()
+        .filter_map(|r| r.tap.as_deref())
+        .collect();
+    ports.into_iter().map(str::to_string).collect()
 }
