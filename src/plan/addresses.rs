@@ -140,57 +140,86 @@ pub(super) fn resolve_address<'a>(
         Family::of(ip) == family && guest_ip_problem(ip, Some(net), bridge, facts).is_none()
     };
     let mac = nic.mac.to_ascii_lowercase();
-    // by the NIC's MAC; else a reservation without a MAC, by the domain's name (one NIC
-    // on the network: with more, the name cannot say which one it is)
+    let learned = reserved(dom, &mac, net, ix, &fam_ok)
+        .map(|ip| (ip, AddrSource::Reservation))
+        .or_else(|| leased(&mac, net, facts, ix, &fam_ok).map(|ip| (ip, AddrSource::Lease)))
+        .or_else(|| {
+            neighbour(dom, domain, nic, net, facts, ix, &fam_ok)
+                .map(|ip| (ip, AddrSource::Neighbour))
+        });
+    match learned {
+        Some((ip, source)) => Ok(GuestAddr { ip, source }),
+        None => Err(Unresolved::NoAddress(family, &nic.mac)),
+    }
+}
+
+/// A reservation by the NIC's MAC (`mac`, lower case); else one without a MAC, by the
+/// domain's name (one NIC on the network: with more, the name cannot say which one it is).
+fn reserved(
+    dom: &DomainFacts,
+    mac: &str,
+    net: &NetworkFacts,
+    ix: &Index,
+    fam_ok: &dyn Fn(&IpAddr) -> bool,
+) -> Option<IpAddr> {
     let nics_here = dom
         .nics
         .iter()
         .filter(|n| n.network.as_deref() == Some(net.name.as_str()))
         .count();
-    let by_mac = ix.reservations.get(&(net.name.as_str(), mac.clone()));
+    let by_mac = ix.reservations.get(&(net.name.as_str(), mac.to_string()));
     let by_name = ix
         .named
         .get(&(net.name.as_str(), dom.name.as_str()))
         .filter(|_| nics_here == 1);
-    if let Some(ip) = by_mac
+    by_mac
         .into_iter()
         .chain(by_name)
         .flatten()
         .find(|ip| fam_ok(ip))
-    {
-        return Ok(GuestAddr {
-            ip: *ip,
-            source: AddrSource::Reservation,
-        });
-    }
-    if let Some(l) = ix
-        .leases
-        .get(&mac)
+        .copied()
+}
+
+/// The NIC's latest valid lease on the network's bridge.
+fn leased(
+    mac: &str,
+    net: &NetworkFacts,
+    facts: &Facts,
+    ix: &Index,
+    fam_ok: &dyn Fn(&IpAddr) -> bool,
+) -> Option<IpAddr> {
+    ix.leases
+        .get(mac)
         .into_iter()
         .flatten()
         .filter(|l| l.bridge == net.bridge)
         .filter(|l| l.expiry > facts.now && fam_ok(&l.ip))
         .max_by_key(|l| l.expiry)
-    {
-        return Ok(GuestAddr {
-            ip: l.ip,
-            source: AddrSource::Lease,
-        });
-    }
+        .map(|l| l.ip)
+}
+
+/// A neighbour entry of the NIC's MAC on the bridge that no other domain claims.
+fn neighbour(
+    dom: &DomainFacts,
+    domain: &str,
+    nic: &Nic,
+    net: &NetworkFacts,
+    facts: &Facts,
+    ix: &Index,
+    fam_ok: &dyn Fn(&IpAddr) -> bool,
+) -> Option<IpAddr> {
     let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
-    if let Some(n) = facts.neighbours.iter().find(|n| {
-        n.ifname == net.bridge
-            && n.mac.eq_ignore_ascii_case(&nic.mac)
-            && fam_ok(&n.ip)
-            && !is_link_local(&n.ip)
-            && !claimed_by_other(facts, ix, domain, &own, &n.ip)
-    }) {
-        return Ok(GuestAddr {
-            ip: n.ip,
-            source: AddrSource::Neighbour,
-        });
-    }
-    Err(Unresolved::NoAddress(family, &nic.mac))
+    facts
+        .neighbours
+        .iter()
+        .find(|n| {
+            n.ifname == net.bridge
+                && n.mac.eq_ignore_ascii_case(&nic.mac)
+                && fam_ok(&n.ip)
+                && !is_link_local(&n.ip)
+                && !claimed_by_other(facts, ix, domain, &own, &n.ip)
+        })
+        .map(|n| n.ip)
 }
 
 /// Why a forward has no guest address of one family (written out only when it is said:

@@ -114,30 +114,19 @@ pub(super) fn resolve_listen(listen: &Listen, facts: &Facts) -> Result<ListenOn,
     })
 }
 
-/// Plans one forward of a running domain.
-pub(super) fn plan_forward(
-    domain: &DomainConfig,
-    dom: &DomainFacts,
+/// Where a forward's guest is: its NIC (if the domain has one that matches), the network
+/// that NIC or the guest's address is on, and the bridge.
+struct Placed<'f> {
+    nic: Option<&'f Nic>,
+    net: Option<&'f NetworkFacts>,
+    bridge: String,
+}
+
+fn place<'f>(
+    dom: &'f DomainFacts,
     spec: &ForwardSpec,
-    facts: &Facts,
-    ix: &Index,
-) -> (ForwardStatus, Vec<Rule>) {
-    let mut st = ForwardStatus {
-        domain: domain.name.clone(),
-        spec: spec.clone(),
-        state: ForwardState::Pending,
-        guest: vec![],
-        bridge: None,
-        reason: None,
-        rule_ids: vec![],
-    };
-    let listen = match resolve_listen(&spec.listen, facts) {
-        Ok(l) => l,
-        Err(e) => {
-            st.reason = Some(e);
-            return (st, vec![]);
-        }
-    };
+    facts: &'f Facts,
+) -> Result<Placed<'f>, String> {
     // with an explicit address and no 'nic', the NIC on the network holding that address
     let by_address = spec.nic.is_none().then(|| {
         dom.nics.iter().find(|n| {
@@ -149,8 +138,7 @@ pub(super) fn plan_forward(
         .flatten()
         .or_else(|| select_nic(dom, spec.nic.as_ref(), facts));
     if spec.nic.is_some() && nic.is_none() {
-        st.reason = Some("the domain has no NIC matching 'nic'".into());
-        return (st, vec![]);
+        return Err("the domain has no NIC matching 'nic'".into());
     }
     let mut net = nic.and_then(|n| nic_network(n, facts));
     // an explicit address picks its network by subnet when the NIC does not say
@@ -161,13 +149,36 @@ pub(super) fn plan_forward(
     }
     let bridge = nic
         .and_then(|n| nic_bridge(n, facts))
-        .or_else(|| net.map(|n| n.bridge.clone()));
-    let Some(bridge) = bridge else {
-        st.reason = Some("cannot tell which bridge the guest is on".into());
-        return (st, vec![]);
+        .or_else(|| net.map(|n| n.bridge.clone()))
+        .ok_or("cannot tell which bridge the guest is on")?;
+    Ok(Placed { nic, net, bridge })
+}
+
+/// Plans one forward of a running domain.
+pub(super) fn plan_forward(
+    domain: &DomainConfig,
+    dom: &DomainFacts,
+    spec: &ForwardSpec,
+    facts: &Facts,
+    ix: &Index,
+) -> (ForwardStatus, Vec<Rule>) {
+    let mut st = status(domain, spec, ForwardState::Pending, None);
+    let listen = match resolve_listen(&spec.listen, facts) {
+        Ok(l) => l,
+        Err(e) => {
+            st.reason = Some(e);
+            return (st, vec![]);
+        }
     };
-    st.bridge = Some(bridge.clone());
-    if let Some(n) = net
+    let placed = match place(dom, spec, facts) {
+        Ok(p) => p,
+        Err(e) => {
+            st.reason = Some(e);
+            return (st, vec![]);
+        }
+    };
+    st.bridge = Some(placed.bridge.clone());
+    if let Some(n) = placed.net
         && !n.active
     {
         st.reason = Some(format!("network {:?} is not running", n.name));
@@ -181,45 +192,56 @@ pub(super) fn plan_forward(
         {
             continue;
         }
-        match resolve_address(family, spec, nic, net, facts, (dom, &domain.name), ix) {
+        let who = (dom, domain.name.as_str());
+        match resolve_address(family, spec, placed.nic, placed.net, facts, who, ix) {
             Ok(ga) => {
-                let id = rule_id(domain, family, spec, &listen);
-                st.rule_ids.push(id.clone());
-                rules.push(Rule {
-                    id,
-                    domain: domain.name.clone(),
-                    family,
-                    proto: spec.proto,
-                    listen: listen.clone(),
-                    host_ports: spec.host_ports,
-                    guest_ip: ga.ip,
-                    guest_ports: spec.guest_ports,
-                    sources: family_sources(spec, family),
-                    localhost: spec.localhost && family == Family::Ipv4,
-                    bridge: bridge.clone(),
-                    tap: nic.and_then(|n| n.tap.clone()),
-                    description: spec.description.clone(),
-                    rate: spec.rate,
-                });
+                let rule = family_rule(domain, family, spec, &listen, &placed, ga.ip);
+                st.rule_ids.push(rule.id.clone());
+                rules.push(rule);
                 st.guest.push(ga);
             }
             Err(e) => reasons.push(e),
         }
     }
+    // a missing second family is normal (most guests have no IPv6), unless it was asked for
+    let asked_missing = spec
+        .guest_addresses
+        .iter()
+        .any(|a| !st.guest.iter().any(|g| g.ip == *a));
     if !rules.is_empty() {
         st.state = ForwardState::Active;
-        // a missing second family is normal (most guests have no IPv6)
-        if spec
-            .guest_addresses
-            .iter()
-            .any(|a| !st.guest.iter().any(|g| g.ip == *a))
-        {
-            st.reason = reasons.into_iter().next().map(|e| e.to_string());
-        }
-    } else {
+    }
+    if rules.is_empty() || asked_missing {
         st.reason = reasons.into_iter().next().map(|e| e.to_string());
     }
     (st, rules)
+}
+
+/// The rule of one family of a forward whose guest is at `guest_ip`.
+fn family_rule(
+    domain: &DomainConfig,
+    family: Family,
+    spec: &ForwardSpec,
+    listen: &ListenOn,
+    placed: &Placed,
+    guest_ip: IpAddr,
+) -> Rule {
+    Rule {
+        id: rule_id(domain, family, spec, listen),
+        domain: domain.name.clone(),
+        family,
+        proto: spec.proto,
+        listen: listen.clone(),
+        host_ports: spec.host_ports,
+        guest_ip,
+        guest_ports: spec.guest_ports,
+        sources: family_sources(spec, family),
+        localhost: spec.localhost && family == Family::Ipv4,
+        bridge: placed.bridge.clone(),
+        tap: placed.nic.and_then(|n| n.tap.clone()),
+        description: spec.description.clone(),
+        rate: spec.rate,
+    }
 }
 
 pub(super) fn status(
