@@ -251,6 +251,29 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
             ENTRY_KEYS.join(", ")
         ));
     }
+    let base = entry_base(o)?;
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    if let Some(pm) = o.get("port_map") {
+        let pm = pm.as_object().ok_or("'port_map' must be an object")?;
+        for (proto, items) in pm {
+            out.extend(port_map(proto, items, &base)?);
+        }
+    }
+    if let Some(pr) = o.get("port_range") {
+        let pr = pr.as_array().ok_or("'port_range' must be a list")?;
+        if !base.sources.is_empty() && !pr.is_empty() {
+            notes.push("source_ip now also restricts port_range (the original hook applied it to port_map only)".into());
+        }
+        for r in pr {
+            out.push(port_range(r, &base)?);
+        }
+    }
+    Ok((out, notes))
+}
+
+/// What every forward of an entry shares: the guest, listen address, sources, bridge.
+fn entry_base(o: &Map<String, Value>) -> Result<ForwardSpec, String> {
     let private: Ipv4Addr = get_str(o, "private_ip")?
         .ok_or("missing 'private_ip'")?
         .parse()
@@ -275,97 +298,89 @@ fn parse_entry(v: &Value) -> Result<Parsed, String> {
         }
         None => None,
     };
-    let base = ForwardSpec {
+    Ok(ForwardSpec {
         listen,
         sources,
         nic,
         guest_addresses: vec![IpAddr::V4(private)],
         ..Default::default()
+    })
+}
+
+/// `port_map.PROTO`: ports and `[public, private]` pairs.
+fn port_map(proto: &str, items: &Value, base: &ForwardSpec) -> Result<Vec<ForwardSpec>, String> {
+    let proto = match proto {
+        "icmp" => {
+            return Err("port_map: 'icmp' has no ports and cannot be forwarded".into());
+        }
+        p => Proto::parse(p)
+            .filter(|p| *p != Proto::Sctp)
+            .ok_or_else(|| format!("port_map: unknown protocol '{p}' (expected tcp or udp)"))?,
     };
+    let items = items
+        .as_array()
+        .ok_or_else(|| format!("port_map.{proto} must be a list"))?;
     let mut out = Vec::new();
-    let mut notes = Vec::new();
-    if let Some(pm) = o.get("port_map") {
-        let pm = pm.as_object().ok_or("'port_map' must be an object")?;
-        for (proto, items) in pm {
-            let proto = match proto.as_str() {
-                "icmp" => {
-                    return Err("port_map: 'icmp' has no ports and cannot be forwarded".into());
-                }
-                p => Proto::parse(p)
-                    .filter(|p| *p != Proto::Sctp)
-                    .ok_or_else(|| {
-                        format!("port_map: unknown protocol '{p}' (expected tcp or udp)")
-                    })?,
-            };
-            let items = items
-                .as_array()
-                .ok_or_else(|| format!("port_map.{proto} must be a list"))?;
-            for it in items {
-                let (h, g) = match it {
-                    Value::Array(pair) if pair.len() == 2 => (
-                        port_of(&pair[0], "port_map")?,
-                        port_of(&pair[1], "port_map")?,
-                    ),
-                    Value::Array(_) => {
-                        return Err(format!(
-                            "port_map.{proto}: a pair must be [public, private]"
-                        ));
-                    }
-                    other => {
-                        let p = port_of(other, "port_map")?;
-                        (p, p)
-                    }
-                };
-                out.push(ForwardSpec {
-                    proto,
-                    host_ports: PortRange::single(h)?,
-                    guest_ports: PortRange::single(g)?,
-                    ..base.clone()
-                });
-            }
-        }
-    }
-    if let Some(pr) = o.get("port_range") {
-        let pr = pr.as_array().ok_or("'port_range' must be a list")?;
-        if !base.sources.is_empty() && !pr.is_empty() {
-            notes.push("source_ip now also restricts port_range (the original hook applied it to port_map only)".into());
-        }
-        for r in pr {
-            let r = r.as_object().ok_or("port_range entries must be objects")?;
-            let init = port_of(
-                r.get("init_port")
-                    .ok_or("port_range: missing 'init_port'")?,
-                "init_port",
-            )?;
-            let num = r
-                .get("ports_num")
-                .and_then(Value::as_u64)
-                .ok_or("port_range: 'ports_num' must be a positive number")?;
-            let last = num
-                .checked_sub(1)
-                .and_then(|n| u64::from(init).checked_add(n))
-                .filter(|l| *l <= 65535);
-            let Some(last) = last else {
+    for it in items {
+        let (h, g) = match it {
+            Value::Array(pair) if pair.len() == 2 => (
+                port_of(&pair[0], "port_map")?,
+                port_of(&pair[1], "port_map")?,
+            ),
+            Value::Array(_) => {
                 return Err(format!(
-                    "port_range: {init} + {num} ports exceeds 65535 or is empty"
+                    "port_map.{proto}: a pair must be [public, private]"
                 ));
-            };
-            let proto = r
-                .get("protocol")
-                .and_then(Value::as_str)
-                .and_then(Proto::parse)
-                .filter(|p| *p != Proto::Sctp)
-                .ok_or("port_range: 'protocol' must be \"tcp\" or \"udp\"")?;
-            let range = PortRange::new(init, last as u16)?;
-            out.push(ForwardSpec {
-                proto,
-                host_ports: range,
-                guest_ports: range,
-                ..base.clone()
-            });
-        }
+            }
+            other => {
+                let p = port_of(other, "port_map")?;
+                (p, p)
+            }
+        };
+        out.push(ForwardSpec {
+            proto,
+            host_ports: PortRange::single(h)?,
+            guest_ports: PortRange::single(g)?,
+            ..base.clone()
+        });
     }
-    Ok((out, notes))
+    Ok(out)
+}
+
+/// One `port_range` entry: `init_port`, `ports_num`, `protocol`.
+fn port_range(r: &Value, base: &ForwardSpec) -> Result<ForwardSpec, String> {
+    let r = r.as_object().ok_or("port_range entries must be objects")?;
+    let init = port_of(
+        r.get("init_port")
+            .ok_or("port_range: missing 'init_port'")?,
+        "init_port",
+    )?;
+    let num = r
+        .get("ports_num")
+        .and_then(Value::as_u64)
+        .ok_or("port_range: 'ports_num' must be a positive number")?;
+    let last = num
+        .checked_sub(1)
+        .and_then(|n| u64::from(init).checked_add(n))
+        .filter(|l| *l <= 65535);
+    let Some(last) = last else {
+        return Err(format!(
+            "port_range: {init} + {num} ports exceeds 65535 or is empty"
+        ));
+    };
+    let proto = r
+        .get("protocol")
+        .and_then(Value::as_str)
+        .and_then(Proto::parse)
+        .filter(|p| *p != Proto::Sctp)
+        .ok_or("port_range: 'protocol' must be \"tcp\" or \"udp\"")?;
+    let range = PortRange::new(init, last as u16)?;
+    Ok(ForwardSpec {
+        proto,
+        host_ports: range,
+        guest_ports: range,
+        ..base.clone()
+    })
 }
 
 #[cfg(test)]

@@ -14,12 +14,10 @@
 //! Set it with `virsh metadata DOMAIN https://virtgate.dev/xmlns/1 --key vg --set XML
 //! --config --live`. A forward in the config file for the same domain wins.
 
-use std::net::IpAddr;
-
 use roxmltree::Node;
 use serde::{Deserialize, Serialize};
 
-use super::short::{check_lengths, listen_from_ip, parse_short};
+use super::short::{add_guest_address, check_lengths, parse_listen, parse_rate_per, parse_short};
 use super::toml_file::{FORWARD_KEYS, parse_cidr, parse_nic, validate_ifname};
 use crate::model::{ForwardSpec, Listen, PortRange, Proto, RateLimit, RatePer};
 
@@ -95,36 +93,10 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
     }
     let attr = |k: &str| f.attribute(k);
     let mut spec = ForwardSpec::default();
-    let mut listens = Vec::new();
-    if let Some(s) = attr("spec") {
-        let sf = parse_short(s).map_err(|e| format!("spec {s:?}: {e}"))?;
-        spec.proto = sf.proto;
-        spec.host_ports = sf.host_ports;
-        spec.guest_ports = sf.guest_ports;
-        if sf.listen != Listen::Any {
-            listens.push(sf.listen);
-        }
-    } else {
-        let host = PortRange::parse(attr("host_port").ok_or("needs 'spec' or 'host_port'")?)
-            .map_err(|e| format!("host_port: {e}"))?;
-        let guest = match attr("guest_port") {
-            Some(g) => PortRange::parse(g).map_err(|e| format!("guest_port: {e}"))?,
-            None => host,
-        };
-        check_lengths(host, guest)?;
-        spec.host_ports = host;
-        spec.guest_ports = guest;
-        if let Some(p) = attr("proto") {
-            spec.proto = Proto::parse(p).ok_or_else(|| format!("unknown protocol '{p}'"))?;
-        }
-    }
+    let mut listens = ports(&mut spec, &attr)?;
     if let Some(l) = attr("listen") {
         for a in list(l) {
-            let ip: IpAddr = a
-                .trim_matches(|c| c == '[' || c == ']')
-                .parse()
-                .map_err(|_| format!("listen: '{a}' is not an IP address"))?;
-            listens.push(listen_from_ip(ip)?);
+            listens.push(parse_listen(a)?);
         }
     }
     if let Some(i) = attr("interface") {
@@ -140,20 +112,8 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
     if let Some(n) = attr("nic") {
         spec.nic = Some(parse_nic(n)?);
     }
-    if let Some(g) = attr("guest_address") {
-        for a in list(g) {
-            let ip: IpAddr = a
-                .parse()
-                .map_err(|_| format!("guest_address: '{a}' is not an IP address"))?;
-            if spec
-                .guest_addresses
-                .iter()
-                .any(|x| x.is_ipv4() == ip.is_ipv4())
-            {
-                return Err("guest_address: at most one address per family".into());
-            }
-            spec.guest_addresses.push(ip);
-        }
+    for a in attr("guest_address").into_iter().flat_map(list) {
+        add_guest_address(&mut spec.guest_addresses, a)?;
     }
     spec.localhost = match attr("localhost") {
         None | Some("false") => false,
@@ -161,26 +121,7 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
         Some(o) => return Err(format!("localhost must be true or false, not {o:?}")),
     };
     spec.description = attr("description").map(str::to_string);
-    spec.rate = match attr("rate") {
-        None if attr("burst").is_some() || attr("rate_per").is_some() => {
-            return Err("'burst' and 'rate_per' need a 'rate'".into());
-        }
-        None => None,
-        Some(r) => {
-            let (count, unit) = RateLimit::parse_rate(r)?;
-            let burst = match attr("burst") {
-                None => RateLimit::DEFAULT_BURST,
-                Some(b) => b
-                    .parse()
-                    .map_err(|_| format!("burst {b:?} is not a positive number"))?,
-            };
-            let per = match attr("rate_per") {
-                None => RatePer::Source,
-                Some(p) => super::toml_file::parse_rate_per(p)?,
-            };
-            Some(RateLimit::new(count, unit, burst, per)?)
-        }
-    };
+    spec.rate = rate(&attr)?;
     if listens.is_empty() {
         listens.push(Listen::Any);
     }
@@ -191,6 +132,59 @@ fn parse_forward(f: Node) -> Result<Vec<ForwardSpec>, String> {
             ..spec.clone()
         })
         .collect())
+}
+
+/// Protocol and ports, from `spec` (short form, which may name a listen address: returned)
+/// or `host_port`, `guest_port`, `proto`.
+fn ports<'a>(
+    spec: &mut ForwardSpec,
+    attr: &dyn Fn(&str) -> Option<&'a str>,
+) -> Result<Vec<Listen>, String> {
+    if let Some(s) = attr("spec") {
+        let sf = parse_short(s).map_err(|e| format!("spec {s:?}: {e}"))?;
+        spec.proto = sf.proto;
+        spec.host_ports = sf.host_ports;
+        spec.guest_ports = sf.guest_ports;
+        return Ok((sf.listen != Listen::Any)
+            .then_some(sf.listen)
+            .into_iter()
+            .collect());
+    }
+    let host = PortRange::parse(attr("host_port").ok_or("needs 'spec' or 'host_port'")?)
+        .map_err(|e| format!("host_port: {e}"))?;
+    let guest = match attr("guest_port") {
+        Some(g) => PortRange::parse(g).map_err(|e| format!("guest_port: {e}"))?,
+        None => host,
+    };
+    check_lengths(host, guest)?;
+    spec.host_ports = host;
+    spec.guest_ports = guest;
+    if let Some(p) = attr("proto") {
+        spec.proto = Proto::parse(p).ok_or_else(|| format!("unknown protocol '{p}'"))?;
+    }
+    Ok(Vec::new())
+}
+
+/// `rate`, `burst`, `rate_per` (the last two only with a rate).
+fn rate<'a>(attr: &dyn Fn(&str) -> Option<&'a str>) -> Result<Option<RateLimit>, String> {
+    let Some(r) = attr("rate") else {
+        if attr("burst").is_some() || attr("rate_per").is_some() {
+            return Err("'burst' and 'rate_per' need a 'rate'".into());
+        }
+        return Ok(None);
+    };
+    let (count, unit) = RateLimit::parse_rate(r)?;
+    let burst = match attr("burst") {
+        None => RateLimit::DEFAULT_BURST,
+        Some(b) => b
+            .parse()
+            .map_err(|_| format!("burst {b:?} is not a positive number"))?,
+    };
+    let per = match attr("rate_per") {
+        None => RatePer::Source,
+        Some(p) => parse_rate_per(p)?,
+    };
+    RateLimit::new(count, unit, burst, per).map(Some)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{Listen, PortRange, Proto};
+use crate::model::{Listen, PortRange, Proto, RatePer};
 
 /// A listen address as given: `0.0.0.0` and `::` mean every address (as in docker's
 /// `-p`); a loopback address is refused (that is what `localhost = true` is for).
@@ -22,6 +22,42 @@ pub fn listen_from_ip(ip: IpAddr) -> Result<Listen, String> {
         return Err(format!("listen address {ip} is the broadcast address"));
     }
     Ok(Listen::Address(ip))
+}
+
+/// One `listen` value of either form: an IP address (IPv6 with or without brackets) or
+/// `default-route`.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "default-route" {
+        return Ok(Listen::DefaultRoute);
+    }
+    let ip: IpAddr = s
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| format!("listen: '{s}' is not an IP address"))?;
+    listen_from_ip(ip)
+}
+
+/// Adds one `guest_address` value to `list`: an IP address, at most one per family.
+pub fn add_guest_address(list: &mut Vec<IpAddr>, s: &str) -> Result<(), String> {
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("guest_address: '{s}' is not an IP address"))?;
+    if list.iter().any(|x| x.is_ipv4() == ip.is_ipv4()) {
+        return Err("guest_address: at most one address per family".into());
+    }
+    list.push(ip);
+    Ok(())
+}
+
+/// `rate_per`'s value.
+pub fn parse_rate_per(s: &str) -> Result<RatePer, String> {
+    match s {
+        "source" => Ok(RatePer::Source),
+        "forward" => Ok(RatePer::Forward),
+        o => Err(format!(
+            "rate_per must be \"source\" or \"forward\", not {o:?}"
+        )),
+    }
 }
 
 /// The parts of a short-form forward.

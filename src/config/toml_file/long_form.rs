@@ -1,7 +1,5 @@
 //! `[[domain.NAME.forward]]` tables: one forward per listen address.
 
-use std::net::IpAddr;
-
 use toml_edit::{Item, Table, Value};
 
 use super::values::{
@@ -10,7 +8,7 @@ use super::values::{
 use super::{Ctx, DomainResult};
 use crate::config::ConfiguredForward;
 use crate::config::diag::Origin;
-use crate::config::short::{check_lengths, listen_from_ip};
+use crate::config::short::{check_lengths, parse_listen, parse_rate_per};
 use crate::model::{ForwardSpec, Listen, PortRange, Proto, RateLimit, RatePer, RateUnit};
 pub use crate::model::{parse_cidr, validate_ifname};
 
@@ -30,17 +28,6 @@ pub const FORWARD_KEYS: &[&str] = &[
     "burst",
     "rate_per",
 ];
-
-/// `rate_per`'s value.
-pub fn parse_rate_per(s: &str) -> Result<RatePer, String> {
-    match s {
-        "source" => Ok(RatePer::Source),
-        "forward" => Ok(RatePer::Forward),
-        o => Err(format!(
-            "rate_per must be \"source\" or \"forward\", not {o:?}"
-        )),
-    }
-}
 
 /// A forward's rate limit from its `rate`, `burst` and `rate_per` (the last two only
 /// with a rate).
@@ -193,16 +180,4 @@ impl LongForm {
             })
             .collect())
     }
-}
-
-/// One `listen` value: an IP address (IPv6 with or without brackets) or `default-route`.
-pub(super) fn parse_listen(s: &str) -> Result<Listen, String> {
-    if s == "default-route" {
-        return Ok(Listen::DefaultRoute);
-    }
-    let ip: IpAddr = s
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse()
-        .map_err(|_| format!("listen: '{s}' is not an IP address"))?;
-    listen_from_ip(ip)
 }

@@ -17,8 +17,8 @@ use super::short::parse_short;
 use super::{BackendChoice, ConfiguredForward, ParsedFile};
 use crate::model::{DomainConfig, ForwardSpec, WhenStopped};
 pub use crate::model::{parse_cidr, validate_ifname};
+pub use long_form::FORWARD_KEYS;
 use long_form::parse_long;
-pub use long_form::{FORWARD_KEYS, parse_rate_per};
 pub use values::parse_nic;
 use values::{parse_addresses, want_bool, want_str};
 

@@ -7,6 +7,7 @@ use toml_edit::{Item, Value};
 
 use super::DomainResult;
 use crate::config::diag::Origin;
+use crate::config::short::add_guest_address;
 use crate::model::{NicSelector, PortRange};
 
 /// A `nic` value: a MAC address (any case) or a network name.
@@ -65,19 +66,7 @@ pub(super) fn parse_addresses(item: &Item, o: &Origin) -> DomainResult<Vec<IpAdd
     let list = str_or_array(v, o, "guest_address")?;
     let mut out: Vec<IpAddr> = Vec::new();
     for s in list {
-        let ip: IpAddr = s.parse().map_err(|_| {
-            (
-                o.clone(),
-                format!("guest_address: '{s}' is not an IP address"),
-            )
-        })?;
-        if out.iter().any(|x| x.is_ipv4() == ip.is_ipv4()) {
-            return Err((
-                o.clone(),
-                "guest_address: at most one address per family".into(),
-            ));
-        }
-        out.push(ip);
+        add_guest_address(&mut out, &s).map_err(|e| (o.clone(), e))?;
     }
     Ok(out)
 }
