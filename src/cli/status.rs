@@ -4,8 +4,10 @@
 use serde::Serialize;
 
 use super::{Context, load_config};
+use crate::config::Config;
+use crate::facts::Facts;
 use crate::firewall::Counters;
-use crate::plan::{ForwardState, ForwardStatus, GuestAddr};
+use crate::plan::{ForwardState, ForwardStatus, GuestAddr, Plan};
 use crate::reconcile;
 use crate::state;
 
@@ -147,6 +149,34 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         .0;
     let installed: std::collections::BTreeSet<&str> =
         st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
+    let rep = Report {
+        backend: backend.name(),
+        forwards: plan
+            .forwards
+            .iter()
+            .map(|f| row(f, &counters, drifted, &installed))
+            .collect(),
+        invalid_domains: invalid(&cfg, &facts, &plan),
+        warnings: warnings(&plan, &facts),
+        daemon: crate::daemon::running_report(&ctx.state_dir),
+    };
+    if json {
+        // compact, written as it is serialized (10,000 forwards: pretty-printing cost
+        // more than everything else status does)
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer(&mut out, &rep).map_err(|e| e.to_string())?;
+        writeln!(out)
+            .and_then(|_| out.flush())
+            .map_err(super::output_error)?;
+    } else {
+        print_table(&rep);
+    }
+    Ok(())
+}
+
+/// What keeps forwards from working that is not virtgate's to change.
+fn warnings(plan: &Plan, facts: &Facts) -> Vec<String> {
     let mut warnings = Vec::new();
     if facts.sysctls.ip_forward == Some(false) {
         warnings.push("net.ipv4.ip_forward is 0: no forward can reach a guest".to_string());
@@ -167,13 +197,13 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             ));
         }
     }
-    let rows: Vec<Row> = plan
-        .forwards
-        .iter()
-        .map(|f| row(f, &counters, drifted, &installed))
-        .collect();
+    warnings
+}
+
+/// Domains whose config is invalid, with their errors and the rules kept for them.
+fn invalid(cfg: &Config, facts: &Facts, plan: &Plan) -> Vec<Invalid> {
     let merged = cfg.with_metadata(&facts.domains);
-    let invalid: Vec<Invalid> = merged
+    merged
         .invalid_domains
         .iter()
         .map(|d| Invalid {
@@ -185,31 +215,15 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
                 .collect(),
             kept_rules: plan.ruleset.rules.iter().filter(|r| &r.domain == d).count(),
         })
-        .collect();
-    let daemon = crate::daemon::running_report(&ctx.state_dir);
-    if json {
-        let rep = Report {
-            backend: backend.name(),
-            forwards: rows,
-            invalid_domains: invalid,
-            warnings,
-            daemon,
-        };
-        // compact, written as it is serialized (10,000 forwards: pretty-printing cost
-        // more than everything else status does)
-        use std::io::Write as _;
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        serde_json::to_writer(&mut out, &rep).map_err(|e| e.to_string())?;
-        writeln!(out)
-            .and_then(|_| out.flush())
-            .map_err(super::output_error)?;
-        return Ok(());
-    }
+        .collect()
+}
+
+fn print_table(rep: &Report) {
     println!(
         "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
         "DOMAIN", "LISTEN", "PROTO", "HOST", "GUEST", "STATE", "PACKETS", "BYTES"
     );
-    for r in &rows {
+    for r in &rep.forwards {
         let guest = if r.guest.is_empty() {
             format!("-:{}", r.guest_ports)
         } else {
@@ -240,7 +254,7 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             println!("    {}", printable(n));
         }
     }
-    for i in &invalid {
+    for i in &rep.invalid_domains {
         println!(
             "{:<20} invalid config: {} rule(s) kept as installed; {}",
             printable(&i.domain),
@@ -248,11 +262,10 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             printable(&i.errors.join("; "))
         );
     }
-    for w in warnings {
-        println!("warning: {}", printable(&w));
+    for w in &rep.warnings {
+        println!("warning: {}", printable(w));
     }
-    println!("{}", printable(&daemon_line(daemon.as_ref())));
-    Ok(())
+    println!("{}", printable(&daemon_line(rep.daemon.as_ref())));
 }
 
 #[cfg(test)]
