@@ -167,6 +167,19 @@ impl Daemon<'_> {
         self.report.backoff_secs = self.backoff.as_secs();
     }
 
+    fn status_line(&self) -> String {
+        format!(
+            "{} reconcile(s), {} repair(s){}",
+            self.report.reconciles,
+            self.report.heals,
+            self.report
+                .last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        )
+    }
+
     fn write_report(&self) {
         if let Ok(text) = serde_json::to_vec(&self.report) {
             let _ = crate::state::write_atomic(&report_file(&self.ctx.state_dir), &text);
@@ -199,90 +212,117 @@ pub fn run(ctx: &Context) -> Result<(), String> {
     notifier.ready(&format!("{} reconcile(s)", d.report.reconciles));
     tracing::info!("daemon ready (pid {})", d.report.pid);
     let watchdog = notify::watchdog_interval();
-    let mut last_ping = Instant::now();
-    let mut last_run = Instant::now();
-    // pending work: since when, the last event, and whether the ruleset changed
-    let mut pending: Option<(Instant, Instant)> = None;
-    let mut foreign = false;
-    let mut config_changed = false;
+    let mut sched = Schedule::new();
     loop {
-        let now = Instant::now();
-        let mut due = last_run + PERIODIC;
-        if let Some((first, last)) = pending {
-            due = due.min((last + DEBOUNCE).min(first + DEBOUNCE_MAX));
-        }
-        if let Some(nb) = d.not_before {
-            due = due.max(nb);
-        }
-        if let Some(w) = watchdog {
-            due = due.min(last_ping + w);
-        }
-        for f in watch.wait(due.saturating_duration_since(now))? {
-            match f {
-                Fired::Signal(Signal::SIGHUP) => {
-                    d.reload("SIGHUP");
-                    pending.get_or_insert((Instant::now(), Instant::now()));
-                }
-                Fired::Signal(sig) => {
-                    tracing::info!("{sig}: exiting, forwards stay in place");
-                    notifier.stopping();
-                    return Ok(());
-                }
-                Fired::Dir(dir) => {
-                    // read once the editor is done (debounced), not at its first write
-                    if ctx.config_path.parent().is_some_and(|p| dir.starts_with(p)) {
-                        config_changed = true;
-                    }
-                    // a directory that appeared (conf.d, libvirt's /run) is watched at once
-                    watch.watch_missing();
-                    let t = Instant::now();
-                    pending = Some((pending.map_or(t, |p| p.0), t));
-                }
-                Fired::Neighbour => {
-                    let t = Instant::now();
-                    pending = Some((pending.map_or(t, |p| p.0), t));
-                }
-                Fired::Ruleset => {
-                    foreign = true;
-                    let t = Instant::now();
-                    pending = Some((pending.map_or(t, |p| p.0), t));
-                }
+        let due = sched.due(d.not_before, watchdog);
+        for f in watch.wait(due.saturating_duration_since(Instant::now()))? {
+            if let Fired::Signal(sig) = f
+                && sig != Signal::SIGHUP
+            {
+                tracing::info!("{sig}: exiting, forwards stay in place");
+                notifier.stopping();
+                return Ok(());
             }
+            sched.fired(f, &mut d, &mut watch);
         }
         let now = Instant::now();
         if let Some(w) = watchdog
-            && now >= last_ping + w
+            && now >= sched.last_ping + w
         {
             notifier.watchdog();
-            last_ping = now;
+            sched.last_ping = now;
         }
-        let settled = pending
-            .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX);
-        let periodic = now >= last_run + PERIODIC;
+        let periodic = now >= sched.last_run + PERIODIC;
         let held = d.not_before.is_some_and(|nb| now < nb);
-        if (settled || periodic) && !held {
+        if (sched.settled(now) || periodic) && !held {
             if periodic {
                 watch.watch_missing();
             }
             d.not_before = None;
-            if std::mem::take(&mut config_changed) {
+            if std::mem::take(&mut sched.config_changed) {
                 d.reload("config file changed");
             }
-            d.reconcile(foreign);
+            d.reconcile(sched.foreign);
             // our own commits come back as events: a reconcile then finds nothing to do
-            foreign = false;
-            pending = None;
-            last_run = Instant::now();
-            notifier.status(&format!(
-                "{} reconcile(s), {} repair(s){}",
-                d.report.reconciles,
-                d.report.heals,
-                d.report
-                    .last_error
-                    .as_deref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            ));
+            sched.foreign = false;
+            sched.pending = None;
+            sched.last_run = Instant::now();
+            notifier.status(&d.status_line());
+        }
+    }
+}
+
+/// When the loop wakes: debounced events, the periodic check, the watchdog.
+struct Schedule {
+    last_ping: Instant,
+    last_run: Instant,
+    /// Pending work: since when, and the last event.
+    pending: Option<(Instant, Instant)>,
+    /// Whether someone else changed the ruleset.
+    foreign: bool,
+    config_changed: bool,
+}
+
+impl Schedule {
+    fn new() -> Schedule {
+        Schedule {
+            last_ping: Instant::now(),
+            last_run: Instant::now(),
+            pending: None,
+            foreign: false,
+            config_changed: false,
+        }
+    }
+
+    fn event(&mut self) {
+        let t = Instant::now();
+        self.pending = Some((self.pending.map_or(t, |p| p.0), t));
+    }
+
+    fn due(&self, not_before: Option<Instant>, watchdog: Option<Duration>) -> Instant {
+        let mut due = self.last_run + PERIODIC;
+        if let Some((first, last)) = self.pending {
+            due = due.min((last + DEBOUNCE).min(first + DEBOUNCE_MAX));
+        }
+        if let Some(nb) = not_before {
+            due = due.max(nb);
+        }
+        if let Some(w) = watchdog {
+            due = due.min(self.last_ping + w);
+        }
+        due
+    }
+
+    fn settled(&self, now: Instant) -> bool {
+        self.pending
+            .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX)
+    }
+
+    /// Takes in one event (not a signal to exit).
+    fn fired(&mut self, f: Fired, d: &mut Daemon, watch: &mut Watch) {
+        match f {
+            Fired::Signal(_) => {
+                d.reload("SIGHUP");
+                self.pending.get_or_insert((Instant::now(), Instant::now()));
+            }
+            Fired::Dir(dir) => {
+                // read once the editor is done (debounced), not at its first write
+                if d.ctx
+                    .config_path
+                    .parent()
+                    .is_some_and(|p| dir.starts_with(p))
+                {
+                    self.config_changed = true;
+                }
+                // a directory that appeared (conf.d, libvirt's /run) is watched at once
+                watch.watch_missing();
+                self.event();
+            }
+            Fired::Neighbour => self.event(),
+            Fired::Ruleset => {
+                self.foreign = true;
+                self.event();
+            }
         }
     }
 }
