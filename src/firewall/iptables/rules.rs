@@ -132,54 +132,17 @@ pub(super) fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSp
     if rules.is_empty() {
         return nat;
     }
-    let (mut pre, mut dnat, mut out) = (vec![], vec![], vec![]);
-    // hairpin masquerade per (bridge, subnet); localhost masquerade
-    let mut hairpin: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    let mut lo_masq = Vec::new();
+    let mut l = NatLines::default();
     for r in rules {
-        let m = proto_match(r, &r.host_ports);
-        let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
-        let srcs: Vec<String> = if r.sources.is_empty() {
-            vec![String::new()]
-        } else {
-            r.sources.iter().map(|s| format!("-s {s} ")).collect()
-        };
-        for s in &srcs {
-            match &r.listen {
-                ListenOn::Any => dnat.push((r.proto, r.host_ports, format!("{s}{m} {target}"))),
-                ListenOn::Address(a) => dnat.push((
-                    r.proto,
-                    r.host_ports,
-                    format!("{s}-d {} {m} {target}", host(a)),
-                )),
-                ListenOn::Interface(i) => pre.push(format!("{s}-i {i} {m} {target}")),
-            }
-        }
-        if r.localhost {
-            out.push(format!("-d 127.0.0.0/8 {m} {target}"));
-            lo_masq.push(format!(
-                "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
-                host(&r.guest_ip),
-                proto_match(r, &r.guest_ports)
-            ));
-        }
-        for h in rs
-            .hairpins
-            .iter()
-            .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
-        {
-            hairpin
-                .entry((h.bridge.clone(), h.subnet.to_string()))
-                .or_default()
-                .push(format!(
-                    "-s {} -d {} -o {} {} -j MASQUERADE",
-                    h.subnet,
-                    host(&r.guest_ip),
-                    h.bridge,
-                    proto_match(r, &r.guest_ports)
-                ));
-        }
+        l.add(rs, r);
     }
+    let NatLines {
+        mut pre,
+        dnat,
+        mut out,
+        hairpin,
+        lo_masq,
+    } = l;
     pre.push("-j VIRTGATE_DNAT".into());
     if family == Family::Ipv4 {
         out.push("-d 127.0.0.0/8 -j RETURN".into());
@@ -204,7 +167,78 @@ pub(super) fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSp
     nat.chains.push(("VIRTGATE_OUTPUT".into(), out));
     nat.chains.push(("VIRTGATE_POSTROUTING".into(), post));
     nat.chains.extend(post_chains);
-    nat.jumps = vec![
+    nat.jumps = nat_jumps();
+    nat
+}
+
+/// The nat lines of the rules, by the chain they go to.
+#[derive(Default)]
+struct NatLines {
+    /// By listen interface (PREROUTING only).
+    pre: Vec<String>,
+    /// By port (bucketed): listen on every or one address.
+    dnat: Vec<(Proto, PortRange, String)>,
+    /// localhost DNAT (OUTPUT).
+    out: Vec<String>,
+    /// Hairpin masquerade per (bridge, subnet).
+    hairpin: BTreeMap<(String, String), Vec<String>>,
+    /// localhost masquerade.
+    lo_masq: Vec<String>,
+}
+
+impl NatLines {
+    fn add(&mut self, rs: &Ruleset, r: &Rule) {
+        let m = proto_match(r, &r.host_ports);
+        let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
+        let srcs: Vec<String> = if r.sources.is_empty() {
+            vec![String::new()]
+        } else {
+            r.sources.iter().map(|s| format!("-s {s} ")).collect()
+        };
+        for s in &srcs {
+            match &r.listen {
+                ListenOn::Any => {
+                    self.dnat
+                        .push((r.proto, r.host_ports, format!("{s}{m} {target}")))
+                }
+                ListenOn::Address(a) => self.dnat.push((
+                    r.proto,
+                    r.host_ports,
+                    format!("{s}-d {} {m} {target}", host(a)),
+                )),
+                ListenOn::Interface(i) => self.pre.push(format!("{s}-i {i} {m} {target}")),
+            }
+        }
+        if r.localhost {
+            self.out.push(format!("-d 127.0.0.0/8 {m} {target}"));
+            self.lo_masq.push(format!(
+                "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
+                host(&r.guest_ip),
+                proto_match(r, &r.guest_ports)
+            ));
+        }
+        for h in rs
+            .hairpins
+            .iter()
+            .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
+        {
+            self.hairpin
+                .entry((h.bridge.clone(), h.subnet.to_string()))
+                .or_default()
+                .push(format!(
+                    "-s {} -d {} -o {} {} -j MASQUERADE",
+                    h.subnet,
+                    host(&r.guest_ip),
+                    h.bridge,
+                    proto_match(r, &r.guest_ports)
+                ));
+        }
+    }
+}
+
+/// The jumps from the built-in nat chains to virtgate's.
+fn nat_jumps() -> Vec<Jump> {
+    vec![
         Jump {
             builtin: "PREROUTING",
             matches: "-m addrtype --dst-type LOCAL",
@@ -220,8 +254,7 @@ pub(super) fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSp
             matches: "",
             target: "VIRTGATE_POSTROUTING".into(),
         },
-    ];
-    nat
+    ]
 }
 
 /// The accept per bridge where libvirt's iptables form (or someone's `FORWARD`) needs
