@@ -102,6 +102,19 @@ pub(super) fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
             }
         }
     }
+    take_out_changed(out, old, new);
+    put_in_changed(out, old, new);
+    if old.refusals && !new.refusals {
+        for c in refusal_chains().iter().rev() {
+            let _ = writeln!(out, "delete chain inet {TABLE} {}", c.name);
+        }
+    }
+    d
+}
+
+/// Flushes or deletes the chains, source sets and meters of `old` that `new` has not, or
+/// has otherwise.
+fn take_out_changed(out: &mut String, old: &Layout, new: &Layout) {
     for (name, rules) in &old.chains {
         match new.chains.get(name) {
             Some(r) if r == rules => {}
@@ -129,6 +142,11 @@ pub(super) fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
             let _ = writeln!(out, "delete set inet {TABLE} {name}");
         }
     }
+}
+
+/// Adds the meters, source sets and chains of `new` that `old` has not, or has otherwise
+/// (sets before the chains that use them).
+fn put_in_changed(out: &mut String, old: &Layout, new: &Layout) {
     for (name, m) in &new.meters {
         if old.meters.get(name) != Some(m) {
             let _ = writeln!(
@@ -160,12 +178,6 @@ pub(super) fn delta<'a>(old: &'a Layout, new: &'a Layout) -> Delta<'a> {
             let _ = writeln!(out, "add rule inet {TABLE} {name} {r}");
         }
     }
-    if old.refusals && !new.refusals {
-        for c in refusal_chains().iter().rev() {
-            let _ = writeln!(out, "delete chain inet {TABLE} {}", c.name);
-        }
-    }
-    d
 }
 
 /// Rules in one list but not the other (both sorted, as [`Ruleset`] keeps them): a merge,

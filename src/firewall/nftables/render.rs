@@ -94,6 +94,44 @@ pub(super) fn dnat_rules(kind: ListenKind) -> Vec<String> {
 
 /// The fixed chains; only the elements of the maps they use change.
 pub(super) fn base_chains() -> Vec<Chain> {
+    let (forwards, host) = dispatch_rules();
+    let chain = |name, hook, rules| Chain { name, hook, rules };
+    vec![
+        chain("forwards", None, forwards),
+        chain("forwards_host", None, host),
+        chain("localhost", None, dnat_rules(ListenKind::Lo)),
+        chain("count", None, count_rules()),
+        chain(
+            "prerouting",
+            Some("type nat hook prerouting priority dstnat; policy accept;"),
+            vec!["fib daddr type local jump forwards".into()],
+        ),
+        chain(
+            "output",
+            Some("type nat hook output priority -100; policy accept;"),
+            vec![
+                "ip daddr 127.0.0.0/8 jump localhost".into(),
+                "ip daddr 127.0.0.0/8 return".into(),
+                "ip6 daddr ::1 return".into(),
+                "fib daddr type local jump forwards_host".into(),
+            ],
+        ),
+        chain(
+            "postrouting",
+            Some("type nat hook postrouting priority srcnat; policy accept;"),
+            postrouting_rules(),
+        ),
+        chain(
+            "forward",
+            Some("type filter hook forward priority filter; policy accept;"),
+            vec!["ct status dnat jump count".into()],
+        ),
+    ]
+}
+
+/// The rules of `forwards` (traffic from outside) and `forwards_host` (locally generated:
+/// no listen interface applies): the listen keys' verdict maps, then the DNAT maps.
+fn dispatch_rules() -> (Vec<String>, Vec<String>) {
     let vmaps = [
         "ip daddr . meta l4proto . th dport vmap @listen_addr4",
         "ip6 daddr . meta l4proto . th dport vmap @listen_addr6",
@@ -104,7 +142,6 @@ pub(super) fn base_chains() -> Vec<Chain> {
     forwards.extend(dnat_rules(ListenKind::Addr));
     forwards.extend(dnat_rules(ListenKind::If));
     forwards.extend(dnat_rules(ListenKind::Any));
-    // locally generated traffic: no listen interface applies
     let mut host: Vec<String> = vmaps
         .iter()
         .filter(|s| !s.contains("iifname"))
@@ -112,8 +149,12 @@ pub(super) fn base_chains() -> Vec<Chain> {
         .collect();
     host.extend(dnat_rules(ListenKind::Addr));
     host.extend(dnat_rules(ListenKind::Any));
+    (forwards, host)
+}
+
+/// Masquerade of hairpinned and localhost flows to their guests.
+fn postrouting_rules() -> Vec<String> {
     let mut post = Vec::new();
-    let mut count = Vec::new();
     for f in [Family::Ipv4, Family::Ipv6] {
         let (fam, s) = (ipkw(f), if f == Family::Ipv4 { "4" } else { "6" });
         for set in ["targets", "targets_range"] {
@@ -121,6 +162,20 @@ pub(super) fn base_chains() -> Vec<Chain> {
                 "ct status dnat oifname . {fam} saddr @hairpin{s} {fam} daddr . meta l4proto . th dport @{set}{s} masquerade"
             ));
         }
+    }
+    for set in ["lo_targets4", "lo_targets_range4"] {
+        post.push(format!(
+            "ct status dnat ip saddr 127.0.0.0/8 ip daddr . meta l4proto . th dport @{set} masquerade"
+        ));
+    }
+    post
+}
+
+/// Counting each forward's traffic, both directions, by its guest address and port.
+fn count_rules() -> Vec<String> {
+    let mut count = Vec::new();
+    for f in [Family::Ipv4, Family::Ipv6] {
+        let (fam, s) = (ipkw(f), if f == Family::Ipv4 { "4" } else { "6" });
         for set in ["traffic", "traffic_range"] {
             count.push(format!(
                 "ct direction original {fam} daddr . meta l4proto . th dport @{set}{s}"
@@ -130,58 +185,7 @@ pub(super) fn base_chains() -> Vec<Chain> {
             ));
         }
     }
-    for set in ["lo_targets4", "lo_targets_range4"] {
-        post.push(format!(
-            "ct status dnat ip saddr 127.0.0.0/8 ip daddr . meta l4proto . th dport @{set} masquerade"
-        ));
-    }
-    vec![
-        Chain {
-            name: "forwards",
-            hook: None,
-            rules: forwards,
-        },
-        Chain {
-            name: "forwards_host",
-            hook: None,
-            rules: host,
-        },
-        Chain {
-            name: "localhost",
-            hook: None,
-            rules: dnat_rules(ListenKind::Lo),
-        },
-        Chain {
-            name: "count",
-            hook: None,
-            rules: count,
-        },
-        Chain {
-            name: "prerouting",
-            hook: Some("type nat hook prerouting priority dstnat; policy accept;"),
-            rules: vec!["fib daddr type local jump forwards".into()],
-        },
-        Chain {
-            name: "output",
-            hook: Some("type nat hook output priority -100; policy accept;"),
-            rules: vec![
-                "ip daddr 127.0.0.0/8 jump localhost".into(),
-                "ip daddr 127.0.0.0/8 return".into(),
-                "ip6 daddr ::1 return".into(),
-                "fib daddr type local jump forwards_host".into(),
-            ],
-        },
-        Chain {
-            name: "postrouting",
-            hook: Some("type nat hook postrouting priority srcnat; policy accept;"),
-            rules: post,
-        },
-        Chain {
-            name: "forward",
-            hook: Some("type filter hook forward priority filter; policy accept;"),
-            rules: vec!["ct status dnat jump count".into()],
-        },
-    ]
+    count
 }
 
 /// The chains of stopped domains' refused ports, only while there are any (no hook on
