@@ -112,6 +112,79 @@ fn xt_in_sync(rs: &Ruleset) -> Result<bool, FirewallError> {
     Ok(true)
 }
 
+/// Whether the kernel's table has `l`'s shape: its chains with their number of rules,
+/// and its sets.
+fn shape_in_sync(l: &Layout) -> Result<bool, FirewallError> {
+    let mut want_rules: BTreeMap<String, usize> = fixed_chains(l)
+        .into_iter()
+        .map(|c| (c.name.to_string(), c.rules.len()))
+        .collect();
+    want_rules.extend(l.chains.iter().map(|(n, r)| (n.clone(), r.len())));
+    let chains: BTreeSet<String> = nfnl::chains(inet(), TABLE)
+        .map_err(io_err("chains"))?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    if chains != want_rules.keys().cloned().collect() {
+        tracing::debug!("nftables: chains differ: {chains:?}");
+        return Ok(false);
+    }
+    let mut have_rules: BTreeMap<String, usize> = BTreeMap::new();
+    for r in nfnl::rules(inet(), TABLE, None)
+        .map_err(io_err("rules"))?
+        .unwrap_or_default()
+    {
+        *have_rules.entry(r.chain).or_default() += 1;
+    }
+    want_rules.retain(|_, n| *n > 0);
+    if have_rules != want_rules {
+        tracing::debug!("nftables: rules differ: {have_rules:?} vs {want_rules:?}");
+        return Ok(false);
+    }
+    let mut want_sets: BTreeSet<String> = declarations().into_iter().map(|d| d.name).collect();
+    want_sets.extend(l.source_sets.keys().cloned());
+    want_sets.extend(l.meters.keys().cloned());
+    let sets: BTreeSet<String> = nfnl::sets(inet(), TABLE)
+        .map_err(io_err("sets"))?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    if sets != want_sets {
+        tracing::debug!("nftables: sets differ: {sets:?}");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Whether every map and set of the table holds exactly `l`'s elements.
+fn elements_in_sync(l: &Layout) -> Result<bool, FirewallError> {
+    for d in &declarations() {
+        let want: BTreeSet<(Vec<u8>, Vec<u8>)> = l
+            .elements
+            .get(&d.name)
+            .into_iter()
+            .flatten()
+            .map(encode::elem_bytes)
+            .collect();
+        let have: BTreeSet<(Vec<u8>, Vec<u8>)> = nfnl::elements(inet(), TABLE, &d.name)
+            .map_err(io_err("elements"))?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.key, e.data))
+            .collect();
+        if want != have {
+            tracing::debug!(
+                "nftables: set {} differs from the plan: {:?} vs {:?}",
+                d.name,
+                have,
+                want
+            );
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 impl Nftables {
     /// Runs the xtables part and the nft batch in the safe order: adding, the accept goes
     /// first; removing, the DNAT goes first.
@@ -233,70 +306,8 @@ impl Backend for Nftables {
             return Ok(rs.is_empty() && !exists && xt_in_sync(rs)?);
         }
         let l = Layout::of(rs);
-        // the shape: chains with their number of rules, sets
-        let mut want_rules: BTreeMap<String, usize> = fixed_chains(&l)
-            .into_iter()
-            .map(|c| (c.name.to_string(), c.rules.len()))
-            .collect();
-        want_rules.extend(l.chains.iter().map(|(n, r)| (n.clone(), r.len())));
-        let chains: BTreeSet<String> = nfnl::chains(inet(), TABLE)
-            .map_err(io_err("chains"))?
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if chains != want_rules.keys().cloned().collect() {
-            tracing::debug!("nftables: chains differ: {chains:?}");
+        if !shape_in_sync(&l)? || !elements_in_sync(&l)? {
             return Ok(false);
-        }
-        let mut have_rules: BTreeMap<String, usize> = BTreeMap::new();
-        for r in nfnl::rules(inet(), TABLE, None)
-            .map_err(io_err("rules"))?
-            .unwrap_or_default()
-        {
-            *have_rules.entry(r.chain).or_default() += 1;
-        }
-        want_rules.retain(|_, n| *n > 0);
-        if have_rules != want_rules {
-            tracing::debug!("nftables: rules differ: {have_rules:?} vs {want_rules:?}");
-            return Ok(false);
-        }
-        let decls = declarations();
-        let mut want_sets: BTreeSet<String> = decls.iter().map(|d| d.name.clone()).collect();
-        want_sets.extend(l.source_sets.keys().cloned());
-        want_sets.extend(l.meters.keys().cloned());
-        let sets: BTreeSet<String> = nfnl::sets(inet(), TABLE)
-            .map_err(io_err("sets"))?
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if sets != want_sets {
-            tracing::debug!("nftables: sets differ: {sets:?}");
-            return Ok(false);
-        }
-        // the elements, exactly
-        for d in &decls {
-            let want: BTreeSet<(Vec<u8>, Vec<u8>)> = l
-                .elements
-                .get(&d.name)
-                .into_iter()
-                .flatten()
-                .map(encode::elem_bytes)
-                .collect();
-            let have: BTreeSet<(Vec<u8>, Vec<u8>)> = nfnl::elements(inet(), TABLE, &d.name)
-                .map_err(io_err("elements"))?
-                .unwrap_or_default()
-                .into_iter()
-                .map(|e| (e.key, e.data))
-                .collect();
-            if want != have {
-                tracing::debug!(
-                    "nftables: set {} differs from the plan: {:?} vs {:?}",
-                    d.name,
-                    have,
-                    want
-                );
-                return Ok(false);
-            }
         }
         // last: it runs `iptables-save` (two processes), netlink above is cheap and
         // answers most "no" at once (a deleted table after a flush)

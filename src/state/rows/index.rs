@@ -290,19 +290,8 @@ impl Installed {
     }
 }
 
-/// The shared part decoded; the rows of `only` (every domain: None) decoded.
-pub(super) fn split(
-    g: Grouped,
-    only: Option<&str>,
-    base: usize,
-) -> Result<(Ruleset, Installed), String> {
-    let bytes = unb64(&g.shared)?;
-    let sh: Shared = take_all(&bytes)?;
-    let names = sh
-        .names
-        .into_iter()
-        .map(Cow::into_owned)
-        .collect::<Vec<String>>();
+/// The index entries, every name checked (each used as an interface name validated once).
+fn decode_index(index: Vec<Entry>, names: &[String]) -> Result<Vec<HeldEntry>, String> {
     let name = |i: u32| -> Result<&String, String> {
         names.get(i as usize).ok_or_else(|| format!("no name {i}"))
     };
@@ -316,9 +305,8 @@ pub(super) fn split(
         }
         Ok(())
     };
-    let mut entries = Vec::with_capacity(sh.index.len());
-    for (domain, family, proto, kind, addr, ifname_ix, localhost, h, guest_ip, bridge, tap) in
-        sh.index
+    let mut entries = Vec::with_capacity(index.len());
+    for (domain, family, proto, kind, addr, ifname_ix, localhost, h, guest_ip, bridge, tap) in index
     {
         name(domain)?;
         check_if(bridge)?;
@@ -350,6 +338,23 @@ pub(super) fn split(
             tap,
         });
     }
+    Ok(entries)
+}
+
+/// The shared part decoded; the rows of `only` (every domain: None) decoded.
+pub(super) fn split(
+    g: Grouped,
+    only: Option<&str>,
+    base: usize,
+) -> Result<(Ruleset, Installed), String> {
+    let bytes = unb64(&g.shared)?;
+    let sh: Shared = take_all(&bytes)?;
+    let names = sh
+        .names
+        .into_iter()
+        .map(Cow::into_owned)
+        .collect::<Vec<String>>();
+    let entries = decode_index(sh.index, &names)?;
     let shared = shared_ruleset(sh.accepts, sh.hairpins, sh.hairpin_ports)?;
     let mut rules = Vec::new();
     let mut encoded = BTreeMap::new();
