@@ -82,6 +82,39 @@ fn metadata_element(dom: roxmltree::Node, text: &str) -> Option<String> {
     Some(format!("<metadata {decl}>{frag}</metadata>"))
 }
 
+/// An `<ip>`'s subnet: `address` with `prefix` or `netmask` (default /24 or /64).
+fn ip_subnet(ip: roxmltree::Node) -> Option<IpNet> {
+    let addr = ip
+        .attribute("address")
+        .and_then(|a| a.parse::<IpAddr>().ok())?;
+    let prefix = ip
+        .attribute("prefix")
+        .and_then(|p| p.parse::<u8>().ok())
+        .or_else(|| {
+            ip.attribute("netmask")
+                .and_then(|m| m.parse::<IpAddr>().ok())
+                .and_then(|m| ipnet::ip_mask_to_prefix(m).ok())
+        })
+        .unwrap_or(if addr.is_ipv4() { 24 } else { 64 });
+    IpNet::new(addr, prefix).ok()
+}
+
+/// A `<dhcp><host>`: its address, by MAC (IPv6 hosts: a DUID `id` holding one) or name.
+fn reservation(h: roxmltree::Node) -> Option<Reservation> {
+    let ip = h.attribute("ip").and_then(|i| i.parse::<IpAddr>().ok())?;
+    let mac = match h.attribute("mac") {
+        // a reservation for a MAC that is none reserves nothing
+        Some(m) => Some(super::parse_mac(m)?),
+        None => h.attribute("id").and_then(super::duid::mac),
+    };
+    let name = h.attribute("name").map(str::to_string);
+    (mac.is_some() || name.is_some()).then(|| Reservation {
+        mac: mac.unwrap_or_default(),
+        ip,
+        name,
+    })
+}
+
 /// Parses a network XML (plain `<network>` or a `<networkstatus>` wrapper).
 pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
     let doc = Document::parse(text).map_err(|e| format!("network XML: {e}"))?;
@@ -109,48 +142,20 @@ pub fn parse_network_xml(text: &str) -> Result<NetworkFacts, String> {
         == Some("yes");
     let mut addresses = Vec::new();
     let mut reservations = Vec::new();
-    for ip in net.children().filter(|c| c.has_tag_name("ip")) {
-        let Some(addr) = ip
-            .attribute("address")
-            .and_then(|a| a.parse::<IpAddr>().ok())
-        else {
-            continue;
-        };
-        let prefix = ip
-            .attribute("prefix")
-            .and_then(|p| p.parse::<u8>().ok())
-            .or_else(|| {
-                ip.attribute("netmask")
-                    .and_then(|m| m.parse::<IpAddr>().ok())
-                    .and_then(|m| ipnet::ip_mask_to_prefix(m).ok())
-            })
-            .unwrap_or(if addr.is_ipv4() { 24 } else { 64 });
-        if let Ok(n) = IpNet::new(addr, prefix) {
-            addresses.push(n);
-        }
+    // an <ip> without an address is not read at all
+    let with_address = |c: &roxmltree::Node| {
+        c.has_tag_name("ip")
+            && c.attribute("address")
+                .is_some_and(|a| a.parse::<IpAddr>().is_ok())
+    };
+    for ip in net.children().filter(with_address) {
+        addresses.extend(ip_subnet(ip));
         if let Some(dhcp) = child(ip, "dhcp") {
-            for h in dhcp.children().filter(|c| c.has_tag_name("host")) {
-                let Some(ip) = h.attribute("ip").and_then(|i| i.parse::<IpAddr>().ok()) else {
-                    continue;
-                };
-                // IPv6 hosts have a DUID `id` instead of a `mac`
-                let mac = match h.attribute("mac") {
-                    Some(m) => match super::parse_mac(m) {
-                        Some(m) => Some(m),
-                        // a reservation for a MAC that is none reserves nothing
-                        None => continue,
-                    },
-                    None => h.attribute("id").and_then(super::duid::mac),
-                };
-                let name = h.attribute("name").map(str::to_string);
-                if mac.is_some() || name.is_some() {
-                    reservations.push(Reservation {
-                        mac: mac.unwrap_or_default(),
-                        ip,
-                        name,
-                    });
-                }
-            }
+            reservations.extend(
+                dhcp.children()
+                    .filter(|c| c.has_tag_name("host"))
+                    .filter_map(reservation),
+            );
         }
     }
     let firewall = doc
