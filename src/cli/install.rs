@@ -20,28 +20,14 @@ fn hook_path(hooks: &Path, driver: &str) -> PathBuf {
     hooks.join(format!("{driver}.d")).join(HOOK_NAME)
 }
 
-/// `unit_dir`: also install the daemon's systemd unit there (`--daemon`).
-pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
-    let hooks = ctx.libvirt.hooks_dir();
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
-    // a unit an earlier `install --daemon` wrote stays recorded (and is rewritten)
-    let unit_file = unit_dir
-        .map(unit::path)
-        .or_else(|| settings::unit(&hooks).filter(|p| p.exists()));
-    // refused before anything is written
-    if let Some(u) = &unit_file
-        && let Ok(old) = fs::read_to_string(u)
-        && !unit::is_ours(&old)
-    {
-        return Err(format!(
-            "{} exists and was not written by virtgate: nothing installed",
-            u.display()
-        ));
-    }
+/// Writes the hook into each driver's `.d` directory (created if missing, and then
+/// recorded in `created`); returns the directories libvirtd does not watch yet.
+fn install_hooks(
+    hooks: &Path,
+    bin: &[u8],
+    created: &mut Vec<PathBuf>,
+) -> Result<Vec<String>, String> {
     let mut new_dirs = Vec::new();
-    // directories an earlier install created stay ours
-    let mut created = settings::created_dirs(&hooks);
     for d in DRIVERS {
         let dir = hooks.join(format!("{d}.d"));
         // libvirt uses a new file in a .d directory at once only if it already watched
@@ -61,11 +47,36 @@ pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
             crate::files::create_dir(&dir, 0o755).map_err(|e| format!("{}: {e}", dir.display()))?;
             created.push(dir.clone());
         }
-        let p = hook_path(&hooks, d);
+        let p = hook_path(hooks, d);
         // executable from the moment it appears (rename)
-        write_atomic_mode(&p, &bin, 0o755).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_atomic_mode(&p, bin, 0o755).map_err(|e| format!("{}: {e}", p.display()))?;
         println!("installed {}", p.display());
     }
+    Ok(new_dirs)
+}
+
+/// `unit_dir`: also install the daemon's systemd unit there (`--daemon`).
+pub fn install(ctx: &Context, unit_dir: Option<&Path>) -> Result<bool, String> {
+    let hooks = ctx.libvirt.hooks_dir();
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let bin = fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    // a unit an earlier `install --daemon` wrote stays recorded (and is rewritten)
+    let unit_file = unit_dir
+        .map(unit::path)
+        .or_else(|| settings::unit(&hooks).filter(|p| p.exists()));
+    // refused before anything is written
+    if let Some(u) = &unit_file
+        && let Ok(old) = fs::read_to_string(u)
+        && !unit::is_ours(&old)
+    {
+        return Err(format!(
+            "{} exists and was not written by virtgate: nothing installed",
+            u.display()
+        ));
+    }
+    // directories an earlier install created stay ours
+    let mut created = settings::created_dirs(&hooks);
+    let new_dirs = install_hooks(&hooks, &bin, &mut created)?;
     created.sort();
     created.dedup();
     if let Some(u) = &unit_file {
