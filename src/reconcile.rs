@@ -3,10 +3,11 @@
 //! change, the delta where the kernel holds what the state says. CLI `apply`, the libvirt
 //! hook (narrowed to its domain: [`plan_domain`]) and (later) the daemon all call this.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use crate::config::{BackendChoice, Config};
-use crate::facts::{Facts, LibvirtPaths};
+use crate::facts::{DomainFacts, Facts, LibvirtPaths};
 use crate::firewall::{self, Backend, FirewallError};
 use crate::plan::{self, Plan, Rule};
 use crate::state::{State, StateDir, StateError};
@@ -65,10 +66,28 @@ pub fn carried_rules(config: &Config, facts: &Facts, state: &State) -> Vec<Rule>
         .collect()
 }
 
-/// Plans without touching anything. Forwards in running domains' `<metadata>` join the
-/// config here, where the facts are known.
-pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
-    let config = config.with_metadata(&facts.domains);
+/// The config as it is planned: the files', with the forwards in the `<metadata>` of
+/// `domains` (running) joined to it. The one place they join: every plan and every
+/// command that shows the config as planned goes through here.
+pub fn desired<'c>(config: &'c Config, domains: &[DomainFacts]) -> Cow<'c, Config> {
+    config.with_metadata(domains)
+}
+
+/// A plan with the config it was made from ([`desired`]).
+pub struct Planned<'c> {
+    pub config: Cow<'c, Config>,
+    pub plan: Plan,
+}
+
+/// Plans without touching anything.
+pub fn plan_only<'c>(config: &'c Config, facts: &Facts, state: &State) -> Planned<'c> {
+    let config = desired(config, &facts.domains);
+    let plan = plan_desired(&config, facts, state);
+    Planned { config, plan }
+}
+
+/// [`plan_only`] of a config already merged.
+fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
     // domains that hold their ports now keep them against newcomers
     let mut domains = config.domain_configs();
     let installed: std::collections::HashSet<&str> = state
@@ -78,7 +97,7 @@ pub fn plan_only(config: &Config, facts: &Facts, state: &State) -> Plan {
         .map(|r| r.domain.as_str())
         .collect();
     domains.sort_by_cached_key(|d| !installed.contains(d.name.as_str()));
-    plan::plan(&domains, facts, &carried_rules(&config, facts, state))
+    plan::plan(&domains, facts, &carried_rules(config, facts, state))
 }
 
 /// The facts a reconcile works with: libvirt's files, plus the domains hooks reported as
@@ -163,7 +182,7 @@ pub fn reconcile_scoped(
         }
         _ => {
             let plan = match scope {
-                Scope::All => plan_only(config, &facts, &state),
+                Scope::All => plan_only(config, &facts, &state).plan,
                 Scope::Domain(name) => plan_domain(config, &facts, &state, name),
             };
             let Plan { ruleset, forwards } = plan;
@@ -204,15 +223,7 @@ fn corrupt(ctx: &Context, msg: String) -> ReconcileError {
 /// `update` records what the caller knows (a hook: started or stopped), and a stopped
 /// domain counts as stopped until libvirt has deleted its status file.
 fn begin(ctx: &Context, state: &mut State, update: impl FnOnce(&mut State)) {
-    // a new boot: nothing a hook reported as running before runs now
-    let boot = crate::state::boot_id();
-    if boot.is_some() && state.boot_id != boot {
-        state.started.clear();
-        state.stopped.clear();
-        state.hairpin_saved.clear();
-        state.generation = None;
-        state.boot_id = boot;
-    }
+    state.forget_previous_boot();
     update(state);
     // a stopped domain's status file is gone once libvirt is done with it
     let qemu_dir = ctx.libvirt.qemu_status_dir();
@@ -237,7 +248,7 @@ pub fn plan_domain_against(
     name: &str,
     others: &[plan::Held],
 ) -> Plan {
-    let config = config.with_metadata(&facts.domains);
+    let config = desired(config, &facts.domains);
     let domains: Vec<crate::model::DomainConfig> = config
         .domains
         .get(name)
@@ -369,6 +380,26 @@ fn apply_part(
     Ok(!same)
 }
 
+/// Switching backends: the old one removes what it installed, and the new one starts
+/// from nothing (and remembers from here).
+fn switch_backend(state: &mut State, backend: &dyn Backend) -> Result<(), ReconcileError> {
+    let Some(old) = state.backend.clone() else {
+        return Ok(());
+    };
+    if old == backend.name() || state.ruleset.is_empty() {
+        return Ok(());
+    }
+    let old = firewall::backend(BackendChoice::parse(&old).unwrap_or_default());
+    old.set_memory(state.xt_preexisting.take());
+    let removed = old.apply(&Default::default());
+    state.xt_preexisting = old.memory();
+    removed?;
+    backend.set_memory(None);
+    state.ruleset = Default::default();
+    state.generation = None;
+    Ok(())
+}
+
 /// Applies `plan` unless the kernel already holds it; updates `state` on success.
 ///
 /// `Scope::All` (apply, daemon, network hooks) reads the kernel: nothing is written when
@@ -386,22 +417,7 @@ fn apply_plan(
         ruleset,
         forwards: Vec::new(),
     };
-    // switching backends: the old one removes what it installed
-    if let Some(old) = state.backend.clone()
-        && old != backend.name()
-        && !state.ruleset.is_empty()
-    {
-        let choice = BackendChoice::parse(&old).unwrap_or_default();
-        let old = firewall::backend(choice);
-        old.set_memory(state.xt_preexisting.take());
-        let removed = old.apply(&Default::default());
-        state.xt_preexisting = old.memory();
-        removed?;
-        // the new backend starts remembering from here
-        backend.set_memory(None);
-        state.ruleset = Default::default();
-        state.generation = None;
-    }
+    switch_backend(state, backend)?;
     let same = plan.ruleset == state.ruleset;
     // whether the kernel holds the state's ruleset (a delta can start from it), and the
     // generation at which it is known to

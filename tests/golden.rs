@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use virtgate::config;
-use virtgate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts, Nic, Reservation};
+use virtgate::facts::{Facts, FactsBuilder, LibvirtFirewall};
 use virtgate::firewall::{Backend, iptables::Iptables, nftables::Nftables};
 use virtgate::plan;
 
@@ -38,48 +38,13 @@ source = ["198.51.100.0/24"]
 "#;
 
 fn facts(fw: LibvirtFirewall) -> Facts {
-    let net = NetworkFacts {
-        name: "default".into(),
-        bridge: "virbr0".into(),
-        forward_mode: "nat".into(),
-        addresses: vec![
-            "192.168.122.1/24".parse().unwrap(),
-            "fd00::1/64".parse().unwrap(),
-        ],
-        reservations: vec![Reservation {
-            mac: "52:54:00:00:00:01".into(),
-            ip: "192.168.122.10".parse().unwrap(),
-            name: None,
-        }],
-        firewall: fw,
-        active: true,
-        ..Default::default()
-    };
-    let dom = |name: &str, mac: &str, tap: &str| DomainFacts {
-        name: name.into(),
-        uuid: None,
-        nics: vec![Nic {
-            mac: mac.into(),
-            network: Some("default".into()),
-            bridge: Some("virbr0".into()),
-            tap: Some(tap.into()),
-        }],
-        metadata: None,
-    };
-    Facts {
-        domains: vec![
-            dom("web", "52:54:00:00:00:01", "vnet0"),
-            dom("api", "52:54:00:00:00:02", "vnet1"),
-        ],
-        networks: vec![net],
-        leases: vec![virtgate::facts::Lease {
-            bridge: "virbr0".into(),
-            mac: "52:54:00:00:00:02".into(),
-            ip: "192.168.122.11".parse().unwrap(),
-            expiry: u64::MAX,
-        }],
-        ..Default::default()
-    }
+    FactsBuilder::network("default", "virbr0", &["192.168.122.1/24", "fd00::1/64"])
+        .firewall(fw)
+        .reservation("52:54:00:00:00:01", "192.168.122.10")
+        .domain("web", "52:54:00:00:00:01", "vnet0")
+        .domain("api", "52:54:00:00:00:02", "vnet1")
+        .lease("52:54:00:00:00:02", "192.168.122.11", u64::MAX)
+        .build()
 }
 
 fn check(name: &str, actual: &str) {

@@ -6,47 +6,19 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use virtgate::facts::{DomainFacts, Facts, NetworkFacts, Nic, Reservation};
+use virtgate::facts::{Facts, FactsBuilder};
 use virtgate::model::{DomainConfig, ForwardSpec, Listen, PortRange, Proto};
 use virtgate::plan::{self, ListenOn};
 
 fn facts(n: usize) -> Facts {
-    let mut net = NetworkFacts {
-        name: "default".into(),
-        bridge: "virbr0".into(),
-        forward_mode: "nat".into(),
-        addresses: vec![
-            "192.168.122.1/24".parse().unwrap(),
-            "fd00::1/64".parse().unwrap(),
-        ],
-        active: true,
-        ..Default::default()
-    };
-    let mut domains = Vec::new();
+    let mut b = FactsBuilder::network("default", "virbr0", &["192.168.122.1/24", "fd00::1/64"]);
     for i in 0..n {
         let mac = format!("52:54:00:00:01:{i:02x}");
-        net.reservations.push(Reservation {
-            mac: mac.clone(),
-            ip: format!("192.168.122.{}", 10 + i).parse().unwrap(),
-            name: None,
-        });
-        domains.push(DomainFacts {
-            name: format!("d{i}"),
-            uuid: None,
-            nics: vec![Nic {
-                mac,
-                network: Some("default".into()),
-                bridge: Some("virbr0".into()),
-                tap: Some(format!("vnet{i}")),
-            }],
-            metadata: None,
-        });
+        b = b
+            .reservation(&mac, &format!("192.168.122.{}", 10 + i))
+            .domain(&format!("d{i}"), &mac, &format!("vnet{i}"));
     }
-    Facts {
-        domains,
-        networks: vec![net],
-        ..Default::default()
-    }
+    b.build()
 }
 
 fn forward() -> impl Strategy<Value = ForwardSpec> {
@@ -191,25 +163,13 @@ fn hostile_names_never_collide() {
         "x".repeat(200),
         format!("{}y", "x".repeat(199)),
     ];
-    let mut f = facts(0);
+    let mut b = FactsBuilder::network("default", "virbr0", &["192.168.122.1/24", "fd00::1/64"]);
     let mut doms = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let mac = format!("52:54:00:00:02:{i:02x}");
-        f.networks[0].reservations.push(Reservation {
-            mac: mac.clone(),
-            ip: format!("192.168.122.{}", 50 + i).parse().unwrap(),
-            name: None,
-        });
-        f.domains.push(DomainFacts {
-            name: n.clone(),
-            uuid: None,
-            nics: vec![Nic {
-                mac,
-                network: Some("default".into()),
-                ..Default::default()
-            }],
-            metadata: None,
-        });
+        b = b
+            .reservation(&mac, &format!("192.168.122.{}", 50 + i))
+            .domain(n, &mac, &format!("vnet{i}"));
         doms.push(DomainConfig {
             name: n.clone(),
             forwards: vec![ForwardSpec {
@@ -220,6 +180,7 @@ fn hostile_names_never_collide() {
             ..Default::default()
         });
     }
+    let f = b.build();
     let p = plan::plan(&doms, &f, &[]);
     let mut ids: Vec<&str> = p.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids.len(), names.len() * 2 - names.len()); // IPv4 only (no IPv6 address known)

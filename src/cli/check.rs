@@ -9,7 +9,7 @@ pub fn run(ctx: &Context) -> Result<bool, String> {
     // forwards in the <metadata> of running domains are checked too
     let running = facts::libvirt::read_running_domains(&ctx.libvirt);
     let base = load_config(ctx)?;
-    let cfg = base.with_metadata(&running);
+    let cfg = crate::reconcile::desired(&base, &running);
     for d in &cfg.diagnostics {
         println!("{d}");
     }

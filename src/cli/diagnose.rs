@@ -57,7 +57,10 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
     };
     let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
     let facts = reconcile::facts_for(ctx, &st);
-    let merged = cfg.with_metadata(&facts.domains);
+    let reconcile::Planned {
+        config: merged,
+        plan,
+    } = reconcile::plan_only(&cfg, &facts, &st);
     let running = facts.domain(domain, entry.domain.uuid.as_deref()).is_some()
         || merged.domains.get(domain).is_some_and(|d| {
             facts
@@ -73,7 +76,6 @@ fn steps(ctx: &Context, domain: &str, port: Option<u16>) -> Result<Vec<Step>, St
         return Ok(out);
     }
     out.push(pass("running", "the domain is running"));
-    let plan = reconcile::plan_only(&cfg, &facts, &st);
     let active = address_steps(&plan, domain, &wanted, &mut out);
     if active.is_empty() {
         return Ok(out);

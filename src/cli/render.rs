@@ -11,7 +11,7 @@ pub fn run(ctx: &Context) -> Result<bool, String> {
     }
     let st = state::read_state(&state::state_file(&ctx.state_dir)).unwrap_or_default();
     let facts = reconcile::facts_for(ctx, &st);
-    let plan = reconcile::plan_only(&cfg, &facts, &st);
+    let plan = reconcile::plan_only(&cfg, &facts, &st).plan;
     let backend = ctx.backend_for(&cfg);
     print!("{}", backend.render(&plan.ruleset));
     Ok(true)

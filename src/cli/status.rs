@@ -141,7 +141,7 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let cfg = load_config(ctx)?;
     let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
     let facts = reconcile::facts_for(ctx, &st);
-    let plan = reconcile::plan_only(&cfg, &facts, &st);
+    let reconcile::Planned { config, plan } = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
     let counters = backend.counters(&st.ruleset).unwrap_or_default();
     let drifted = !crate::firewall::holds(backend.as_ref(), &st.ruleset, st.generation)
@@ -156,7 +156,7 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             .iter()
             .map(|f| row(f, &counters, drifted, &installed))
             .collect(),
-        invalid_domains: invalid(&cfg, &facts, &plan),
+        invalid_domains: invalid(&config, &plan),
         warnings: warnings(&plan, &facts),
         daemon: crate::daemon::running_report(&ctx.state_dir),
     };
@@ -201,8 +201,7 @@ fn warnings(plan: &Plan, facts: &Facts) -> Vec<String> {
 }
 
 /// Domains whose config is invalid, with their errors and the rules kept for them.
-fn invalid(cfg: &Config, facts: &Facts, plan: &Plan) -> Vec<Invalid> {
-    let merged = cfg.with_metadata(&facts.domains);
+fn invalid(merged: &Config, plan: &Plan) -> Vec<Invalid> {
     merged
         .invalid_domains
         .iter()

@@ -2,6 +2,7 @@
 //! their NICs, networks, DHCP leases, the neighbour table and sysctls. The types here are
 //! plain data so the planner stays pure; the readers live in submodules.
 
+pub mod builder;
 pub mod duid;
 pub mod leases;
 pub mod libvirt;
@@ -16,37 +17,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::model::LibvirtFirewall;
 
-/// One NIC of a domain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Nic {
-    pub mac: String,
-    pub network: Option<String>,
-    pub bridge: Option<String>,
-    pub tap: Option<String>,
-}
-
-/// A domain libvirt runs (or a hook said it started).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct DomainFacts {
-    pub name: String,
-    pub uuid: Option<String>,
-    pub nics: Vec<Nic>,
-    /// virtgate's element of the domain's `<metadata>`, if it has one, as XML that parses
-    /// on its own (its namespace declared on a wrapper); the config reads it. A state
-    /// written by an earlier release kept it parsed: that is dropped (the next hook or
-    /// apply reads it again from libvirt's files).
-    #[serde(default, deserialize_with = "metadata_text")]
-    pub metadata: Option<String>,
-}
-
-fn metadata_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Some(s),
-        _ => None,
-    })
-}
-
+pub use crate::model::domain::{DomainFacts, Nic};
 pub use crate::model::parse_mac;
+pub use builder::FactsBuilder;
 
 /// A DHCP host reservation of a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use crate::exec::ExecError;
 use crate::model::BackendChoice;
-use crate::plan::Ruleset;
+use crate::rules::Ruleset;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {

@@ -21,7 +21,7 @@ use super::FirewallError;
 use super::nfnl::{self, RuleInfo};
 use crate::model::Family;
 use crate::model::LibvirtFirewall;
-use crate::plan::BridgeAccept;
+use crate::rules::BridgeAccept;
 
 /// Comment marking virtgate's rules in libvirt's nftables chains.
 pub const NFT_MARK: &str = "virtgate";

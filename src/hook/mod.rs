@@ -152,7 +152,7 @@ fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &st
         crate::state::read_state_for(&crate::state::state_file(&ctx.state_dir), cfg_name)
             .unwrap_or_default();
     // recorded before a reboot: none of it runs
-    let others = if st.boot_id == crate::state::boot_id() {
+    let others = if st.from_this_boot() {
         inst.others()
     } else {
         Vec::new()
@@ -283,8 +283,8 @@ fn qemu_with(
     let stopping = matches!(op, "stopped" | "release");
     // the domain's own <metadata> forwards count for its checks here
     let own = match &parsed {
-        Ok(d) => cfg.with_metadata(std::slice::from_ref(d)),
-        Err(_) => cfg.with_metadata::<crate::facts::DomainFacts>(&[]),
+        Ok(d) => reconcile::desired(cfg, std::slice::from_ref(d)),
+        Err(_) => reconcile::desired(cfg, &[]),
     };
     let cfg_name = config_name(&own, name, parsed.as_ref().ok());
     if !concerns_virtgate(ctx, &own, name, parsed.as_ref().ok()) {

@@ -2,6 +2,7 @@
 //! listen selectors and the validated forward specification.
 
 pub mod conflicts;
+pub mod domain;
 
 /// The XML namespace of virtgate's element in a domain's `<metadata>`.
 pub const METADATA_NAMESPACE: &str = "https://virtgate.dev/xmlns/1";

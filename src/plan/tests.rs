@@ -1,39 +1,16 @@
 use super::*;
-use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts};
+use crate::facts::{DomainFacts, Facts, FactsBuilder, LibvirtFirewall, NetworkFacts};
 use crate::model::{DomainConfig, Family, ForwardSpec};
 
 use crate::facts::Nic;
-use crate::facts::Reservation;
 use crate::model::PortRange;
 
 fn facts() -> Facts {
-    Facts {
-        domains: vec![DomainFacts {
-            name: "web".into(),
-            uuid: None,
-            nics: vec![Nic {
-                mac: "52:54:00:00:00:01".into(),
-                network: Some("default".into()),
-                bridge: Some("virbr0".into()),
-                tap: Some("vnet0".into()),
-            }],
-            metadata: None,
-        }],
-        networks: vec![NetworkFacts {
-            name: "default".into(),
-            bridge: "virbr0".into(),
-            addresses: vec!["192.168.122.1/24".parse().unwrap()],
-            reservations: vec![Reservation {
-                mac: "52:54:00:00:00:99".into(),
-                ip: "192.168.122.99".parse().unwrap(),
-                name: None,
-            }],
-            active: true,
-            ..Default::default()
-        }],
-        now: 1000,
-        ..Default::default()
-    }
+    FactsBuilder::network("default", "virbr0", &["192.168.122.1/24"])
+        .reservation("52:54:00:00:00:99", "192.168.122.99")
+        .domain("web", "52:54:00:00:00:01", "vnet0")
+        .now(1000)
+        .build()
 }
 
 fn web(spec: ForwardSpec) -> Vec<DomainConfig> {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::facts::DomainFacts;
-use crate::plan::Ruleset;
+use crate::model::domain::DomainFacts;
+use crate::rules::Ruleset;
 
 mod rows;
 
@@ -77,6 +77,26 @@ impl State {
             boot_id: self.boot_id.clone(),
             xt_preexisting: self.xt_preexisting.clone(),
         }
+    }
+
+    /// Whether this state was written during this boot (an unreadable boot id counts as
+    /// this boot): before a reboot, none of what hooks reported as running runs now.
+    pub fn from_this_boot(&self) -> bool {
+        let boot = boot_id();
+        boot.is_none() || self.boot_id == boot
+    }
+
+    /// After a reboot, forgets what hooks reported as started or stopped, the bridge ports'
+    /// saved modes and the generation (the kernel's ruleset is new), and records this boot.
+    pub fn forget_previous_boot(&mut self) {
+        if self.from_this_boot() {
+            return;
+        }
+        self.started.clear();
+        self.stopped.clear();
+        self.hairpin_saved.clear();
+        self.generation = None;
+        self.boot_id = boot_id();
     }
 }
 
@@ -378,7 +398,7 @@ pub fn state_file(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{ListenOn, Rule};
+    use crate::rules::{ListenOn, Rule};
 
     fn rule() -> Rule {
         Rule {

@@ -18,7 +18,7 @@ use super::xtables::{self};
 use super::{Backend, Counters, FirewallError, nfnl, nftables, placement};
 use crate::exec;
 use crate::model::Family;
-use crate::plan::Ruleset;
+use crate::rules::Ruleset;
 use rules::delta_script;
 pub use rules::specs;
 

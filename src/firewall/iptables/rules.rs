@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use crate::firewall::placement;
 use crate::firewall::xtables::{Jump, TableSpec};
 use crate::model::{Family, PortRange, Proto};
-use crate::plan::{ListenOn, Rule, Ruleset};
+use crate::rules::{ListenOn, Rule, Ruleset};
 
 pub(super) fn host(ip: &IpAddr) -> String {
     match ip {

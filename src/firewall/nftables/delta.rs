@@ -12,7 +12,7 @@ use super::layout::{Elem, Layout, declarations};
 use super::render::{elements_stmt, meter_decl, refusal_chains, source_set_decl};
 use crate::exec;
 use crate::firewall::{FirewallError, nfnl};
-use crate::plan::{Rule, Ruleset};
+use crate::rules::{Rule, Ruleset};
 
 /// What turns one layout into another: element changes per set, and `nft` statements for
 /// the chains and source sets of forwards with an allow-list.

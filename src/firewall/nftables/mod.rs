@@ -18,7 +18,7 @@ use self::layout::{Layout, declarations};
 use super::{Backend, Counters, FirewallError, nfnl, placement, xtables};
 use crate::exec;
 use crate::model::Family;
-use crate::plan::Ruleset;
+use crate::rules::Ruleset;
 use delta::{delta, rate_limited, touched_layouts};
 pub use render::table_batch;
 use render::{Kept, fixed_chains, full_batch};

@@ -11,7 +11,7 @@ use super::TABLE;
 use super::layout::{Elem, Layout, ListenKind, SetDecl, declarations, dnat_map, range_map};
 use crate::firewall::placement;
 use crate::model::Family;
-use crate::plan::{Rule, Ruleset};
+use crate::rules::{Rule, Ruleset};
 
 pub(super) fn ipkw(f: Family) -> &'static str {
     placement::nft_family(f)

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::LibvirtFirewall;
 use crate::model::{Family, PortRange, Proto, RateLimit, RatePer, RateUnit};
-use crate::plan::{BridgeAccept, Hairpin, ListenOn, Rule, Ruleset};
+use crate::rules::{BridgeAccept, Hairpin, ListenOn, Rule, Ruleset};
 
 /// id, domain (index into `domains`), family (4|6), proto, listen (`*`, `a:ADDR`,
 /// `i:IFNAME`), host ports, guest address, guest ports, sources, localhost, bridge (index
@@ -141,7 +141,7 @@ pub(super) fn unrow(
         .clone();
     // a refusal (unspecified guest) is nothing else
     if guest_ip.is_unspecified()
-        && (bridge != crate::plan::REFUSAL_BRIDGE
+        && (bridge != crate::rules::REFUSAL_BRIDGE
             || localhost
             || tap.is_some()
             || guest_ports != host_ports)

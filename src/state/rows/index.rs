@@ -14,7 +14,7 @@ use super::codec::{
 };
 use crate::model::LibvirtFirewall;
 use crate::model::{Family, PortRange, Proto};
-use crate::plan::{Held, ListenOn, Rule, Ruleset};
+use crate::rules::{Held, ListenOn, Rule, Ruleset};
 
 /// One index entry: domain, family, proto, listen (0 any, 1 address, 2 interface), the
 /// listen address, the listen interface, localhost, host ports, guest address, bridge, tap
@@ -241,7 +241,7 @@ impl Installed {
         for (d, r) in &self.encoded {
             rules.extend(decode_domain(d, self.chunk(r))?);
         }
-        crate::plan::sort_rules(&mut rules);
+        crate::rules::sort_rules(&mut rules);
         Ok(Ruleset {
             rules,
             ..part.clone()

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::plan::Ruleset;
+use crate::rules::Ruleset;
 use codec::{decode_domain, decode_v2, shared_ruleset, take_all, unb64};
 pub use index::Installed;
 use index::{Shared, split};
@@ -124,6 +124,6 @@ fn whole(g: Grouped) -> Result<Ruleset, String> {
     for (d, text) in &g.domains {
         rs.rules.extend(decode_domain(d, text)?);
     }
-    crate::plan::sort_rules(&mut rs.rules);
+    crate::rules::sort_rules(&mut rs.rules);
     Ok(rs)
 }

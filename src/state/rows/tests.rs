@@ -2,7 +2,7 @@ use super::codec::*;
 use super::index::*;
 use super::*;
 use crate::model::{Family, PortRange, Proto, RateLimit, RatePer, RateUnit};
-use crate::plan::{Held, ListenOn, Rule, Ruleset};
+use crate::rules::{Held, ListenOn, Rule, Ruleset};
 
 fn rule(domain: &str, n: u8, guest: &str, tap: Option<&str>) -> Rule {
     Rule {

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 
 use super::{Field, ListenKind, SetDecl, dnat_map, range_map};
 use crate::model::{Family, PortRange, RateLimit, RatePer};
-use crate::plan::Rule;
+use crate::rules::Rule;
 
 /// How long a per-source meter keeps a client's bucket: long enough to refill its burst,
 /// at least a minute.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use super::declarations::{fam_suffix, ip_field, limit_rule, meter_timeout, port_field};
 use super::{Data, Elem, Field, Layout, ListenKind, dnat_map, range_map};
 use crate::model::{Family, PortRange, Proto, RatePer};
-use crate::plan::{ListenOn, Rule};
+use crate::rules::{ListenOn, Rule};
 
 /// The listen key fields of a rule for a listen kind (without proto and port).
 pub(super) fn listen_fields(r: &Rule) -> (ListenKind, Vec<Field>) {

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use crate::model::{Family, Proto};
-use crate::plan::{Rule, Ruleset};
+use crate::rules::{Rule, Ruleset};
 use declarations::{addr_type, fam_suffix, net_field};
 pub use declarations::{declarations, has_chain};
 pub use elements::{TrafficIndex, traffic_index, traffic_owner};
