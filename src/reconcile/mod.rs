@@ -1,0 +1,238 @@
+//! The one level-triggered reconcile: desired state (config + facts) -> plan -> compare
+//! with what is installed (the state, and the kernel read back) -> at most one atomic
+//! change, the delta where the kernel holds what the state says. CLI `apply`, the libvirt
+//! hook (narrowed to its domain: [`plan_domain`]) and (later) the daemon all call this.
+
+mod apply;
+mod narrow;
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use crate::config::{BackendChoice, Config};
+use crate::facts::{DomainFacts, Facts, LibvirtPaths};
+use crate::firewall::{self, Backend, FirewallError};
+use crate::plan::{self, Plan};
+use crate::state::{State, StateDir, StateError};
+use apply::{apply_part, apply_plan};
+pub use narrow::{carried_rules, plan_domain, plan_domain_against};
+
+/// Where things are, from the global options.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub backend: BackendChoice,
+    pub libvirt: LibvirtPaths,
+}
+
+impl Context {
+    /// The backend: the command line wins over the config file.
+    pub fn backend_for(&self, config: &Config) -> Box<dyn Backend> {
+        let choice = match (self.backend, config.backend) {
+            (BackendChoice::Auto, Some(c)) => c,
+            (c, _) => c,
+        };
+        firewall::backend(choice)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
+/// What a reconcile did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The status of every forward planned.
+    pub forwards: Vec<plan::ForwardStatus>,
+    /// Rules installed now.
+    pub rules: usize,
+    pub changed: bool,
+    pub backend: &'static str,
+    /// The state after the reconcile (what is installed now).
+    pub state: State,
+}
+
+/// The config as it is planned: the files', with the forwards in the `<metadata>` of
+/// `domains` (running) joined to it. The one place they join: every plan and every
+/// command that shows the config as planned goes through here.
+pub fn desired<'c>(config: &'c Config, domains: &[DomainFacts]) -> Cow<'c, Config> {
+    config.with_metadata(domains)
+}
+
+/// A plan with the config it was made from ([`desired`]).
+pub struct Planned<'c> {
+    pub config: Cow<'c, Config>,
+    pub plan: Plan,
+}
+
+/// Plans without touching anything.
+pub fn plan_only<'c>(config: &'c Config, facts: &Facts, state: &State) -> Planned<'c> {
+    let config = desired(config, &facts.domains);
+    let plan = plan_desired(&config, facts, state);
+    Planned { config, plan }
+}
+
+/// [`plan_only`] of a config already merged.
+fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
+    // domains that hold their ports now keep them against newcomers
+    let mut domains = config.domain_configs();
+    let installed: std::collections::HashSet<&str> = state
+        .ruleset
+        .rules
+        .iter()
+        .map(|r| r.domain.as_str())
+        .collect();
+    domains.sort_by_cached_key(|d| !installed.contains(d.name.as_str()));
+    plan::plan(&domains, facts, &carried_rules(config, facts, state))
+}
+
+/// The facts a reconcile works with: libvirt's files, plus the domains hooks reported as
+/// started, minus those hooks reported as stopped.
+pub fn facts_for(ctx: &Context, st: &State) -> Facts {
+    let extra: Vec<_> = st.started.values().cloned().collect();
+    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &crate::firewall::placement::Probe);
+    f.domains.retain(|d| !st.stopped.contains(&d.name));
+    f
+}
+
+/// The facts a hook for one domain needs: libvirt's networks, leases, the neighbour table
+/// and sysctls, and that domain (from its XML); other domains' status files are not read
+/// (what is installed for them stays as it is).
+pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
+    let domains: Vec<_> = domain.into_iter().cloned().collect();
+    crate::facts::gather_only(&ctx.libvirt, domains, &crate::firewall::placement::Probe)
+}
+
+/// Which domains a reconcile may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Everything (level-triggered).
+    All,
+    /// Only this config domain's rules; every other domain keeps what is installed.
+    Domain(&'a str),
+}
+
+/// Reconciles under the state lock. `update` may edit the state first (a hook records
+/// a started or stopped domain), given the facts it then reconciles with.
+pub fn reconcile(
+    ctx: &Context,
+    config: &Config,
+    gather: impl FnOnce(&State) -> Facts,
+    update: impl FnOnce(&mut State),
+) -> Result<Outcome, ReconcileError> {
+    reconcile_scoped(ctx, config, gather, update, Scope::All)
+}
+
+/// [`reconcile`], limited to `scope`.
+///
+/// A hook (`Scope::Domain`) with a backend whose delta is local loads only its domain's
+/// rules and the index of the others ([`crate::state::Installed`]): its cost does not grow
+/// with what other domains have installed. The [`Outcome`]'s state then holds only the
+/// rules that were decoded.
+pub fn reconcile_scoped(
+    ctx: &Context,
+    config: &Config,
+    gather: impl FnOnce(&State) -> Facts,
+    update: impl FnOnce(&mut State),
+    scope: Scope,
+) -> Result<Outcome, ReconcileError> {
+    let dir = StateDir::lock(&ctx.state_dir)?;
+    let backend = ctx.backend_for(config);
+    let (mut state, mut inst) = match scope {
+        Scope::Domain(name) if backend.local_delta() => {
+            let (st, inst) = dir.load_for(name)?;
+            (st, Some(inst))
+        }
+        _ => (dir.load()?, None),
+    };
+    // switching backends: the old one removes what it installed, from the whole ruleset
+    if let Some(i) = &inst
+        && state
+            .backend
+            .as_deref()
+            .is_some_and(|b| b != backend.name())
+    {
+        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+        inst = None;
+    }
+    let before = state.without_ruleset();
+    backend.set_memory(state.xt_preexisting.clone());
+    begin(ctx, &mut state, update);
+    let facts = gather(&state);
+    let (plan, result) = match (&mut inst, scope) {
+        (Some(i), Scope::Domain(name)) => {
+            let plan = plan_domain_against(config, &facts, &state, name, &i.others());
+            let Plan { ruleset, forwards } = plan;
+            let r = apply_part(ctx, &mut state, i, ruleset, backend.as_ref(), name);
+            (forwards, r)
+        }
+        _ => {
+            let plan = match scope {
+                Scope::All => plan_only(config, &facts, &state).plan,
+                Scope::Domain(name) => plan_domain(config, &facts, &state, name),
+            };
+            let Plan { ruleset, forwards } = plan;
+            let r = apply_plan(&mut state, ruleset, backend.as_ref(), scope);
+            (forwards, r)
+        }
+    };
+    if state.backend.as_deref().is_none_or(|b| b == backend.name()) {
+        state.xt_preexisting = backend.memory();
+    }
+    // what the hook recorded (started, stopped) is kept even if the change failed; an
+    // unchanged state is not written again
+    if !matches!(result, Ok(false)) || state.without_ruleset() != before {
+        match &inst {
+            Some(i) => dir.save_partial(&state, i)?,
+            None => dir.save(&state)?,
+        }
+    }
+    let changed = result?;
+    let others = inst.as_ref().map_or(0, |i| i.other_rules());
+    Ok(Outcome {
+        forwards: plan,
+        rules: state.ruleset.rules.len() + others,
+        changed,
+        backend: backend.name(),
+        state,
+    })
+}
+
+fn corrupt(ctx: &Context, msg: String) -> ReconcileError {
+    ReconcileError::State(StateError::Corrupt {
+        path: crate::state::state_file(&ctx.state_dir),
+        msg,
+    })
+}
+
+/// What every reconcile does to the state first: a new boot forgets what ran before,
+/// `update` records what the caller knows (a hook: started or stopped), and a stopped
+/// domain counts as stopped until libvirt has deleted its status file.
+fn begin(ctx: &Context, state: &mut State, update: impl FnOnce(&mut State)) {
+    state.forget_previous_boot();
+    update(state);
+    // a stopped domain's status file is gone once libvirt is done with it
+    let qemu_dir = ctx.libvirt.qemu_status_dir();
+    state
+        .stopped
+        .retain(|n| qemu_dir.join(format!("{n}.xml")).exists());
+}
+
+/// Where config and facts meet: a running domain's `<metadata>` for the config to merge.
+impl crate::config::CarriesMetadata for crate::facts::DomainFacts {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn uuid(&self) -> Option<&str> {
+        self.uuid.as_deref()
+    }
+    fn metadata_xml(&self) -> Option<&str> {
+        self.metadata.as_deref()
+    }
+}
