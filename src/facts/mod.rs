@@ -180,7 +180,7 @@ impl LibvirtPaths {
 /// What gathering facts needs from the kernel's firewall, asked only where it matters:
 /// the bridges libvirt's nftables form guards (for networks whose status does not record
 /// the form) and the families whose iptables `FORWARD` chain exists (beside libvirt's
-/// nftables form). The firewall side answers (`firewall::placement::Probe`):
+/// nftables form). The firewall side answers (`reconcile` passes it in):
 /// facts never run the firewall's tools themselves.
 pub trait FirewallProbe {
     fn libvirt_nft_bridges(&self) -> std::collections::BTreeSet<String>;

@@ -75,18 +75,6 @@ fn is_ours(r: &RuleInfo) -> bool {
 }
 
 /// Bridges that libvirt's nftables form guards (they appear in `guest_input`).
-/// The kernel's answers to what gathering facts asks (see [`crate::facts::FirewallProbe`]).
-pub struct Probe;
-
-impl crate::facts::FirewallProbe for Probe {
-    fn libvirt_nft_bridges(&self) -> BTreeSet<String> {
-        libvirt_nft_bridges()
-    }
-    fn xt_forward_families(&self) -> Vec<Family> {
-        xt_forward_families()
-    }
-}
-
 pub fn libvirt_nft_bridges() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for fam in [Family::Ipv4, Family::Ipv6] {

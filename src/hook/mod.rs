@@ -142,40 +142,6 @@ fn reassert(ctx: &Context, what: &str, stopped_network: Option<&str>) {
     }
 }
 
-/// This domain's forwards that collide with forwards installed for other domains running
-/// now (they keep their ports).
-fn conflicts_with_running(ctx: &Context, cfg: &Config, cfg_name: &str, name: &str) -> Vec<String> {
-    let Some(me) = cfg.domains.get(cfg_name) else {
-        return Vec::new();
-    };
-    let (st, inst) =
-        crate::state::read_state_for(&crate::state::state_file(&ctx.state_dir), cfg_name)
-            .unwrap_or_default();
-    // recorded before a reboot: none of it runs
-    let others = if st.from_this_boot() {
-        inst.others()
-    } else {
-        Vec::new()
-    };
-    me.domain
-        .forwards
-        .iter()
-        .filter_map(|f| {
-            let r = others
-                .iter()
-                .filter(|r| r.domain != cfg_name && r.domain != name)
-                .find(|r| crate::plan::conflicts::spec_overlaps_rule(f, r))?;
-            Some(format!(
-                "forward {} conflicts with {}/{} of running domain {:?}",
-                f.short(),
-                r.host_ports,
-                r.proto,
-                r.domain
-            ))
-        })
-        .collect()
-}
-
 /// Whether a domain has forwards configured (by name or UUID) or installed.
 fn concerns_virtgate(
     ctx: &Context,
@@ -321,7 +287,9 @@ fn qemu_with(
         .collect();
     if op == "prepare" {
         let mut problems = own_errors;
-        problems.extend(conflicts_with_running(ctx, &own, &cfg_name, name));
+        problems.extend(reconcile::conflicts_with_running(
+            ctx, &own, &cfg_name, name,
+        ));
         return if problems.is_empty() {
             0
         } else {

@@ -15,7 +15,7 @@ use crate::firewall::{self, Backend, FirewallError};
 use crate::plan::{self, Plan};
 use crate::state::{State, StateDir, StateError};
 use apply::{apply_part, apply_plan};
-pub use narrow::{carried_rules, plan_domain, plan_domain_against};
+pub use narrow::{carried_rules, conflicts_with_running, plan_domain, plan_domain_against};
 
 /// Where things are, from the global options.
 #[derive(Debug, Clone)]
@@ -96,7 +96,7 @@ fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
 /// started, minus those hooks reported as stopped.
 pub fn facts_for(ctx: &Context, st: &State) -> Facts {
     let extra: Vec<_> = st.started.values().cloned().collect();
-    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &crate::firewall::placement::Probe);
+    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &KernelProbe);
     f.domains.retain(|d| !st.stopped.contains(&d.name));
     f
 }
@@ -106,7 +106,7 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
 /// (what is installed for them stays as it is).
 pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
     let domains: Vec<_> = domain.into_iter().cloned().collect();
-    crate::facts::gather_only(&ctx.libvirt, domains, &crate::firewall::placement::Probe)
+    crate::facts::gather_only(&ctx.libvirt, domains, &KernelProbe)
 }
 
 /// Which domains a reconcile may change.
@@ -234,5 +234,18 @@ impl crate::config::CarriesMetadata for crate::facts::DomainFacts {
     }
     fn metadata_xml(&self) -> Option<&str> {
         self.metadata.as_deref()
+    }
+}
+
+/// Where facts and the firewall meet: what gathering facts asks of the kernel's firewall
+/// (libvirt's nftables bridges, iptables' FORWARD chains), answered by the firewall side.
+struct KernelProbe;
+
+impl crate::facts::FirewallProbe for KernelProbe {
+    fn libvirt_nft_bridges(&self) -> std::collections::BTreeSet<String> {
+        firewall::placement::libvirt_nft_bridges()
+    }
+    fn xt_forward_families(&self) -> Vec<crate::model::Family> {
+        firewall::placement::xt_forward_families()
     }
 }

@@ -1,6 +1,6 @@
 //! Plans narrowed to one domain, and the rules kept for domains whose config is invalid.
 
-use super::desired;
+use super::{Context, desired};
 use crate::config::Config;
 use crate::facts::Facts;
 use crate::plan::{self, Plan, Rule};
@@ -80,4 +80,43 @@ pub fn plan_domain_against(
     ports.dedup();
     plan.ruleset.hairpin_ports = ports;
     plan
+}
+
+/// This domain's forwards that collide with forwards installed for other domains running
+/// now (they keep their ports).
+pub fn conflicts_with_running(
+    ctx: &Context,
+    cfg: &Config,
+    cfg_name: &str,
+    name: &str,
+) -> Vec<String> {
+    let Some(me) = cfg.domains.get(cfg_name) else {
+        return Vec::new();
+    };
+    let (st, inst) =
+        crate::state::read_state_for(&crate::state::state_file(&ctx.state_dir), cfg_name)
+            .unwrap_or_default();
+    // recorded before a reboot: none of it runs
+    let others = if st.from_this_boot() {
+        inst.others()
+    } else {
+        Vec::new()
+    };
+    me.domain
+        .forwards
+        .iter()
+        .filter_map(|f| {
+            let r = others
+                .iter()
+                .filter(|r| r.domain != cfg_name && r.domain != name)
+                .find(|r| plan::conflicts::spec_overlaps_rule(f, r))?;
+            Some(format!(
+                "forward {} conflicts with {}/{} of running domain {:?}",
+                f.short(),
+                r.host_ports,
+                r.proto,
+                r.domain
+            ))
+        })
+        .collect()
 }
