@@ -363,3 +363,81 @@ fn generation_spares_the_read_back_and_misses_nothing() {
         "active"
     );
 }
+
+/// The digest of the inputs recorded in the state after a whole reconcile.
+fn recorded_inputs(lab: &Lab) -> Option<String> {
+    let text = std::fs::read_to_string(lab.state_dir().join("state.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["inputs"]["digest"].as_str().map(str::to_string)
+}
+
+fn answers(lab: &Lab, port: u16, guest: &str) -> bool {
+    lab.client
+        .tcp(sa(&format!("{PUBLIC}:{port}")))
+        .is_ok_and(|r| r.starts_with(guest))
+}
+
+#[test]
+fn an_unchanged_apply_plans_nothing_and_misses_no_change() {
+    if !common::can_run_netns("an_unchanged_apply_plans_nothing_and_misses_no_change") {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(CONFIG);
+    lab.write_domain_status("g1");
+    let apply = |want: &str| {
+        let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+        assert!(ok && out.starts_with(want), "want {want}: {out} {err}");
+        out
+    };
+    apply("applied");
+    // the first apply that finds the kernel in sync records what it planned from (a
+    // change made by more than one transaction leaves no generation to trust)
+    apply("unchanged");
+    let first = recorded_inputs(&lab).expect("inputs recorded after an unchanged apply");
+    // nothing changed: nothing planned, and it says what is active
+    let (ok, out, err) = lab.virtgate("nftables", &["-vv", "apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out} {err}");
+    assert!(out.contains("for 1 forward(s)"), "{out}");
+    assert!(err.contains("nothing to plan"), "{err}");
+    assert_eq!(recorded_inputs(&lab).as_deref(), Some(first.as_str()));
+    assert!(answers(&lab, 8080, "g1"));
+    // the facts change (g2 runs, as libvirt's files say) with the kernel untouched
+    lab.write_domain_status("g2");
+    apply("applied");
+    assert!(
+        answers(&lab, 8081, "g2"),
+        "g2's forward after its status file appeared"
+    );
+    apply("unchanged");
+    let second = recorded_inputs(&lab).expect("inputs");
+    assert_ne!(second, first);
+    // the config changes
+    lab.write_config(&format!("{CONFIG}[domain.g4]\nforwards = []\n").replace(
+        "forwards = [\"8080:80\"]",
+        "forwards = [\"8080:80\", \"8090:80\"]",
+    ));
+    apply("applied");
+    assert!(answers(&lab, 8090, "g1"), "the forward added to the config");
+    apply("unchanged");
+    // the kernel changes (someone deletes an element): seen through the generation
+    drop_g2_element(&lab);
+    assert!(!answers(&lab, 8081, "g2"));
+    apply("applied");
+    assert!(answers(&lab, 8081, "g2"), "repaired");
+    // a hook's change: the next apply plans again (and finds it in sync)
+    stop(&lab, "nftables", "g3");
+    assert_eq!(
+        recorded_inputs(&lab),
+        None,
+        "a hook clears the recorded inputs"
+    );
+    apply("unchanged");
+    assert!(recorded_inputs(&lab).is_some());
+    // the backend given on the command line counts
+    let (ok, out, err) = lab.virtgate("iptables", &["apply"]);
+    assert!(ok && out.starts_with("applied"), "{out} {err}");
+    assert!(answers(&lab, 8080, "g1") && answers(&lab, 8081, "g2"));
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("applied"), "{out} {err}");
+}

@@ -222,10 +222,7 @@ fn apply(ctx: &Context) -> Result<bool, String> {
         "{} ({} backend): {active} rule(s) for {} forward(s)",
         if out.changed { "applied" } else { "unchanged" },
         out.backend,
-        out.forwards
-            .iter()
-            .filter(|f| f.state == crate::plan::ForwardState::Active)
-            .count()
+        out.active
     );
     let errors = cfg.errors().count();
     if errors > 0 {

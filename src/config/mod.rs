@@ -13,6 +13,8 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use sha2::Digest as _;
+
 pub use diag::{Diagnostic, Origin, Severity};
 
 use crate::model::{DomainConfig, ForwardSpec};
@@ -76,6 +78,10 @@ pub struct Config {
     pub diagnostics: Vec<Diagnostic>,
     pub backend: Option<BackendChoice>,
     pub files: Vec<PathBuf>,
+    /// SHA-256 of the files read (names and contents, in order), for `reconcile` to tell
+    /// an unchanged config without comparing what was parsed; empty when only part of a
+    /// file was read.
+    pub fingerprint: Vec<u8>,
 }
 
 /// A config that cannot be used at all: nothing is changed.
@@ -116,6 +122,7 @@ impl Config {
             diagnostics: self.diagnostics.clone(),
             backend: self.backend,
             files: self.files.clone(),
+            fingerprint: self.fingerprint.clone(),
         };
         let mut added = false;
         for d in domains {
@@ -276,11 +283,17 @@ fn load_files(
         files.extend(extra);
     }
     let mut parsed = Vec::new();
+    let mut digest = sha2::Sha256::new();
     for f in &files {
         let text = match main_text {
             Some(t) if f == main => t.to_string(),
             _ => read_checked(f)?,
         };
+        let name = f.as_os_str().as_encoded_bytes();
+        for part in [name, text.as_bytes()] {
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part);
+        }
         let p = match only {
             Some(o) if f.extension().is_some_and(|e| e == "toml") => {
                 toml_file::parse_for(f, &text, o)
@@ -291,6 +304,9 @@ fn load_files(
     }
     let mut cfg = merge_unchecked(parsed);
     cfg.files = files;
+    if only.is_none() {
+        cfg.fingerprint = digest.finalize().to_vec();
+    }
     Ok(cfg)
 }
 

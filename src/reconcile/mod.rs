@@ -4,6 +4,7 @@
 //! hook (narrowed to its domain: [`plan_domain`]) and (later) the daemon all call this.
 
 mod apply;
+mod inputs;
 mod narrow;
 
 use std::borrow::Cow;
@@ -13,7 +14,7 @@ use crate::config::{BackendChoice, Config};
 use crate::facts::{DomainFacts, Facts, LibvirtPaths};
 use crate::firewall::{self, Backend, FirewallError};
 use crate::plan::{self, Plan};
-use crate::state::{State, StateDir, StateError};
+use crate::state::{PlannedInputs, State, StateDir, StateError};
 use apply::{apply_part, apply_plan};
 pub use narrow::{carried_rules, conflicts_with_running, plan_domain, plan_domain_against};
 
@@ -52,6 +53,8 @@ pub struct Outcome {
     pub forwards: Vec<plan::ForwardStatus>,
     /// Rules installed now.
     pub rules: usize,
+    /// How many forwards are active.
+    pub active: usize,
     pub changed: bool,
     pub backend: &'static str,
     /// The state after the reconcile (what is installed now).
@@ -149,7 +152,12 @@ pub fn reconcile_scoped(
             let (st, inst) = dir.load_for(name)?;
             (st, Some(inst))
         }
-        _ => (dir.load()?, None),
+        Scope::Domain(_) => (dir.load()?, None),
+        // a whole reconcile decodes the rules once it knows it has something to plan
+        Scope::All => {
+            let (st, inst) = dir.load_for("")?;
+            (st, Some(inst))
+        }
     };
     // switching backends: the old one removes what it installed, from the whole ruleset
     if let Some(i) = &inst
@@ -165,6 +173,34 @@ pub fn reconcile_scoped(
     backend.set_memory(state.xt_preexisting.clone());
     begin(ctx, &mut state, update);
     let facts = gather(&state);
+    let digest = match scope {
+        Scope::All => inputs::digest(config, &facts, backend.name()),
+        Scope::Domain(_) => None,
+    };
+    if let Some(active) = unchanged_inputs(&mut state, digest.as_deref(), backend.as_ref())? {
+        if state.without_ruleset() != before {
+            match &inst {
+                Some(i) => dir.save_partial(&state, i)?,
+                None => dir.save(&state)?,
+            }
+        }
+        let others = inst.as_ref().map_or(0, |i| i.other_rules());
+        return Ok(Outcome {
+            forwards: Vec::new(),
+            rules: state.ruleset.rules.len() + others,
+            active,
+            changed: false,
+            backend: backend.name(),
+            state,
+        });
+    }
+    // what a hook changes is not a whole reconcile's: the next one plans again
+    state.inputs = None;
+    if scope == Scope::All
+        && let Some(i) = inst.take()
+    {
+        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+    }
     let (plan, result) = match (&mut inst, scope) {
         (Some(i), Scope::Domain(name)) => {
             let plan = plan_domain_against(config, &facts, &state, name, &i.others());
@@ -185,6 +221,14 @@ pub fn reconcile_scoped(
     if state.backend.as_deref().is_none_or(|b| b == backend.name()) {
         state.xt_preexisting = backend.memory();
     }
+    let active = plan
+        .iter()
+        .filter(|f| f.state == plan::ForwardState::Active)
+        .count();
+    // recorded only where the kernel's generation says it still holds the plan
+    if let (Ok(_), Some(digest), Some(_)) = (&result, digest, state.generation) {
+        state.inputs = Some(PlannedInputs { digest, active });
+    }
     // what the hook recorded (started, stopped) is kept even if the change failed; an
     // unchanged state is not written again
     if !matches!(result, Ok(false)) || state.without_ruleset() != before {
@@ -198,10 +242,36 @@ pub fn reconcile_scoped(
     Ok(Outcome {
         forwards: plan,
         rules: state.ruleset.rules.len() + others,
+        active,
         changed,
         backend: backend.name(),
         state,
     })
+}
+
+/// The number of active forwards, if a whole reconcile has nothing to plan: its inputs
+/// digest to what the last one recorded and the kernel's generation is the one it left.
+/// The bridge ports' hairpin modes are checked as an unchanged apply checks them.
+fn unchanged_inputs(
+    state: &mut State,
+    digest: Option<&str>,
+    backend: &dyn Backend,
+) -> Result<Option<usize>, ReconcileError> {
+    let (Some(digest), Some(recorded)) = (digest, &state.inputs) else {
+        return Ok(None);
+    };
+    if recorded.digest != digest
+        || state.generation.is_none()
+        || backend.generation(&state.ruleset)? != state.generation
+    {
+        return Ok(None);
+    }
+    let active = recorded.active;
+    tracing::debug!(
+        "the config, the facts and the kernel are as the last apply left them: nothing to plan"
+    );
+    crate::bridge::sync(&state.ruleset.hairpin_ports, &mut state.hairpin_saved, None);
+    Ok(Some(active))
 }
 
 fn corrupt(ctx: &Context, msg: String) -> ReconcileError {

@@ -64,6 +64,20 @@ pub struct State {
     /// empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xt_preexisting: Option<std::collections::BTreeSet<String>>,
+    /// The digest of what the last whole reconcile planned from (config, facts, backend:
+    /// [`crate::reconcile`]), with the number of forwards it made active. While it and
+    /// the kernel's generation stay, a whole reconcile has nothing to plan. Anything that
+    /// changes the state otherwise (a hook) clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<PlannedInputs>,
+}
+
+/// See [`State::inputs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedInputs {
+    /// SHA-256, hexadecimal.
+    pub digest: String,
+    pub active: usize,
 }
 
 impl State {
@@ -78,6 +92,7 @@ impl State {
             stopped: self.stopped.clone(),
             boot_id: self.boot_id.clone(),
             xt_preexisting: self.xt_preexisting.clone(),
+            inputs: self.inputs.clone(),
         }
     }
 
@@ -227,6 +242,8 @@ struct RawState<'a> {
     boot_id: Option<String>,
     #[serde(default)]
     xt_preexisting: Option<std::collections::BTreeSet<String>>,
+    #[serde(default)]
+    inputs: Option<PlannedInputs>,
 }
 
 impl StateDir {
@@ -262,6 +279,7 @@ impl StateDir {
             ("stopped", &st.stopped),
             ("boot_id", &st.boot_id),
             ("xt_preexisting", &st.xt_preexisting),
+            ("inputs", &st.inputs),
         ] {
             out.push_str(",\"");
             out.push_str(key);
@@ -323,6 +341,7 @@ fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
         stopped: raw.stopped,
         boot_id: raw.boot_id,
         xt_preexisting: raw.xt_preexisting,
+        inputs: raw.inputs,
     };
     let (ruleset, inst) = match range {
         Some(r) => rows::parse_for(b, r, domain)?,

@@ -1,0 +1,124 @@
+//! What a whole reconcile plans from, as one digest: the config files' bytes, the facts
+//! (with time only as far as it decides which leases are valid), the backend and this
+//! release. While the digest and the kernel's generation are what the state recorded
+//! after the last whole reconcile, the plan would be the same and the kernel still holds
+//! it: `apply` (and every daemon wake-up) then plans nothing.
+
+use std::io;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::facts::Facts;
+
+/// Bumped whenever the planner's output for the same inputs may differ.
+const PLANNER: &[u8] = b"virtgate planner inputs 1";
+
+struct HashWriter(Sha256);
+
+impl io::Write for HashWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The digest of a whole reconcile's inputs, or None when the config was not read whole
+/// (then nothing is skipped).
+pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
+    if config.fingerprint.is_empty() {
+        return None;
+    }
+    let mut h = HashWriter(Sha256::new());
+    for part in [
+        PLANNER,
+        env!("CARGO_PKG_VERSION").as_bytes(),
+        backend.as_bytes(),
+        &config.fingerprint,
+    ] {
+        h.0.update((part.len() as u64).to_le_bytes());
+        h.0.update(part);
+    }
+    // `now` counts only through the leases it leaves valid
+    let valid: Vec<_> = facts
+        .leases
+        .iter()
+        .filter(|l| l.expiry > facts.now)
+        .collect();
+    let Facts {
+        domains,
+        networks,
+        leases: _,
+        neighbours,
+        default_route_v4,
+        sysctls,
+        xt_forward,
+        host_addresses,
+        now: _,
+    } = facts;
+    let parts = (
+        domains,
+        networks,
+        &valid,
+        neighbours,
+        default_route_v4,
+        sysctls,
+        xt_forward,
+        host_addresses,
+    );
+    serde_json::to_writer(&mut h, &parts).ok()?;
+    Some(h.0.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::FactsBuilder;
+
+    fn config(text: &[u8]) -> Config {
+        Config {
+            fingerprint: Sha256::digest(text).to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn facts(now: u64) -> Facts {
+        FactsBuilder::network("default", "virbr0", &["192.168.122.1/24"])
+            .domain("web", "52:54:00:00:00:01", "vnet0")
+            .lease("52:54:00:00:00:01", "192.168.122.10", 2000)
+            .now(now)
+            .build()
+    }
+
+    #[test]
+    fn time_counts_only_through_the_leases_it_leaves_valid() {
+        let c = config(b"a");
+        let d = |now| digest(&c, &facts(now), "nftables").unwrap();
+        assert_eq!(d(1000), d(1999));
+        assert_ne!(d(1999), d(2000), "the lease expired");
+    }
+
+    #[test]
+    fn every_input_counts() {
+        let base = digest(&config(b"a"), &facts(1000), "nftables").unwrap();
+        assert_ne!(
+            base,
+            digest(&config(b"b"), &facts(1000), "nftables").unwrap()
+        );
+        assert_ne!(
+            base,
+            digest(&config(b"a"), &facts(1000), "iptables").unwrap()
+        );
+        let mut f = facts(1000);
+        f.domains[0].nics[0].tap = Some("vnet9".into());
+        assert_ne!(base, digest(&config(b"a"), &f, "nftables").unwrap());
+        let mut f = facts(1000);
+        f.sysctls.ip_forward = Some(false);
+        assert_ne!(base, digest(&config(b"a"), &f, "nftables").unwrap());
+        // a config read in part is never skipped on
+        assert_eq!(digest(&Config::default(), &facts(1000), "nftables"), None);
+    }
+}
