@@ -524,3 +524,99 @@ fn daemon_applies_a_config_edit_without_a_signal() {
         d.log()
     );
 }
+
+#[test]
+fn status_apply_and_check_ask_the_daemon_on_its_root_only_socket() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if !common::can_run_netns("status_apply_and_check_ask_the_daemon_on_its_root_only_socket") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    let mut d = Daemon::start(&lab, "nftables");
+    let pid = d.child.as_ref().unwrap().id();
+    let sock = lab.state_dir().join("daemon.sock");
+    let meta = std::fs::symlink_metadata(&sock).expect("the control socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 0);
+    // status: the live report comes from the socket (the report file is not needed)
+    std::fs::remove_file(lab.state_dir().join("daemon.json")).unwrap();
+    let (ok, out, err) = lab.virtgate("nftables", &["status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["daemon"]["pid"], pid, "{v}");
+    assert!(v["daemon"]["reconciles"].as_u64() >= Some(1), "{v}");
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(
+        out.contains(&format!("daemon: running (pid {pid})")),
+        "{out}"
+    );
+    // check: the daemon runs this config
+    let (ok, out, _) = lab.virtgate("nftables", &["check"]);
+    assert!(
+        ok && out.contains(&format!("daemon (pid {pid}): runs this config")),
+        "{out}"
+    );
+    // apply: the daemon reloads and applies at once, and says so
+    lab.write_config(&CONFIG.replace("8080:80", "8095:80"));
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok, "{out} {err}\n{}", d.log());
+    assert!(out.contains(&format!("by the daemon, pid {pid}")), "{out}");
+    assert!(
+        answers_within(&lab, 8095, "g1", Duration::from_millis(100)).is_some(),
+        "answers once apply returns"
+    );
+    // a config the daemon cannot use: check says it keeps the last one
+    lab.write_config("[domain.g1\n");
+    let (ok, out, _) = lab.virtgate("nftables", &["check"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "daemon (pid {pid}): keeps running the last config it could use"
+        )),
+        "{out}"
+    );
+    assert!(answers_within(&lab, 8095, "g1", Duration::from_secs(1)).is_some());
+    // another backend on the command line is applied here, with a warning
+    lab.write_config(CONFIG);
+    let (ok, out, err) = lab.virtgate("iptables", &["apply"]);
+    assert!(ok && !out.contains("by the daemon"), "{out}");
+    assert!(err.contains("applying here"), "{err}");
+    // SIGTERM: the socket goes; without a daemon the commands work alone
+    d.signal("TERM");
+    assert!(d.wait().success());
+    assert!(!sock.exists(), "the socket is removed on exit");
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && !out.contains("by the daemon"), "{out} {err}");
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(out.contains("daemon: not running"), "{out}");
+}
+
+#[test]
+fn a_second_daemon_is_refused_and_a_dead_ones_socket_is_taken_over() {
+    if !common::can_run_netns("a_second_daemon_is_refused_and_a_dead_ones_socket_is_taken_over") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    let mut first = Daemon::start(&lab, "nftables");
+    let out = lab
+        .command(&lab.config_path(), "nftables", &["daemon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another daemon answers"), "{err}");
+    // killed: its socket is left behind, and the next daemon takes it over
+    first.signal("KILL");
+    first.wait();
+    assert!(lab.state_dir().join("daemon.sock").exists());
+    let second = Daemon::start(&lab, "nftables");
+    let pid = second.child.as_ref().unwrap().id();
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(
+        out.contains(&format!("daemon: running (pid {pid})")),
+        "{out}"
+    );
+}

@@ -8,7 +8,14 @@ use crate::model::Listen;
 pub fn run(ctx: &Context) -> Result<bool, String> {
     // forwards in the <metadata> of running domains are checked too
     let running = facts::libvirt::read_running_domains(&ctx.libvirt);
-    let base = load_config(ctx)?;
+    let base = load_config(ctx).inspect_err(|_| {
+        if let Some(a) = running_daemon(ctx) {
+            println!(
+                "daemon (pid {}): keeps running the last config it could use",
+                a.report.pid
+            );
+        }
+    })?;
     let cfg = crate::reconcile::desired(&base, &running);
     for d in &cfg.diagnostics {
         println!("{d}");
@@ -40,5 +47,34 @@ pub fn run(ctx: &Context) -> Result<bool, String> {
         cfg.domains.len(),
         cfg.files.len()
     );
+    if let Some(line) = daemon_line(ctx, &cfg.fingerprint) {
+        println!("{line}");
+    }
     Ok(errors == 0)
+}
+
+/// Whether a running daemon runs the config just checked.
+fn daemon_line(ctx: &Context, fingerprint: &[u8]) -> Option<String> {
+    let a = running_daemon(ctx)?;
+    let pid = a.report.pid;
+    Some(if a.config != ctx.config_path {
+        format!(
+            "daemon (pid {pid}): runs another config, {}",
+            a.config.display()
+        )
+    } else if a.config_fingerprint == crate::daemon::hex(fingerprint) {
+        format!("daemon (pid {pid}): runs this config")
+    } else {
+        format!(
+            "daemon (pid {pid}): runs an earlier version of this config (it keeps the last one it could use): `virtgate apply` or `systemctl reload virtgate` loads this one"
+        )
+    })
+}
+
+fn running_daemon(ctx: &Context) -> Option<crate::daemon::control::Answer> {
+    super::ask_daemon(
+        ctx,
+        crate::daemon::control::Command::Check,
+        std::time::Duration::from_secs(1),
+    )
 }

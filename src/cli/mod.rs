@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, BackendChoice, Config};
+use crate::daemon::control;
 use crate::facts::LibvirtPaths;
 use crate::reconcile::{self, Context};
 use crate::state;
@@ -64,14 +65,16 @@ pub struct Cli {
 pub enum Command {
     /// Validate the config; errors name file:line:col; exit 1 on any error
     #[command(
-        after_help = "Example:\n  virtgate check\n  virtgate --config /etc/libvirt/hooks/hooks.json check"
+        after_help = "With the daemon running, also says whether it runs this config.\nExample:\n  virtgate check\n  virtgate --config /etc/libvirt/hooks/hooks.json check"
     )]
     Check,
     /// Print the exact ruleset apply would load, changing nothing
     #[command(after_help = "Example:\n  virtgate render --backend iptables")]
     Render,
     /// Make the kernel match the config now, in one atomic change
-    #[command(after_help = "Example:\n  virtgate apply")]
+    #[command(
+        after_help = "With the daemon running the same config and backend, the daemon reloads the config\nand applies it at once (one writer); without one, apply works alone.\nExample:\n  virtgate apply"
+    )]
     Apply,
     /// Add a forward to a domain's entry in the config file (or its <metadata>), then apply
     #[command(
@@ -131,7 +134,7 @@ pub enum Command {
     },
     /// Show every forward: guest address and its source, state, counters
     #[command(
-        after_help = "Example:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'"
+        after_help = "The daemon's line is live when it answers on its control socket.\nExample:\n  virtgate status\n  virtgate status --json | jq '.forwards[] | select(.state != \"active\")'"
     )]
     Status {
         /// Machine-readable output
@@ -209,11 +212,45 @@ pub(crate) fn load_config(ctx: &Context) -> Result<Config, String> {
     config::load(&ctx.config_path).map_err(|e| format!("config unusable, nothing changed: {e}"))
 }
 
-/// Applies what is valid; Ok(false) (exit 1) if the config had errors.
+/// Asks the running daemon (if one answers on its control socket).
+pub(crate) fn ask_daemon(
+    ctx: &Context,
+    command: control::Command,
+    timeout: std::time::Duration,
+) -> Option<control::Answer> {
+    let request = control::Request {
+        command,
+        config: ctx.config_path.clone(),
+        backend: ctx.backend,
+    };
+    control::ask(&ctx.state_dir, &request, timeout)
+}
+
+/// Applies what is valid; Ok(false) (exit 1) if the config had errors. With a daemon
+/// running this config, the daemon applies (it reloads the config first).
 fn apply(ctx: &Context) -> Result<bool, String> {
     let cfg = load_config(ctx)?;
     for d in &cfg.diagnostics {
         eprintln!("{d}");
+    }
+    // a reconcile at 10,000 forwards from empty takes a fraction of this
+    match ask_daemon(
+        ctx,
+        control::Command::Apply,
+        std::time::Duration::from_secs(120),
+    ) {
+        Some(control::Answer {
+            applied: Some(a),
+            report,
+            ..
+        }) => return applied_by_daemon(&a, report.pid),
+        Some(other) => eprintln!(
+            "virtgate: the daemon (pid {}) runs {} with the {:?} backend: applying here; the daemon puts its own config back at its next reconcile",
+            other.report.pid,
+            other.config.display(),
+            other.backend
+        ),
+        None => {}
     }
     let out = reconcile::reconcile(ctx, &cfg, |st| reconcile::facts_for(ctx, st), |_| {})
         .map_err(|e| format!("apply failed, the kernel keeps its previous ruleset: {e}"))?;
@@ -235,6 +272,27 @@ fn apply(ctx: &Context) -> Result<bool, String> {
     std::mem::forget(out);
     std::mem::forget(cfg);
     Ok(errors == 0)
+}
+
+/// What the daemon said it did for `apply`.
+fn applied_by_daemon(a: &control::Applied, pid: u32) -> Result<bool, String> {
+    if let Some(e) = &a.error {
+        return Err(format!("the daemon (pid {pid}): {e}"));
+    }
+    println!(
+        "{} ({} backend, by the daemon, pid {pid}): {} rule(s) for {} forward(s)",
+        if a.changed { "applied" } else { "unchanged" },
+        a.backend,
+        a.rules,
+        a.active
+    );
+    if a.config_errors > 0 {
+        eprintln!(
+            "virtgate: {} config error(s): the domains concerned were left as they were",
+            a.config_errors
+        );
+    }
+    Ok(a.config_errors == 0)
 }
 
 /// If this binary was started by libvirt as `<hooks>/<driver>.d/virtgate`, the command

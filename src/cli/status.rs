@@ -73,8 +73,8 @@ fn daemon_line(d: Option<&crate::daemon::Report>) -> String {
             .to_string();
     };
     let mut line = format!(
-        "daemon: running (pid {}): {} reconcile(s), {} change(s), {} repair(s) after changes by others",
-        d.pid, d.reconciles, d.applies, d.heals
+        "daemon: running (pid {}): {} event(s), {} reconcile(s), {} change(s), {} repair(s) after changes by others",
+        d.pid, d.events, d.reconciles, d.applies, d.heals
     );
     if d.backoff_secs > 0 {
         line.push_str(&format!(
@@ -158,7 +158,13 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             .collect(),
         invalid_domains: invalid(&config, &plan),
         warnings: warnings(&plan, &facts),
-        daemon: crate::daemon::running_report(&ctx.state_dir),
+        daemon: super::ask_daemon(
+            ctx,
+            crate::daemon::control::Command::Status,
+            std::time::Duration::from_secs(1),
+        )
+        .map(|a| a.report)
+        .or_else(|| crate::daemon::running_report(&ctx.state_dir)),
     };
     if json {
         // compact, written as it is serialized (10,000 forwards: pretty-printing cost

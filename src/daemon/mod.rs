@@ -13,6 +13,7 @@
 //!
 //! Hooks keep working with or without it: both take the one state lock.
 
+pub mod control;
 pub mod notify;
 pub mod watch;
 
@@ -50,6 +51,9 @@ pub struct Report {
     /// Seconds the next repair waits, when something keeps removing virtgate's rules.
     pub backoff_secs: u64,
     pub last_error: Option<String>,
+    /// Events taken in (each burst is reconciled once).
+    #[serde(default)]
+    pub events: u64,
 }
 
 pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
@@ -92,8 +96,8 @@ struct Daemon<'a> {
 }
 
 impl Daemon<'_> {
-    /// Reloads the config; a config that cannot be used keeps the old one.
-    fn reload(&mut self, why: &str) {
+    /// Reloads the config; a config that cannot be used keeps the old one (and says why).
+    fn reload(&mut self, why: &str) -> Result<(), String> {
         match config::load(&self.ctx.config_path) {
             Ok(c) => {
                 for d in c.errors() {
@@ -101,18 +105,26 @@ impl Daemon<'_> {
                 }
                 self.config = c;
                 tracing::info!("config reloaded ({why})");
+                Ok(())
             }
             Err(e) => {
                 tracing::error!("config unusable ({e}); keeping the one loaded before");
                 self.report.last_error = Some(e.to_string());
+                Err(format!(
+                    "config unusable, the daemon keeps the one it had: {e}"
+                ))
             }
         }
     }
 
     /// One reconcile. `foreign`: the ruleset changed under us since the last one.
-    fn reconcile(&mut self, foreign: bool) {
+    fn reconcile(&mut self, foreign: bool) -> control::Applied {
         let ctx = self.ctx;
         self.report.reconciles += 1;
+        let mut applied = control::Applied {
+            config_errors: self.config.errors().count(),
+            ..Default::default()
+        };
         match reconcile::reconcile(
             ctx,
             &self.config,
@@ -129,13 +141,49 @@ impl Daemon<'_> {
                         tracing::info!("applied: {} rule(s)", out.rules);
                     }
                 }
+                applied.changed = out.changed;
+                applied.rules = out.rules;
+                applied.active = out.active;
+                applied.backend = out.backend.to_string();
             }
             Err(e) => {
                 tracing::error!("reconcile failed, the kernel keeps its previous ruleset: {e}");
                 self.report.last_error = Some(e.to_string());
+                applied.error = Some(format!(
+                    "apply failed, the kernel keeps its previous ruleset: {e}"
+                ));
             }
         }
         self.write_report();
+        applied
+    }
+
+    /// Answers what waits on the control socket.
+    fn serve(&mut self, listener: &control::Listener) {
+        for (stream, req) in listener.accept() {
+            let applied = match req.command {
+                control::Command::Apply
+                    if req.config == self.ctx.config_path && req.backend == self.ctx.backend =>
+                {
+                    Some(match self.reload("virtgate apply") {
+                        Ok(()) => self.reconcile(false),
+                        Err(error) => control::Applied {
+                            error: Some(error),
+                            ..Default::default()
+                        },
+                    })
+                }
+                _ => None,
+            };
+            let answer = control::Answer {
+                report: self.report.clone(),
+                config: self.ctx.config_path.clone(),
+                backend: self.ctx.backend,
+                config_fingerprint: hex(&self.config.fingerprint),
+                applied,
+            };
+            control::answer(stream, &answer);
+        }
     }
 
     fn healed(&mut self) {
@@ -187,6 +235,11 @@ impl Daemon<'_> {
     }
 }
 
+/// Bytes as lower-case hexadecimal.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub fn run(ctx: &Context) -> Result<(), String> {
     let notifier = notify::Notifier::from_env();
@@ -197,6 +250,7 @@ pub fn run(ctx: &Context) -> Result<(), String> {
     for d in config.errors() {
         tracing::warn!("{d}");
     }
+    let listener = control::Listener::bind(&ctx.state_dir)?;
     let mut d = Daemon {
         ctx,
         config,
@@ -215,7 +269,13 @@ pub fn run(ctx: &Context) -> Result<(), String> {
     let mut sched = Schedule::new();
     loop {
         let due = sched.due(d.not_before, watchdog);
-        for f in watch.wait(due.saturating_duration_since(Instant::now()))? {
+        let control = Some(listener.as_fd());
+        for f in watch.wait(due.saturating_duration_since(Instant::now()), control)? {
+            if f == Fired::Control {
+                d.serve(&listener);
+                continue;
+            }
+            d.report.events += 1;
             if let Fired::Signal(sig) = f
                 && sig != Signal::SIGHUP
             {
@@ -240,7 +300,7 @@ pub fn run(ctx: &Context) -> Result<(), String> {
             }
             d.not_before = None;
             if std::mem::take(&mut sched.config_changed) {
-                d.reload("config file changed");
+                let _ = d.reload("config file changed");
             }
             d.reconcile(sched.foreign);
             // our own commits come back as events: a reconcile then finds nothing to do
@@ -301,8 +361,9 @@ impl Schedule {
     /// Takes in one event (not a signal to exit).
     fn fired(&mut self, f: Fired, d: &mut Daemon, watch: &mut Watch) {
         match f {
+            Fired::Control => {}
             Fired::Signal(_) => {
-                d.reload("SIGHUP");
+                let _ = d.reload("SIGHUP");
                 self.pending.get_or_insert((Instant::now(), Instant::now()));
             }
             Fired::Dir(dir) => {

@@ -31,6 +31,8 @@ pub enum Fired {
     /// An address was seen for a MAC it was not seen for before (ARP, NDP).
     Neighbour,
     Signal(Signal),
+    /// Someone connected to the control socket.
+    Control,
 }
 
 pub struct Watch {
@@ -115,9 +117,13 @@ impl Watch {
     }
 
     /// Waits up to `timeout` for something to fire; returns all that did.
-    pub fn wait(&mut self, timeout: Duration) -> Result<Vec<Fired>, String> {
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        control: Option<BorrowedFd>,
+    ) -> Result<Vec<Fired>, String> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let (sig_ready, ino_ready, nft_ready, neigh_ready) = {
+        let (sig_ready, ino_ready, nft_ready, neigh_ready, control_ready) = {
             // SAFETY: the sockets outlive this borrow (they are not closed while polling)
             let fd = |s: &Option<Socket>| {
                 s.as_ref()
@@ -135,6 +141,10 @@ impl Watch {
                     fds.push(PollFd::new(f, PollFlags::POLLIN));
                 }
             }
+            let control_at = control.map(|c| {
+                fds.push(PollFd::new(c, PollFlags::POLLIN));
+                fds.len() - 1
+            });
             match poll(
                 &mut fds,
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
@@ -149,6 +159,7 @@ impl Watch {
                 ready(&fds[1]),
                 at[0].is_some_and(|i| ready(&fds[i])),
                 at[1].is_some_and(|i| ready(&fds[i])),
+                control_at.is_some_and(|i| ready(&fds[i])),
             )
         };
         let mut out = Vec::new();
@@ -186,6 +197,9 @@ impl Watch {
         }
         if neigh_ready && self.drain_neighbours() {
             out.push(Fired::Neighbour);
+        }
+        if control_ready {
+            out.push(Fired::Control);
         }
         Ok(out)
     }

@@ -398,7 +398,7 @@ pub enum LibvirtFirewall {
 }
 
 /// Which firewall backend virtgate writes its own rules with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     #[default]
