@@ -620,3 +620,85 @@ fn a_second_daemon_is_refused_and_a_dead_ones_socket_is_taken_over() {
         "{out}"
     );
 }
+
+/// One HTTP GET from the lab's host namespace: status line and body.
+fn http_get(lab: &Lab, addr: &str, path: &str) -> Result<(String, String), String> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    lab.host.in_ns(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        ))
+    })
+}
+
+/// A sample's value in OpenMetrics text.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
+    if !common::can_run_netns("metrics_count_each_forwards_traffic_and_the_daemons_work") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    // off unless asked for
+    let plain = Daemon::start(&lab, "nftables");
+    assert!(http_get(&lab, "127.0.0.1:19465", "/metrics").is_err());
+    drop(plain);
+    let cmd = lab.command(
+        &lab.config_path(),
+        "nftables",
+        &["daemon", "--metrics", "127.0.0.1:19465"],
+    );
+    let d = Daemon::spawn(&lab, cmd);
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    for _ in 0..3 {
+        assert!(lab.client.tcp(sa(&format!("{PUBLIC}:8080"))).is_ok());
+    }
+    let (status, text) = http_get(&lab, "127.0.0.1:19465", "/metrics").unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK", "{text}\n{}", d.log());
+    let g1 = r#"{domain="g1",proto="tcp",listen="*",host_ports="8080",guest_ports="80"}"#;
+    let packets = sample(&text, &format!("virtgate_forward_packets_total{g1}")).expect(&text);
+    assert!(
+        packets >= 12.0,
+        "3 connections, both ways: {packets}\n{text}"
+    );
+    assert!(sample(&text, &format!("virtgate_forward_bytes_total{g1}")) > Some(0.0));
+    assert_eq!(
+        sample(&text, &format!("virtgate_forward_active{g1}")),
+        Some(1.0)
+    );
+    assert!(
+        sample(&text, "virtgate_daemon_reconciles_total") >= Some(1.0),
+        "{text}"
+    );
+    assert!(text.contains("virtgate_daemon_heals_total 0"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"));
+    // the counters follow the traffic
+    assert!(lab.client.tcp(sa(&format!("{PUBLIC}:8080"))).is_ok());
+    let (_, again) = http_get(&lab, "127.0.0.1:19465", "/metrics").unwrap();
+    assert!(sample(&again, &format!("virtgate_forward_packets_total{g1}")) > Some(packets));
+    // a heal is counted
+    lab.host.exec(&["nft", "flush", "ruleset"]);
+    lab.load_libvirt_firewall();
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    assert!(within(Duration::from_secs(2), || {
+        http_get(&lab, "127.0.0.1:19465", "/metrics")
+            .is_ok_and(|(_, t)| sample(&t, "virtgate_daemon_heals_total") >= Some(1.0))
+    }));
+    let (status, _) = http_get(&lab, "127.0.0.1:19465", "/other").unwrap();
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}

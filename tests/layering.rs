@@ -37,6 +37,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "model",
             "config",
             "facts",
+            "plan",
             "state",
             "reconcile",
             "files",

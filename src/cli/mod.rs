@@ -149,9 +149,15 @@ reload removed, and turns a forward live as soon as its guest's DHCP lease appea
 Hooks keep working with or without it.
 Example:
   virtgate install --daemon && systemctl enable --now virtgate
-  virtgate -v daemon    # in the foreground"
+  virtgate -v daemon    # in the foreground
+  virtgate daemon --metrics 127.0.0.1:9465    # Prometheus metrics at /metrics"
     )]
-    Daemon,
+    Daemon {
+        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics; off
+        /// unless given
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// libvirt hook entry point: `hook qemu|network|daemon OBJECT OP SUBOP EXTRA`, XML on stdin
     #[command(
         after_help = "libvirt runs it as /etc/libvirt/hooks/qemu.d/virtgate NAME OP SUBOP EXTRA.\nExample (by hand):\n  virsh dumpxml web | virtgate hook qemu web started begin -"
@@ -360,7 +366,7 @@ pub(crate) fn output_error(e: std::io::Error) -> String {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
-    let daemon = matches!(cli.command, Command::Daemon);
+    let daemon = matches!(cli.command, Command::Daemon { .. });
     if !hook && !daemon {
         quiet_on_closed_stdout();
     }
@@ -407,7 +413,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::ImportHooksJson { file, write } => import::run(&ctx, file, *write),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
-        Command::Daemon => crate::daemon::run(&ctx).map(|_| true),
+        Command::Daemon { metrics } => crate::daemon::run(&ctx, *metrics).map(|_| true),
         Command::Status { json } => status::run(&ctx, *json).map(|_| true),
         Command::Completions { shell } => docs::completions(*shell).map(|_| true),
         Command::Man => docs::man().map(|_| true),

@@ -14,6 +14,7 @@
 //! Hooks keep working with or without it: both take the one state lock.
 
 pub mod control;
+pub mod metrics;
 pub mod notify;
 pub mod watch;
 
@@ -54,6 +55,9 @@ pub struct Report {
     /// Events taken in (each burst is reconciled once).
     #[serde(default)]
     pub events: u64,
+    /// Reconciles that failed.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
@@ -149,6 +153,7 @@ impl Daemon<'_> {
             Err(e) => {
                 tracing::error!("reconcile failed, the kernel keeps its previous ruleset: {e}");
                 self.report.last_error = Some(e.to_string());
+                self.report.errors += 1;
                 applied.error = Some(format!(
                     "apply failed, the kernel keeps its previous ruleset: {e}"
                 ));
@@ -156,6 +161,45 @@ impl Daemon<'_> {
         }
         self.write_report();
         applied
+    }
+
+    /// The figures a metrics scrape shows: every configured forward as planned now, with
+    /// its kernel counters (read-only: no lock, nothing changed).
+    fn scrape(&self) -> metrics::Snapshot {
+        let ctx = self.ctx;
+        let st =
+            crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
+        let facts = reconcile::facts_for(ctx, &st);
+        let plan = reconcile::plan_only(&self.config, &facts, &st).plan;
+        let counters = ctx
+            .backend_for(&self.config)
+            .counters(&st.ruleset)
+            .unwrap_or_default();
+        let forwards = plan
+            .forwards
+            .iter()
+            .map(|f| {
+                let mut fig = metrics::ForwardFigures {
+                    domain: f.domain.clone(),
+                    proto: f.spec.proto.to_string(),
+                    listen: f.spec.listen.to_string(),
+                    host_ports: f.spec.host_ports.to_string(),
+                    guest_ports: f.spec.guest_ports.to_string(),
+                    active: f.state == crate::plan::ForwardState::Active,
+                    ..Default::default()
+                };
+                for c in f.rule_ids.iter().filter_map(|id| counters.get(id)) {
+                    fig.packets += c.packets;
+                    fig.bytes += c.bytes;
+                    fig.rate_limited += c.rate_limited;
+                }
+                fig
+            })
+            .collect();
+        metrics::Snapshot {
+            forwards,
+            daemon: self.report.clone(),
+        }
     }
 
     /// Answers what waits on the control socket.
@@ -241,7 +285,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Runs until SIGTERM or SIGINT.
-pub fn run(ctx: &Context) -> Result<(), String> {
+pub fn run(ctx: &Context, metrics: Option<std::net::SocketAddr>) -> Result<(), String> {
     let notifier = notify::Notifier::from_env();
     // subscribed before the first reconcile: nothing that happens after it is missed
     let mut watch = Watch::new(&watched_dirs(ctx))?;
@@ -251,6 +295,7 @@ pub fn run(ctx: &Context) -> Result<(), String> {
         tracing::warn!("{d}");
     }
     let listener = control::Listener::bind(&ctx.state_dir)?;
+    let metrics = metrics.map(metrics::Endpoint::bind).transpose()?;
     let mut d = Daemon {
         ctx,
         config,
@@ -269,10 +314,19 @@ pub fn run(ctx: &Context) -> Result<(), String> {
     let mut sched = Schedule::new();
     loop {
         let due = sched.due(d.not_before, watchdog);
-        let control = Some(listener.as_fd());
-        for f in watch.wait(due.saturating_duration_since(Instant::now()), control)? {
-            if f == Fired::Control {
-                d.serve(&listener);
+        let mut listening = vec![listener.as_fd()];
+        listening.extend(metrics.as_ref().map(|m| m.as_fd()));
+        for f in watch.wait(due.saturating_duration_since(Instant::now()), &listening)? {
+            match f {
+                Fired::Listener(0) => d.serve(&listener),
+                Fired::Listener(_) => {
+                    if let Some(m) = &metrics {
+                        m.serve(|| d.scrape());
+                    }
+                }
+                _ => {}
+            }
+            if matches!(f, Fired::Listener(_)) {
                 continue;
             }
             d.report.events += 1;
@@ -361,7 +415,7 @@ impl Schedule {
     /// Takes in one event (not a signal to exit).
     fn fired(&mut self, f: Fired, d: &mut Daemon, watch: &mut Watch) {
         match f {
-            Fired::Control => {}
+            Fired::Listener(_) => {}
             Fired::Signal(_) => {
                 let _ = d.reload("SIGHUP");
                 self.pending.get_or_insert((Instant::now(), Instant::now()));

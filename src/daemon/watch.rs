@@ -31,8 +31,9 @@ pub enum Fired {
     /// An address was seen for a MAC it was not seen for before (ARP, NDP).
     Neighbour,
     Signal(Signal),
-    /// Someone connected to the control socket.
-    Control,
+    /// One of the listening sockets given to [`Watch::wait`] (by its index) has a
+    /// connection waiting.
+    Listener(usize),
 }
 
 pub struct Watch {
@@ -120,10 +121,10 @@ impl Watch {
     pub fn wait(
         &mut self,
         timeout: Duration,
-        control: Option<BorrowedFd>,
+        listeners: &[BorrowedFd],
     ) -> Result<Vec<Fired>, String> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let (sig_ready, ino_ready, nft_ready, neigh_ready, control_ready) = {
+        let (sig_ready, ino_ready, nft_ready, neigh_ready, listening) = {
             // SAFETY: the sockets outlive this borrow (they are not closed while polling)
             let fd = |s: &Option<Socket>| {
                 s.as_ref()
@@ -141,10 +142,10 @@ impl Watch {
                     fds.push(PollFd::new(f, PollFlags::POLLIN));
                 }
             }
-            let control_at = control.map(|c| {
-                fds.push(PollFd::new(c, PollFlags::POLLIN));
-                fds.len() - 1
-            });
+            let first_listener = fds.len();
+            for l in listeners {
+                fds.push(PollFd::new(*l, PollFlags::POLLIN));
+            }
             match poll(
                 &mut fds,
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
@@ -159,7 +160,9 @@ impl Watch {
                 ready(&fds[1]),
                 at[0].is_some_and(|i| ready(&fds[i])),
                 at[1].is_some_and(|i| ready(&fds[i])),
-                control_at.is_some_and(|i| ready(&fds[i])),
+                (0..listeners.len())
+                    .filter(|i| ready(&fds[first_listener + i]))
+                    .collect::<Vec<_>>(),
             )
         };
         let mut out = Vec::new();
@@ -198,9 +201,7 @@ impl Watch {
         if neigh_ready && self.drain_neighbours() {
             out.push(Fired::Neighbour);
         }
-        if control_ready {
-            out.push(Fired::Control);
-        }
+        out.extend(listening.into_iter().map(Fired::Listener));
         Ok(out)
     }
 
