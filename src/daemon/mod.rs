@@ -31,6 +31,10 @@ use watch::{Fired, Watch};
 
 /// Quiet time after an event before reconciling (a reload is a burst of commits).
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A change of the ruleset after a quiet time (our table deleted, `nft flush ruleset`) is
+/// reconciled this soon, without waiting for the burst to end: a repair is what matters
+/// most, and the rest of a burst is reconciled after it as usual.
+const LEADING: Duration = Duration::from_millis(5);
 /// A burst that never goes quiet is reconciled after this long anyway.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 /// A reconcile at least this often: iptables-legacy changes and sysctls send no event.
@@ -360,6 +364,7 @@ pub fn run(ctx: &Context, metrics: Option<std::net::SocketAddr>) -> Result<(), S
             // our own commits come back as events: a reconcile then finds nothing to do
             sched.foreign = false;
             sched.pending = None;
+            sched.leading = None;
             sched.last_run = Instant::now();
             notifier.status(&d.status_line());
         }
@@ -375,6 +380,8 @@ struct Schedule {
     /// Whether someone else changed the ruleset.
     foreign: bool,
     config_changed: bool,
+    /// When a ruleset change that came after a quiet time is reconciled ([`LEADING`]).
+    leading: Option<Instant>,
 }
 
 impl Schedule {
@@ -385,6 +392,7 @@ impl Schedule {
             pending: None,
             foreign: false,
             config_changed: false,
+            leading: None,
         }
     }
 
@@ -398,6 +406,9 @@ impl Schedule {
         if let Some((first, last)) = self.pending {
             due = due.min((last + DEBOUNCE).min(first + DEBOUNCE_MAX));
         }
+        if let Some(l) = self.leading {
+            due = due.min(l);
+        }
         if let Some(nb) = not_before {
             due = due.max(nb);
         }
@@ -408,8 +419,10 @@ impl Schedule {
     }
 
     fn settled(&self, now: Instant) -> bool {
-        self.pending
-            .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX)
+        self.leading.is_some_and(|l| now >= l)
+            || self
+                .pending
+                .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX)
     }
 
     /// Takes in one event (not a signal to exit).
@@ -435,6 +448,10 @@ impl Schedule {
             }
             Fired::Neighbour => self.event(),
             Fired::Ruleset => {
+                let now = Instant::now();
+                if self.pending.is_none() && now >= self.last_run + DEBOUNCE {
+                    self.leading = Some(now + LEADING);
+                }
                 self.foreign = true;
                 self.event();
             }
