@@ -274,21 +274,16 @@ pub(super) fn refusal(
         Family::Ipv4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         Family::Ipv6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     };
-    Rule {
-        id: rule_id(domain, family, spec, listen),
-        domain: domain.name.clone(),
-        family,
-        proto: spec.proto,
-        listen: listen.clone(),
-        host_ports: spec.host_ports,
-        guest_ip: unspecified,
-        guest_ports: spec.host_ports,
-        sources: family_sources(spec, family),
-        localhost: false,
+    let nowhere = Placed {
+        nic: None,
+        net: None,
         bridge: REFUSAL_BRIDGE.to_string(),
-        tap: None,
-        description: spec.description.clone(),
+    };
+    Rule {
+        guest_ports: spec.host_ports,
+        localhost: false,
         rate: None,
+        ..family_rule(domain, family, spec, listen, &nowhere, unspecified)
     }
 }
 

@@ -9,15 +9,10 @@ use super::{
 };
 
 pub(super) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-
 pub(super) const NFNL_MSG_BATCH_END: u16 = 0x11;
-
 pub(super) const NFT_MSG_NEWSETELEM: u16 = 12;
-
 pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
-
 pub(super) const NLM_F_CREATE: u16 = 0x400;
-
 pub(super) const NLA_F_NESTED: u16 = 0x8000;
 
 /// One element to add or delete, as bytes: key, key end (interval sets only), data.

@@ -133,34 +133,21 @@ pub fn release() {
 }
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-
 const NFT_MSG_GETTABLE: u16 = 1;
-
 const NFT_MSG_GETCHAIN: u16 = 4;
-
 const NFT_MSG_GETRULE: u16 = 7;
-
 const NFT_MSG_GETSET: u16 = 10;
-
 const NFT_MSG_GETSETELEM: u16 = 13;
-
 const NFT_MSG_GETGEN: u16 = 16;
-
 const NLM_F_REQUEST: u16 = 1;
-
 const NLM_F_ACK: u16 = 4;
-
 const NLM_F_DUMP: u16 = 0x300;
-
 const NLMSG_ERROR: u16 = 2;
-
 const NLMSG_DONE: u16 = 3;
 
 /// nfgenmsg families.
 pub const NFPROTO_INET: u8 = 1;
-
 pub const NFPROTO_IPV4: u8 = 2;
-
 pub const NFPROTO_IPV6: u8 = 10;
 
 /// One netlink attribute: type (flags masked off) and payload.
