@@ -702,3 +702,57 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     let (status, _) = http_get(&lab, "127.0.0.1:19465", "/other").unwrap();
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
+
+#[test]
+fn the_daemon_follows_libvirts_events_where_it_can_and_its_files_anyway() {
+    if !common::can_run_netns(
+        "the_daemon_follows_libvirts_events_where_it_can_and_its_files_anyway",
+    ) {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Iptables);
+    lab.write_config(CONFIG);
+    // libvirt's in-process test driver: always there to connect to
+    let cmd = lab.command(
+        &lab.config_path(),
+        "nftables",
+        &["daemon", "--libvirt-uri", "test:///default"],
+    );
+    let d = Daemon::spawn(&lab, cmd);
+    assert!(
+        within(Duration::from_secs(3), || {
+            let (_, out, _) = lab.virtgate("nftables", &["status", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .is_ok_and(|v| v["daemon"]["libvirt_connects"] == 1)
+        }),
+        "{}",
+        d.log()
+    );
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(out.contains("from libvirt's event API"), "{out}");
+    drop(d);
+    // a libvirt that is not there: retried, and the forwards are kept all the same
+    let nowhere = format!(
+        "qemu+unix:///system?socket={}",
+        lab.dir.path().join("none.sock").display()
+    );
+    let cmd = lab.command(
+        &lab.config_path(),
+        "nftables",
+        &["daemon", "--libvirt-uri", &nowhere],
+    );
+    let d = Daemon::spawn(&lab, cmd);
+    assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
+    lab.host
+        .exec(&["nft", "delete", "table", "inet", "virtgate"]);
+    assert!(
+        answers_within(&lab, 8080, "g1", Duration::from_secs(1)).is_some(),
+        "{}",
+        d.log()
+    );
+    let (_, out, _) = lab.virtgate("nftables", &["status"]);
+    assert!(
+        out.contains("not connected to libvirt's event API"),
+        "{out}"
+    );
+}

@@ -157,6 +157,9 @@ Example:
         /// unless given
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
+        /// Follow this libvirt's events (read-only; `none`: follow only its files)
+        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
     },
     /// libvirt hook entry point: `hook qemu|network|daemon OBJECT OP SUBOP EXTRA`, XML on stdin
     #[command(
@@ -413,7 +416,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::ImportHooksJson { file, write } => import::run(&ctx, file, *write),
         Command::Render => render::run(&ctx),
         Command::Apply => apply(&ctx),
-        Command::Daemon { metrics } => crate::daemon::run(&ctx, *metrics).map(|_| true),
+        Command::Daemon {
+            metrics,
+            libvirt_uri,
+        } => {
+            let opts = crate::daemon::Options {
+                metrics: *metrics,
+                libvirt_uri: (libvirt_uri != "none").then(|| libvirt_uri.clone()),
+            };
+            crate::daemon::run(&ctx, &opts).map(|_| true)
+        }
         Command::Status { json } => status::run(&ctx, *json).map(|_| true),
         Command::Completions { shell } => docs::completions(*shell).map(|_| true),
         Command::Man => docs::man().map(|_| true),

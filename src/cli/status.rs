@@ -76,6 +76,14 @@ fn daemon_line(d: Option<&crate::daemon::Report>) -> String {
         "daemon: running (pid {}): {} event(s), {} reconcile(s), {} change(s), {} repair(s) after changes by others",
         d.pid, d.events, d.reconciles, d.applies, d.heals
     );
+    if d.libvirt_connects > 0 {
+        line.push_str(&format!(
+            "; {} event(s) from libvirt's event API",
+            d.libvirt_events
+        ));
+    } else {
+        line.push_str("; not connected to libvirt's event API (following its files)");
+    }
     if d.backoff_secs > 0 {
         line.push_str(&format!(
             "; something keeps removing virtgate's rules: repairs wait {} s",

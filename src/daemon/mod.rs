@@ -14,6 +14,7 @@
 //! Hooks keep working with or without it: both take the one state lock.
 
 pub mod control;
+pub mod libvirt_events;
 pub mod metrics;
 pub mod notify;
 pub mod watch;
@@ -62,6 +63,12 @@ pub struct Report {
     /// Reconciles that failed.
     #[serde(default)]
     pub errors: u64,
+    /// Events from libvirt's event API, and how many times its connection was opened
+    /// (0: not connected yet, or not followed).
+    #[serde(default)]
+    pub libvirt_events: u64,
+    #[serde(default)]
+    pub libvirt_connects: u64,
 }
 
 pub fn report_file(state_dir: &std::path::Path) -> PathBuf {
@@ -289,7 +296,16 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Runs until SIGTERM or SIGINT.
-pub fn run(ctx: &Context, metrics: Option<std::net::SocketAddr>) -> Result<(), String> {
+/// What `virtgate daemon` was asked for besides the context.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Serve metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// libvirt's URI whose events are followed (None: none).
+    pub libvirt_uri: Option<String>,
+}
+
+pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
     let notifier = notify::Notifier::from_env();
     // subscribed before the first reconcile: nothing that happens after it is missed
     let mut watch = Watch::new(&watched_dirs(ctx))?;
@@ -299,7 +315,19 @@ pub fn run(ctx: &Context, metrics: Option<std::net::SocketAddr>) -> Result<(), S
         tracing::warn!("{d}");
     }
     let listener = control::Listener::bind(&ctx.state_dir)?;
-    let metrics = metrics.map(metrics::Endpoint::bind).transpose()?;
+    let metrics = opts.metrics.map(metrics::Endpoint::bind).transpose()?;
+    let events =
+        opts.libvirt_uri
+            .as_deref()
+            .and_then(|uri| match libvirt_events::Events::start(uri) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(
+                        "libvirt's event API unavailable ({e}): following its files only"
+                    );
+                    None
+                }
+            });
     let mut d = Daemon {
         ctx,
         config,
@@ -318,15 +346,26 @@ pub fn run(ctx: &Context, metrics: Option<std::net::SocketAddr>) -> Result<(), S
     let mut sched = Schedule::new();
     loop {
         let due = sched.due(d.not_before, watchdog);
+        // 0: the control socket, 1: libvirt's events (if followed), then metrics
         let mut listening = vec![listener.as_fd()];
+        listening.extend(events.as_ref().map(|e| e.fd()));
+        let metrics_at = listening.len();
         listening.extend(metrics.as_ref().map(|m| m.as_fd()));
         for f in watch.wait(due.saturating_duration_since(Instant::now()), &listening)? {
             match f {
                 Fired::Listener(0) => d.serve(&listener),
-                Fired::Listener(_) => {
+                Fired::Listener(i) if i == metrics_at => {
                     if let Some(m) = &metrics {
                         m.serve(|| d.scrape());
                     }
+                }
+                Fired::Listener(_) => {
+                    if let Some(e) = &events {
+                        e.drain();
+                        (d.report.libvirt_events, d.report.libvirt_connects) = e.counts();
+                    }
+                    d.report.events += 1;
+                    sched.event();
                 }
                 _ => {}
             }
