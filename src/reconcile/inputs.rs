@@ -4,8 +4,6 @@
 //! after the last whole reconcile, the plan would be the same and the kernel still holds
 //! it: `apply` (and every daemon wake-up) then plans nothing.
 
-use std::io;
-
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
@@ -14,33 +12,21 @@ use crate::facts::Facts;
 /// Bumped whenever the planner's output for the same inputs may differ.
 const PLANNER: &[u8] = b"virtgate planner inputs 1";
 
-struct HashWriter(Sha256);
-
-impl io::Write for HashWriter {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.update(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The digest of a whole reconcile's inputs, or None when the config was not read whole
 /// (then nothing is skipped).
 pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
     if config.fingerprint.is_empty() {
         return None;
     }
-    let mut h = HashWriter(Sha256::new());
+    let mut h = Sha256::new();
     for part in [
         PLANNER,
         env!("CARGO_PKG_VERSION").as_bytes(),
         backend.as_bytes(),
         &config.fingerprint,
     ] {
-        h.0.update((part.len() as u64).to_le_bytes());
-        h.0.update(part);
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
     }
     // `now` counts only through the leases it leaves valid
     let valid: Vec<_> = facts
@@ -69,8 +55,11 @@ pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
         xt_forward,
         host_addresses,
     );
-    serde_json::to_writer(&mut h, &parts).ok()?;
-    Some(h.0.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    // postcard: compact, no text to format or escape (serde_json took a third of an
+    // unchanged apply at 10,000 forwards)
+    let bytes = postcard::to_allocvec(&parts).ok()?;
+    h.update(&bytes);
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
