@@ -16,6 +16,10 @@ pub struct DaemonFigures {
     pub heal: Stats,
     pub lease: Stats,
     pub rss_mib: f64,
+    /// Its anonymous resident memory (what is not the binary's or libraries' pages).
+    pub anon_mib: f64,
+    /// Peak RSS of the same daemon with libvirt's event API off (libvirt.so.0 not loaded).
+    pub rss_no_libvirt_mib: f64,
     pub idle_cpu_ms: f64,
     pub idle: Duration,
 }
@@ -54,10 +58,15 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` field of /proc/PID/status.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -141,12 +150,31 @@ pub fn measure(n: usize, runs: usize, idle: Duration) -> DaemonFigures {
         live.contains("192.168.254.1"),
         "the late guest's forward is installed"
     );
+    let rss_mib = rss_kib(pid) as f64 / 1024.0;
+    let anon_mib = status_kib(pid, "RssAnon:") as f64 / 1024.0;
+    drop(d);
+    let _ = std::fs::remove_file(w.state().join("daemon.json"));
+    // the same world, libvirt's event API off: one reconcile and an idle moment
+    let argv = w.virtgate("nftables", &["daemon", "--libvirt-uri", "none"]);
+    let child = Command::new("ip")
+        .args(["netns", "exec", &w.host.name])
+        .args(&argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the daemon");
+    let plain = Running(child);
+    until_above(&w, "reconciles", 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_no_libvirt_mib = rss_kib(plain.0.id()) as f64 / 1024.0;
     DaemonFigures {
         forwards: n,
         domains: n / 10,
         heal: stats(&heal),
         lease: stats(&lease),
-        rss_mib: rss_kib(pid) as f64 / 1024.0,
+        rss_mib,
+        anon_mib,
+        rss_no_libvirt_mib,
         idle_cpu_ms,
         idle,
     }
