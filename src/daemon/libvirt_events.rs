@@ -237,57 +237,7 @@ fn follow(api: &Api, uri: &CString, s: &Arc<Shared>) {
         }
         backoff = Duration::from_secs(1);
         s.closed.store(false, Ordering::SeqCst);
-        // SAFETY: conn is open; the callbacks have the signatures libvirt calls them with
-        // for these event ids (cast to the generic type, as libvirt's API asks); opaque
-        // points into the Arc this thread holds until it deregisters them
-        let ids = unsafe {
-            (api.set_keep_alive)(conn, 5, 3);
-            (api.register_close_callback)(conn, on_close, opaque, None);
-            let lifecycle: GenericCallback = std::mem::transmute(
-                on_domain_lifecycle
-                    as unsafe extern "C" fn(Conn, *mut c_void, c_int, c_int, *mut c_void) -> c_int,
-            );
-            let metadata: GenericCallback = std::mem::transmute(
-                on_domain_metadata
-                    as unsafe extern "C" fn(
-                        Conn,
-                        *mut c_void,
-                        c_int,
-                        *const c_char,
-                        *mut c_void,
-                    ) -> c_int,
-            );
-            let network: GenericCallback = std::mem::transmute(
-                on_network_lifecycle
-                    as unsafe extern "C" fn(Conn, *mut c_void, c_int, c_int, *mut c_void) -> c_int,
-            );
-            [
-                (api.domain_event_register_any)(
-                    conn,
-                    std::ptr::null_mut(),
-                    VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                    lifecycle,
-                    opaque,
-                    None,
-                ),
-                (api.domain_event_register_any)(
-                    conn,
-                    std::ptr::null_mut(),
-                    VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
-                    metadata,
-                    opaque,
-                    None,
-                ),
-                (api.network_event_register_any)(
-                    conn,
-                    std::ptr::null_mut(),
-                    VIR_NETWORK_EVENT_ID_LIFECYCLE,
-                    network,
-                    opaque,
-                    None,
-                ),
-            ]
-        };
+        let ids = register(api, conn, opaque);
         s.connects.fetch_add(1, Ordering::Relaxed);
         tracing::info!("libvirt {}: following its events", uri.to_string_lossy());
         // a full re-read after every (re)connect
@@ -303,21 +253,71 @@ fn follow(api: &Api, uri: &CString, s: &Arc<Shared>) {
             "libvirt {}: connection closed; reconnecting",
             uri.to_string_lossy()
         );
-        // SAFETY: conn is still a valid (closed) connection object; the ids came from it
-        unsafe {
-            let [lifecycle, metadata, network] = ids;
-            for id in [lifecycle, metadata] {
-                if id >= 0 {
-                    (api.domain_event_deregister_any)(conn, id);
-                }
-            }
-            if network >= 0 {
-                (api.network_event_deregister_any)(conn, network);
-            }
-            (api.unregister_close_callback)(conn, on_close);
-            (api.close)(conn);
-        }
+        deregister(api, conn, ids);
         s.wake();
         std::thread::sleep(backoff);
+    }
+}
+
+/// Keepalive, the close callback and the three event callbacks on an open connection;
+/// the callback ids (negative: not registered).
+fn register(api: &Api, conn: Conn, opaque: *mut c_void) -> [c_int; 3] {
+    type Lifecycle = unsafe extern "C" fn(Conn, *mut c_void, c_int, c_int, *mut c_void) -> c_int;
+    type Metadata =
+        unsafe extern "C" fn(Conn, *mut c_void, c_int, *const c_char, *mut c_void) -> c_int;
+    // SAFETY: conn is open; the callbacks have the signatures libvirt calls them with for
+    // these event ids (cast to the generic type, as libvirt's API asks); opaque points
+    // into the Arc the thread holds until they are deregistered
+    unsafe {
+        (api.set_keep_alive)(conn, 5, 3);
+        (api.register_close_callback)(conn, on_close, opaque, None);
+        let lifecycle: GenericCallback = std::mem::transmute(on_domain_lifecycle as Lifecycle);
+        let metadata: GenericCallback = std::mem::transmute(on_domain_metadata as Metadata);
+        let network: GenericCallback = std::mem::transmute(on_network_lifecycle as Lifecycle);
+        let any = std::ptr::null_mut();
+        [
+            (api.domain_event_register_any)(
+                conn,
+                any,
+                VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                lifecycle,
+                opaque,
+                None,
+            ),
+            (api.domain_event_register_any)(
+                conn,
+                any,
+                VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+                metadata,
+                opaque,
+                None,
+            ),
+            (api.network_event_register_any)(
+                conn,
+                any,
+                VIR_NETWORK_EVENT_ID_LIFECYCLE,
+                network,
+                opaque,
+                None,
+            ),
+        ]
+    }
+}
+
+/// Undoes [`register`] and closes the connection.
+fn deregister(api: &Api, conn: Conn, [lifecycle, metadata, network]: [c_int; 3]) {
+    // SAFETY: conn is still a valid (perhaps closed) connection object; the ids came
+    // from it
+    unsafe {
+        for id in [lifecycle, metadata] {
+            if id >= 0 {
+                (api.domain_event_deregister_any)(conn, id);
+            }
+        }
+        if network >= 0 {
+            (api.network_event_deregister_any)(conn, network);
+        }
+        (api.unregister_close_callback)(conn, on_close);
+        (api.close)(conn);
     }
 }

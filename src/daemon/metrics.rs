@@ -48,6 +48,13 @@ pub struct Snapshot {
 
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_forwards(&mut enc)?;
+        self.encode_daemon(&mut enc)
+    }
+}
+
+impl Snapshot {
+    fn encode_forwards(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Per = fn(&ForwardFigures) -> u64;
         let per_forward: [(&str, &str, Per, bool); 4] = [
             (
@@ -98,6 +105,10 @@ impl Collector for Snapshot {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn encode_daemon(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let d = &self.daemon;
         for (name, help, v) in [
             ("virtgate_daemon_events", "Events taken in", d.events),

@@ -17,6 +17,7 @@ pub mod control;
 pub mod libvirt_events;
 pub mod metrics;
 pub mod notify;
+mod schedule;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -28,6 +29,7 @@ use serde::Serialize;
 
 use crate::config::{self, Config};
 use crate::reconcile::{self, Context};
+use schedule::Schedule;
 use watch::{Fired, Watch};
 
 /// Quiet time after an event before reconciling (a reload is a burst of commits).
@@ -314,20 +316,7 @@ pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
     for d in config.errors() {
         tracing::warn!("{d}");
     }
-    let listener = control::Listener::bind(&ctx.state_dir)?;
-    let metrics = opts.metrics.map(metrics::Endpoint::bind).transpose()?;
-    let events =
-        opts.libvirt_uri
-            .as_deref()
-            .and_then(|uri| match libvirt_events::Events::start(uri) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    tracing::warn!(
-                        "libvirt's event API unavailable ({e}): following its files only"
-                    );
-                    None
-                }
-            });
+    let sockets = Sockets::open(ctx, opts)?;
     let mut d = Daemon {
         ctx,
         config,
@@ -346,30 +335,10 @@ pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
     let mut sched = Schedule::new();
     loop {
         let due = sched.due(d.not_before, watchdog);
-        // 0: the control socket, 1: libvirt's events (if followed), then metrics
-        let mut listening = vec![listener.as_fd()];
-        listening.extend(events.as_ref().map(|e| e.fd()));
-        let metrics_at = listening.len();
-        listening.extend(metrics.as_ref().map(|m| m.as_fd()));
+        let (listening, metrics_at) = sockets.fds();
         for f in watch.wait(due.saturating_duration_since(Instant::now()), &listening)? {
-            match f {
-                Fired::Listener(0) => d.serve(&listener),
-                Fired::Listener(i) if i == metrics_at => {
-                    if let Some(m) = &metrics {
-                        m.serve(|| d.scrape());
-                    }
-                }
-                Fired::Listener(_) => {
-                    if let Some(e) = &events {
-                        e.drain();
-                        (d.report.libvirt_events, d.report.libvirt_connects) = e.counts();
-                    }
-                    d.report.events += 1;
-                    sched.event();
-                }
-                _ => {}
-            }
-            if matches!(f, Fired::Listener(_)) {
+            if let Fired::Listener(i) = f {
+                sockets.serve(i, metrics_at, &mut d, &mut sched);
                 continue;
             }
             d.report.events += 1;
@@ -401,99 +370,63 @@ pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
             }
             d.reconcile(sched.foreign);
             // our own commits come back as events: a reconcile then finds nothing to do
-            sched.foreign = false;
-            sched.pending = None;
-            sched.leading = None;
-            sched.last_run = Instant::now();
+            sched.ran();
             notifier.status(&d.status_line());
         }
     }
 }
 
-/// When the loop wakes: debounced events, the periodic check, the watchdog.
-struct Schedule {
-    last_ping: Instant,
-    last_run: Instant,
-    /// Pending work: since when, and the last event.
-    pending: Option<(Instant, Instant)>,
-    /// Whether someone else changed the ruleset.
-    foreign: bool,
-    config_changed: bool,
-    /// When a ruleset change that came after a quiet time is reconciled ([`LEADING`]).
-    leading: Option<Instant>,
+/// What the daemon listens on besides its watches: the control socket, libvirt's
+/// events (if followed), the metrics endpoint (if asked for).
+struct Sockets {
+    control: control::Listener,
+    events: Option<libvirt_events::Events>,
+    metrics: Option<metrics::Endpoint>,
 }
 
-impl Schedule {
-    fn new() -> Schedule {
-        Schedule {
-            last_ping: Instant::now(),
-            last_run: Instant::now(),
-            pending: None,
-            foreign: false,
-            config_changed: false,
-            leading: None,
-        }
+impl Sockets {
+    fn open(ctx: &Context, opts: &Options) -> Result<Sockets, String> {
+        let control = control::Listener::bind(&ctx.state_dir)?;
+        let metrics = opts.metrics.map(metrics::Endpoint::bind).transpose()?;
+        let events = opts.libvirt_uri.as_deref().and_then(|uri| {
+            libvirt_events::Events::start(uri)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "libvirt's event API unavailable ({e}): following its files only"
+                    )
+                })
+                .ok()
+        });
+        Ok(Sockets {
+            control,
+            events,
+            metrics,
+        })
     }
 
-    fn event(&mut self) {
-        let t = Instant::now();
-        self.pending = Some((self.pending.map_or(t, |p| p.0), t));
+    /// The descriptors to poll (0: the control socket, then libvirt's events, then
+    /// metrics) and where the metrics endpoint's is.
+    fn fds(&self) -> (Vec<std::os::fd::BorrowedFd<'_>>, usize) {
+        let mut fds = vec![self.control.as_fd()];
+        fds.extend(self.events.as_ref().map(|e| e.fd()));
+        let metrics_at = fds.len();
+        fds.extend(self.metrics.as_ref().map(|m| m.as_fd()));
+        (fds, metrics_at)
     }
 
-    fn due(&self, not_before: Option<Instant>, watchdog: Option<Duration>) -> Instant {
-        let mut due = self.last_run + PERIODIC;
-        if let Some((first, last)) = self.pending {
-            due = due.min((last + DEBOUNCE).min(first + DEBOUNCE_MAX));
-        }
-        if let Some(l) = self.leading {
-            due = due.min(l);
-        }
-        if let Some(nb) = not_before {
-            due = due.max(nb);
-        }
-        if let Some(w) = watchdog {
-            due = due.min(self.last_ping + w);
-        }
-        due
-    }
-
-    fn settled(&self, now: Instant) -> bool {
-        self.leading.is_some_and(|l| now >= l)
-            || self
-                .pending
-                .is_some_and(|(first, last)| now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX)
-    }
-
-    /// Takes in one event (not a signal to exit).
-    fn fired(&mut self, f: Fired, d: &mut Daemon, watch: &mut Watch) {
-        match f {
-            Fired::Listener(_) => {}
-            Fired::Signal(_) => {
-                let _ = d.reload("SIGHUP");
-                self.pending.get_or_insert((Instant::now(), Instant::now()));
-            }
-            Fired::Dir(dir) => {
-                // read once the editor is done (debounced), not at its first write
-                if d.ctx
-                    .config_path
-                    .parent()
-                    .is_some_and(|p| dir.starts_with(p))
-                {
-                    self.config_changed = true;
-                }
-                // a directory that appeared (conf.d, libvirt's /run) is watched at once
-                watch.watch_missing();
-                self.event();
-            }
-            Fired::Neighbour => self.event(),
-            Fired::Ruleset => {
-                let now = Instant::now();
-                if self.pending.is_none() && now >= self.last_run + DEBOUNCE {
-                    self.leading = Some(now + LEADING);
-                }
-                self.foreign = true;
-                self.event();
-            }
+    /// Answers what is waiting on socket `i`.
+    fn serve(&self, i: usize, metrics_at: usize, d: &mut Daemon, sched: &mut Schedule) {
+        if i == 0 {
+            d.serve(&self.control);
+        } else if i == metrics_at
+            && let Some(m) = &self.metrics
+        {
+            m.serve(|| d.scrape());
+        } else if let Some(e) = &self.events {
+            e.drain();
+            (d.report.libvirt_events, d.report.libvirt_connects) = e.counts();
+            d.report.events += 1;
+            sched.event();
         }
     }
 }

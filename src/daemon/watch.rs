@@ -36,6 +36,16 @@ pub enum Fired {
     Listener(usize),
 }
 
+/// What one `poll` found ready.
+struct Ready {
+    signals: bool,
+    inotify: bool,
+    ruleset: bool,
+    neighbours: bool,
+    /// Indexes of the listeners given to [`Watch::wait`].
+    listeners: Vec<usize>,
+}
+
 pub struct Watch {
     ruleset: Option<Socket>,
     neighbours: Option<Socket>,
@@ -123,47 +133,15 @@ impl Watch {
         timeout: Duration,
         listeners: &[BorrowedFd],
     ) -> Result<Vec<Fired>, String> {
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let (sig_ready, ino_ready, nft_ready, neigh_ready, listening) = {
-            // SAFETY: the sockets outlive this borrow (they are not closed while polling)
-            let fd = |s: &Option<Socket>| {
-                s.as_ref()
-                    .map(|s| unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) })
-            };
-            let mut fds = vec![
-                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
-            ];
-            // where each socket's entry is, if it has one
-            let mut at = [None, None];
-            for (i, s) in [&self.ruleset, &self.neighbours].into_iter().enumerate() {
-                if let Some(f) = fd(s) {
-                    at[i] = Some(fds.len());
-                    fds.push(PollFd::new(f, PollFlags::POLLIN));
-                }
-            }
-            let first_listener = fds.len();
-            for l in listeners {
-                fds.push(PollFd::new(*l, PollFlags::POLLIN));
-            }
-            match poll(
-                &mut fds,
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-            ) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
-                Err(e) => return Err(format!("poll: {e}")),
-            }
-            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (
-                ready(&fds[0]),
-                ready(&fds[1]),
-                at[0].is_some_and(|i| ready(&fds[i])),
-                at[1].is_some_and(|i| ready(&fds[i])),
-                (0..listeners.len())
-                    .filter(|i| ready(&fds[first_listener + i]))
-                    .collect::<Vec<_>>(),
-            )
+        let Some(Ready {
+            signals: sig_ready,
+            inotify: ino_ready,
+            ruleset: nft_ready,
+            neighbours: neigh_ready,
+            listeners: listening,
+        }) = self.poll(timeout, listeners)?
+        else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         if sig_ready {
@@ -174,26 +152,7 @@ impl Watch {
             }
         }
         if ino_ready {
-            while let Ok(events) = self.inotify.read_events() {
-                if events.is_empty() {
-                    break;
-                }
-                for e in events {
-                    if let Some((_, d)) = self.watches.iter().find(|(wd, _)| *wd == e.wd) {
-                        let f = Fired::Dir(d.clone());
-                        if !out.contains(&f) {
-                            out.push(f);
-                        }
-                    }
-                    if e.mask.contains(AddWatchFlags::IN_IGNORED) {
-                        // the directory went away (libvirt's /run): watch it again later
-                        if let Some(i) = self.watches.iter().position(|(wd, _)| *wd == e.wd) {
-                            let (_, d) = self.watches.remove(i);
-                            self.missing.push(d);
-                        }
-                    }
-                }
-            }
+            self.drain_inotify(&mut out);
         }
         if nft_ready && self.drain_ruleset() {
             out.push(Fired::Ruleset);
@@ -203,6 +162,75 @@ impl Watch {
         }
         out.extend(listening.into_iter().map(Fired::Listener));
         Ok(out)
+    }
+
+    /// One `poll` of everything (None: interrupted by a signal, which the next one reads).
+    fn poll(&self, timeout: Duration, listeners: &[BorrowedFd]) -> Result<Option<Ready>, String> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: the sockets outlive this borrow (they are not closed while polling)
+        let fd = |s: &Option<Socket>| {
+            s.as_ref()
+                .map(|s| unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) })
+        };
+        let mut fds = vec![
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
+        ];
+        // where each socket's entry is, if it has one
+        let mut at = [None, None];
+        for (i, s) in [&self.ruleset, &self.neighbours].into_iter().enumerate() {
+            if let Some(f) = fd(s) {
+                at[i] = Some(fds.len());
+                fds.push(PollFd::new(f, PollFlags::POLLIN));
+            }
+        }
+        let first_listener = fds.len();
+        for l in listeners {
+            fds.push(PollFd::new(*l, PollFlags::POLLIN));
+        }
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        Ok(Some(Ready {
+            signals: ready(&fds[0]),
+            inotify: ready(&fds[1]),
+            ruleset: at[0].is_some_and(|i| ready(&fds[i])),
+            neighbours: at[1].is_some_and(|i| ready(&fds[i])),
+            listeners: (0..listeners.len())
+                .filter(|i| ready(&fds[first_listener + i]))
+                .collect(),
+        }))
+    }
+
+    /// The watched directories that changed (and those that went away, watched again
+    /// later).
+    fn drain_inotify(&mut self, out: &mut Vec<Fired>) {
+        while let Ok(events) = self.inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                if let Some((_, d)) = self.watches.iter().find(|(wd, _)| *wd == e.wd) {
+                    let f = Fired::Dir(d.clone());
+                    if !out.contains(&f) {
+                        out.push(f);
+                    }
+                }
+                if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // the directory went away (libvirt's /run): watch it again later
+                    if let Some(i) = self.watches.iter().position(|(wd, _)| *wd == e.wd) {
+                        let (_, d) = self.watches.remove(i);
+                        self.missing.push(d);
+                    }
+                }
+            }
+        }
     }
 
     /// Reads every pending neighbour notification; whether one announced a new pair (or

@@ -238,6 +238,17 @@ fn qemu(ctx: &Context, name: &str, op: &str, xml: &str) -> u8 {
     code
 }
 
+/// The config errors of one domain's entry (conflicts with others aside: the hook checks
+/// those against what is installed).
+fn own_errors(cfg: &Config, cfg_name: &str) -> Vec<String> {
+    cfg.errors()
+        .filter(|d| {
+            d.domain.as_deref() == Some(cfg_name) && !d.message.contains(config::CONFLICT_MARK)
+        })
+        .map(|d| d.to_string())
+        .collect()
+}
+
 fn qemu_with(
     ctx: &Context,
     cfg: &Config,
@@ -277,14 +288,7 @@ fn qemu_with(
             0
         }
     };
-    let own_errors: Vec<String> = own
-        .errors()
-        .filter(|d| {
-            d.domain.as_deref() == Some(cfg_name.as_str())
-                && !d.message.contains(config::CONFLICT_MARK)
-        })
-        .map(|d| d.to_string())
-        .collect();
+    let own_errors = own_errors(&own, &cfg_name);
     if op == "prepare" {
         let mut problems = own_errors;
         problems.extend(reconcile::conflicts_with_running(

@@ -147,28 +147,7 @@ pub fn reconcile_scoped(
 ) -> Result<Outcome, ReconcileError> {
     let dir = StateDir::lock(&ctx.state_dir)?;
     let backend = ctx.backend_for(config);
-    let (mut state, mut inst) = match scope {
-        Scope::Domain(name) if backend.local_delta() => {
-            let (st, inst) = dir.load_for(name)?;
-            (st, Some(inst))
-        }
-        Scope::Domain(_) => (dir.load()?, None),
-        // a whole reconcile decodes the rules once it knows it has something to plan
-        Scope::All => {
-            let (st, inst) = dir.load_for("")?;
-            (st, Some(inst))
-        }
-    };
-    // switching backends: the old one removes what it installed, from the whole ruleset
-    if let Some(i) = &inst
-        && state
-            .backend
-            .as_deref()
-            .is_some_and(|b| b != backend.name())
-    {
-        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
-        inst = None;
-    }
+    let (mut state, mut inst) = load(ctx, &dir, backend.as_ref(), scope)?;
     let before = state.without_ruleset();
     backend.set_memory(state.xt_preexisting.clone());
     begin(ctx, &mut state, update);
@@ -177,56 +156,37 @@ pub fn reconcile_scoped(
         Scope::All => inputs::digest(config, &facts, backend.name()),
         Scope::Domain(_) => None,
     };
-    if let Some(active) = unchanged_inputs(&mut state, digest.as_deref(), backend.as_ref())? {
-        if state.without_ruleset() != before {
-            match &inst {
-                Some(i) => dir.save_partial(&state, i)?,
-                None => dir.save(&state)?,
+    let (forwards, result) =
+        match unchanged_inputs(&mut state, digest.as_deref(), backend.as_ref())? {
+            Some(active) => (Known::Unchanged(active), Ok(false)),
+            None => {
+                // what a hook changes is not a whole reconcile's: the next one plans again
+                state.inputs = None;
+                if scope == Scope::All
+                    && let Some(i) = inst.take()
+                {
+                    state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+                }
+                let (forwards, result) = plan_and_apply(
+                    ctx,
+                    config,
+                    &facts,
+                    &mut state,
+                    &mut inst,
+                    backend.as_ref(),
+                    scope,
+                );
+                (Known::Forwards(forwards), result)
             }
-        }
-        let others = inst.as_ref().map_or(0, |i| i.other_rules());
-        return Ok(Outcome {
-            forwards: Vec::new(),
-            rules: state.ruleset.rules.len() + others,
-            active,
-            changed: false,
-            backend: backend.name(),
-            state,
-        });
-    }
-    // what a hook changes is not a whole reconcile's: the next one plans again
-    state.inputs = None;
-    if scope == Scope::All
-        && let Some(i) = inst.take()
-    {
-        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
-    }
-    let (plan, result) = match (&mut inst, scope) {
-        (Some(i), Scope::Domain(name)) => {
-            let plan = plan_domain_against(config, &facts, &state, name, &i.others());
-            let Plan { ruleset, forwards } = plan;
-            let r = apply_part(ctx, &mut state, i, ruleset, backend.as_ref(), name);
-            (forwards, r)
-        }
-        _ => {
-            let plan = match scope {
-                Scope::All => plan_only(config, &facts, &state).plan,
-                Scope::Domain(name) => plan_domain(config, &facts, &state, name),
-            };
-            let Plan { ruleset, forwards } = plan;
-            let r = apply_plan(&mut state, ruleset, backend.as_ref(), scope);
-            (forwards, r)
-        }
-    };
+        };
     if state.backend.as_deref().is_none_or(|b| b == backend.name()) {
         state.xt_preexisting = backend.memory();
     }
-    let active = plan
-        .iter()
-        .filter(|f| f.state == plan::ForwardState::Active)
-        .count();
+    let active = forwards.active();
     // recorded only where the kernel's generation says it still holds the plan
-    if let (Ok(_), Some(digest), Some(_)) = (&result, digest, state.generation) {
+    if let (Known::Forwards(_), Ok(_), Some(digest), Some(_)) =
+        (&forwards, &result, digest, state.generation)
+    {
         state.inputs = Some(PlannedInputs { digest, active });
     }
     // what the hook recorded (started, stopped) is kept even if the change failed; an
@@ -240,13 +200,95 @@ pub fn reconcile_scoped(
     let changed = result?;
     let others = inst.as_ref().map_or(0, |i| i.other_rules());
     Ok(Outcome {
-        forwards: plan,
+        forwards: match forwards {
+            Known::Forwards(f) => f,
+            Known::Unchanged(_) => Vec::new(),
+        },
         rules: state.ruleset.rules.len() + others,
         active,
         changed,
         backend: backend.name(),
         state,
     })
+}
+
+/// What a reconcile knows of the forwards: their statuses, or (nothing planned) only how
+/// many are active.
+enum Known {
+    Forwards(Vec<plan::ForwardStatus>),
+    Unchanged(usize),
+}
+
+impl Known {
+    fn active(&self) -> usize {
+        match self {
+            Known::Forwards(f) => f
+                .iter()
+                .filter(|f| f.state == plan::ForwardState::Active)
+                .count(),
+            Known::Unchanged(n) => *n,
+        }
+    }
+}
+
+/// The state a reconcile of `scope` starts from: a hook with a local delta (and a whole
+/// reconcile, until it knows it has something to plan) decodes only the index and its
+/// own domain's rows; switching backends needs the whole ruleset.
+fn load(
+    ctx: &Context,
+    dir: &StateDir,
+    backend: &dyn Backend,
+    scope: Scope,
+) -> Result<(State, Option<crate::state::Installed>), ReconcileError> {
+    let (mut state, inst) = match scope {
+        Scope::Domain(name) if backend.local_delta() => {
+            let (st, inst) = dir.load_for(name)?;
+            (st, Some(inst))
+        }
+        Scope::Domain(_) => (dir.load()?, None),
+        Scope::All => {
+            let (st, inst) = dir.load_for("")?;
+            (st, Some(inst))
+        }
+    };
+    // switching backends: the old one removes what it installed, from the whole ruleset
+    if let Some(i) = &inst
+        && state
+            .backend
+            .as_deref()
+            .is_some_and(|b| b != backend.name())
+    {
+        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+        return Ok((state, None));
+    }
+    Ok((state, inst))
+}
+
+/// Plans `scope` and changes the kernel: a hook's domain as a part, else the whole plan.
+fn plan_and_apply(
+    ctx: &Context,
+    config: &Config,
+    facts: &Facts,
+    state: &mut State,
+    inst: &mut Option<crate::state::Installed>,
+    backend: &dyn Backend,
+    scope: Scope,
+) -> (Vec<plan::ForwardStatus>, Result<bool, ReconcileError>) {
+    match (inst, scope) {
+        (Some(i), Scope::Domain(name)) => {
+            let plan = plan_domain_against(config, facts, state, name, &i.others());
+            let Plan { ruleset, forwards } = plan;
+            (forwards, apply_part(ctx, state, i, ruleset, backend, name))
+        }
+        _ => {
+            let plan = match scope {
+                Scope::All => plan_only(config, facts, state).plan,
+                Scope::Domain(name) => plan_domain(config, facts, state, name),
+            };
+            let Plan { ruleset, forwards } = plan;
+            (forwards, apply_plan(state, ruleset, backend, scope))
+        }
+    }
 }
 
 /// The number of active forwards, if a whole reconcile has nothing to plan: its inputs
