@@ -165,3 +165,82 @@ fn the_module_graph_has_no_circle() {
         }
     }
 }
+
+/// Every `.rs` file under `dir`, with its path relative to the crate.
+fn rust_files(dir: &str) -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    let mut stack = vec![root.join(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                out.push((rel, std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Functions (name, first line, lines) as rustfmt lays them out: from the `fn` line to
+/// the closing brace at its indentation.
+fn functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        let indent = &l[..l.len() - t.len()];
+        let mut rest = t;
+        for p in [
+            "pub(crate) ",
+            "pub(super) ",
+            "pub ",
+            "const ",
+            "async ",
+            "unsafe ",
+            "extern \"C\" ",
+        ] {
+            rest = rest.strip_prefix(p).unwrap_or(rest);
+        }
+        let Some(sig) = rest.strip_prefix("fn ") else {
+            continue;
+        };
+        if l.trim_end().ends_with(';') {
+            continue;
+        }
+        let name: String = sig
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{indent}}}");
+        if let Some(j) = lines[i + 1..].iter().position(|x| *x == close) {
+            out.push((name, i + 1, j + 2));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_source_file_over_500_lines_nor_function_over_80() {
+    let mut wrong = Vec::new();
+    for dir in ["src", "benches", "fuzz"] {
+        if !Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).is_dir() {
+            continue;
+        }
+        for (path, text) in rust_files(dir) {
+            let n = text.lines().count();
+            if n > 520 {
+                wrong.push(format!("{path}: {n} lines"));
+            }
+            for (name, at, len) in functions(&text) {
+                if len > 85 {
+                    wrong.push(format!("{path}:{at}: fn {name} has {len} lines"));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "too long:\n{}", wrong.join("\n"));
+}

@@ -80,6 +80,46 @@ impl Drop for Running {
     }
 }
 
+/// `runs` times: virtgate's table deleted, until the daemon's report says it repaired it.
+fn heals(w: &World, runs: usize) -> Vec<Duration> {
+    let mut heal = Vec::new();
+    for _ in 0..runs {
+        let h = report(w, "heals");
+        w.host.exec(&["nft", "delete", "table", "inet", "virtgate"]);
+        heal.push(until_above(w, "heals", h));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    heal
+}
+
+/// `runs` times: the late guest's lease taken away (its forward removed), then renamed
+/// into place as libvirt's helper writes it, until the daemon has applied it.
+fn leases_to_live(w: &World, runs: usize, leases: &std::path::Path, late: usize) -> Vec<Duration> {
+    let mut lease = Vec::new();
+    let lease_text = format!(
+        "[{{\"ip-address\": \"192.168.254.1\", \"mac-address\": \"{}\", \"expiry-time\": 4000000000}}]\n",
+        world::mac(late)
+    );
+    let new = leases.with_extension("status.new");
+    for _ in 0..runs {
+        // the lease goes (the forward is removed), then comes as libvirt's helper writes it
+        let a = report(w, "applies");
+        std::fs::write(&new, "[]\n").expect("leases");
+        std::fs::rename(&new, leases).expect("rename");
+        let gone = Instant::now();
+        while report(w, "applies") <= a && gone.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let a = report(w, "applies");
+        std::fs::write(&new, &lease_text).expect("leases");
+        std::fs::rename(&new, leases).expect("rename");
+        lease.push(until_above(w, "applies", a));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lease
+}
+
 /// The daemon in a world of `n` forwards (n/10 domains), `runs` heals and lease-to-live
 /// each (at most 5: more repairs than that within a minute make it back off, by design).
 pub fn measure(n: usize, runs: usize, idle: Duration) -> DaemonFigures {
@@ -116,35 +156,8 @@ pub fn measure(n: usize, runs: usize, idle: Duration) -> DaemonFigures {
     // SAFETY: sysconf has no preconditions
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let idle_cpu_ms = ticks as f64 * 1000.0 / hz;
-    let mut heal = Vec::new();
-    for _ in 0..runs {
-        let h = report(&w, "heals");
-        w.host.exec(&["nft", "delete", "table", "inet", "virtgate"]);
-        heal.push(until_above(&w, "heals", h));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let mut lease = Vec::new();
-    let lease_text = format!(
-        "[{{\"ip-address\": \"192.168.254.1\", \"mac-address\": \"{}\", \"expiry-time\": 4000000000}}]\n",
-        world::mac(late)
-    );
-    let new = leases.with_extension("status.new");
-    for _ in 0..runs {
-        // the lease goes (the forward is removed), then comes as libvirt's helper writes it
-        let a = report(&w, "applies");
-        std::fs::write(&new, "[]\n").expect("leases");
-        std::fs::rename(&new, &leases).expect("rename");
-        let gone = Instant::now();
-        while report(&w, "applies") <= a && gone.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let a = report(&w, "applies");
-        std::fs::write(&new, &lease_text).expect("leases");
-        std::fs::rename(&new, &leases).expect("rename");
-        lease.push(until_above(&w, "applies", a));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let heal = heals(&w, runs);
+    let lease = leases_to_live(&w, runs, &leases, late);
     let live = w.host.exec(&["nft", "list", "table", "inet", "virtgate"]);
     assert!(
         live.contains("192.168.254.1"),

@@ -43,6 +43,33 @@ pub struct Config {
     pub datapath_secs: f64,
 }
 
+impl Config {
+    /// The full run (`scripts/bench`) or the smoke run CI does.
+    fn new(full: bool) -> Config {
+        if full {
+            Config {
+                full,
+                sizes: vec![10, 100, 1000, 10000],
+                runs: 5,
+                per_rule_max: 1000,
+                datapath_n: 10000,
+                datapath_rounds: 5,
+                datapath_secs: 1.0,
+            }
+        } else {
+            Config {
+                full,
+                sizes: vec![10, 100],
+                runs: 1,
+                per_rule_max: 100,
+                datapath_n: 100,
+                datapath_rounds: 1,
+                datapath_secs: 0.2,
+            }
+        }
+    }
+}
+
 fn ms(runs: &[Run]) -> Vec<Duration> {
     runs.iter().map(|r| r.time).collect()
 }
@@ -67,6 +94,37 @@ fn figure(id: &'static str, what: &str, n: usize, runs: &[Run]) -> Figure {
         rss_mib: rss(runs),
         extrapolated: false,
     }
+}
+
+/// P1: the hook starts and stops web (10 forwards) with N installed.
+fn hook_figures(w: &World, backend: &'static str, n: usize, cfg: &Config, out: &mut Vec<Figure>) {
+    let xml = world::domain_xml("web", w.web());
+    let hook = |op: &str, sub: &str| {
+        run_in(
+            &w.host.name,
+            &w.virtgate(backend, &["hook", "qemu", "web", op, sub, "-"]),
+            Some(&xml),
+            &[],
+        )
+    };
+    let (mut start, mut stop) = (Vec::new(), Vec::new());
+    // hooks are short: more runs against the noise of a shared machine
+    for _ in 0..cfg.runs * 2 + 1 {
+        start.push(hook("started", "begin"));
+        stop.push(hook("stopped", "end"));
+    }
+    out.push(figure(
+        "P1",
+        &format!("hook qemu web started ({backend})"),
+        n,
+        &start,
+    ));
+    out.push(figure(
+        "P1",
+        &format!("hook qemu web stopped ({backend})"),
+        n,
+        &stop,
+    ));
 }
 
 /// virtgate's own figures for one backend at one N.
@@ -99,36 +157,7 @@ fn virtgate_figures(backend: &'static str, n: usize, cfg: &Config, out: &mut Vec
         n,
         &p2u,
     ));
-    // P1: the hook starts and stops web (10 forwards) with N installed
-    let xml = world::domain_xml("web", w.web());
-    let (mut start, mut stop) = (Vec::new(), Vec::new());
-    // hooks are short: more runs against the noise of a shared machine
-    for _ in 0..cfg.runs * 2 + 1 {
-        start.push(run_in(
-            &ns,
-            &vg(&["hook", "qemu", "web", "started", "begin", "-"]),
-            Some(&xml),
-            &[],
-        ));
-        stop.push(run_in(
-            &ns,
-            &vg(&["hook", "qemu", "web", "stopped", "end", "-"]),
-            Some(&xml),
-            &[],
-        ));
-    }
-    out.push(figure(
-        "P1",
-        &format!("hook qemu web started ({backend})"),
-        n,
-        &start,
-    ));
-    out.push(figure(
-        "P1",
-        &format!("hook qemu web stopped ({backend})"),
-        n,
-        &stop,
-    ));
+    hook_figures(&w, backend, n, cfg, out);
     // P3: one forward more in the config, then apply
     let mut p3 = Vec::new();
     for r in 0..cfg.runs {
@@ -250,6 +279,42 @@ fn datapath_figures(cfg: &Config) -> Vec<(String, Vec<f64>, Vec<f64>)> {
     out
 }
 
+/// `--world N [BACKEND]`: sets up N forwards, applies, prints how to reach it, and waits
+/// (for profiling by hand).
+fn world_by_hand(n: usize, backend: &str) {
+    let w = World::new(n);
+    let r = run_in(&w.host.name, &w.virtgate(backend, &["apply"]), None, &[]);
+    // web's XML for `hook` by hand, in the world's own (private) temporary directory
+    let xml = w.dir.path().join("web.xml");
+    std::fs::write(&xml, world::domain_xml("web", w.web())).expect("write");
+    println!(
+        "netns {} ok={} {:?}\n{}\n{}",
+        w.host.name,
+        r.ok,
+        r.time,
+        w.virtgate(backend, &[]).join(" "),
+        xml.display()
+    );
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// The kernel alone: one `nft` adding, then deleting, one element of a trivial table.
+fn kernel_floor_figures(cfg: &Config, figs: &mut Vec<Figure>) {
+    let (add, del) = baseline::kernel_floor(cfg.runs.max(5));
+    figs.push(figure(
+        "K",
+        "kernel: nft add one element, trivial table",
+        0,
+        &add,
+    ));
+    figs.push(figure(
+        "K",
+        "kernel: nft delete one element, trivial table",
+        0,
+        &del,
+    ));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `--world N [BACKEND]`: set up N forwards, apply, print how to reach it, and wait
@@ -257,47 +322,14 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--world") {
         let n: usize = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(1000);
         let backend = args.get(i + 2).map(String::as_str).unwrap_or("nftables");
-        let w = World::new(n);
-        let r = run_in(&w.host.name, &w.virtgate(backend, &["apply"]), None, &[]);
-        // web's XML for `hook` by hand, in the world's own (private) temporary directory
-        let xml = w.dir.path().join("web.xml");
-        std::fs::write(&xml, world::domain_xml("web", w.web())).expect("write");
-        println!(
-            "netns {} ok={} {:?}\n{}\n{}",
-            w.host.name,
-            r.ok,
-            r.time,
-            w.virtgate(backend, &[]).join(" "),
-            xml.display()
-        );
-        std::thread::sleep(Duration::from_secs(3600));
+        world_by_hand(n, backend);
         return;
     }
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--quick");
     if !common::can_run_netns("benchmark") {
         return;
     }
-    let cfg = if full {
-        Config {
-            full,
-            sizes: vec![10, 100, 1000, 10000],
-            runs: 5,
-            per_rule_max: 1000,
-            datapath_n: 10000,
-            datapath_rounds: 5,
-            datapath_secs: 1.0,
-        }
-    } else {
-        Config {
-            full,
-            sizes: vec![10, 100],
-            runs: 1,
-            per_rule_max: 100,
-            datapath_n: 100,
-            datapath_rounds: 1,
-            datapath_secs: 0.2,
-        }
-    };
+    let cfg = Config::new(full);
     let started = Instant::now();
     let mut figs = Vec::new();
     for &n in &cfg.sizes {
@@ -312,19 +344,7 @@ fn main() {
         per_rule_figures(n, &cfg, &mut figs);
     }
     extrapolate(&mut figs, &cfg.sizes);
-    let (add, del) = baseline::kernel_floor(cfg.runs.max(5));
-    figs.push(figure(
-        "K",
-        "kernel: nft add one element, trivial table",
-        0,
-        &add,
-    ));
-    figs.push(figure(
-        "K",
-        "kernel: nft delete one element, trivial table",
-        0,
-        &del,
-    ));
+    kernel_floor_figures(&cfg, &mut figs);
     eprintln!("bench: data path ({:.0?})", started.elapsed());
     let dp = datapath_figures(&cfg);
     for (b, one, many) in &dp {
