@@ -80,6 +80,18 @@ impl Drop for Running {
     }
 }
 
+/// `virtgate ARGS` (a daemon) in the world's host namespace.
+fn spawn(w: &World, args: &[&str]) -> Running {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &w.host.name])
+        .args(w.virtgate("nftables", args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the daemon");
+    Running(child)
+}
+
 /// `runs` times: virtgate's table deleted, until the daemon's report says it repaired it.
 fn heals(w: &World, runs: usize) -> Vec<Duration> {
     let mut heal = Vec::new();
@@ -137,15 +149,7 @@ pub fn measure(n: usize, runs: usize, idle: Duration) -> DaemonFigures {
     std::fs::write(w.config(), cfg).expect("config");
     let leases = w.root().join("var/lib/libvirt/dnsmasq/virbr0.status");
     std::fs::write(&leases, "[]\n").expect("leases");
-    let argv = w.virtgate("nftables", &["daemon"]);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &w.host.name])
-        .args(&argv)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the daemon");
-    let d = Running(child);
+    let d = spawn(&w, &["daemon"]);
     let pid = d.0.id();
     until_above(&w, "reconciles", 0);
     // its own first commit comes back as an event: let that reconcile pass
@@ -168,15 +172,7 @@ pub fn measure(n: usize, runs: usize, idle: Duration) -> DaemonFigures {
     drop(d);
     let _ = std::fs::remove_file(w.state().join("daemon.json"));
     // the same world, libvirt's event API off: one reconcile and an idle moment
-    let argv = w.virtgate("nftables", &["daemon", "--libvirt-uri", "none"]);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &w.host.name])
-        .args(&argv)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the daemon");
-    let plain = Running(child);
+    let plain = spawn(&w, &["daemon", "--libvirt-uri", "none"]);
     until_above(&w, "reconciles", 0);
     std::thread::sleep(Duration::from_millis(500));
     let rss_no_libvirt_mib = rss_kib(plain.0.id()) as f64 / 1024.0;

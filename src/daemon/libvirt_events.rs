@@ -108,6 +108,18 @@ impl Shared {
     }
 }
 
+/// An event: counted, and the daemon woken.
+///
+/// # Safety
+/// `opaque` points to a live [`Shared`].
+unsafe fn noted(opaque: *mut c_void) -> c_int {
+    // SAFETY: by the caller
+    let s = unsafe { &*(opaque as *const Shared) };
+    s.events.fetch_add(1, Ordering::Relaxed);
+    s.wake();
+    0
+}
+
 /// Every event callback: what happened does not matter, only that something did (the
 /// daemon reads libvirt's files, level-triggered).
 unsafe extern "C" fn on_domain_lifecycle(
@@ -118,10 +130,7 @@ unsafe extern "C" fn on_domain_lifecycle(
     opaque: *mut c_void,
 ) -> c_int {
     // SAFETY: opaque is the Shared the thread keeps alive while callbacks are registered
-    let s = unsafe { &*(opaque as *const Shared) };
-    s.events.fetch_add(1, Ordering::Relaxed);
-    s.wake();
-    0
+    unsafe { noted(opaque) }
 }
 
 unsafe extern "C" fn on_domain_metadata(
@@ -132,10 +141,7 @@ unsafe extern "C" fn on_domain_metadata(
     opaque: *mut c_void,
 ) -> c_int {
     // SAFETY: as in on_domain_lifecycle
-    let s = unsafe { &*(opaque as *const Shared) };
-    s.events.fetch_add(1, Ordering::Relaxed);
-    s.wake();
-    0
+    unsafe { noted(opaque) }
 }
 
 unsafe extern "C" fn on_network_lifecycle(
@@ -146,10 +152,7 @@ unsafe extern "C" fn on_network_lifecycle(
     opaque: *mut c_void,
 ) -> c_int {
     // SAFETY: as in on_domain_lifecycle
-    let s = unsafe { &*(opaque as *const Shared) };
-    s.events.fetch_add(1, Ordering::Relaxed);
-    s.wake();
-    0
+    unsafe { noted(opaque) }
 }
 
 unsafe extern "C" fn on_close(_c: Conn, _reason: c_int, opaque: *mut c_void) {
