@@ -62,7 +62,7 @@ fn daemon_line(ctx: &Context, fingerprint: &[u8]) -> Option<String> {
             "daemon (pid {pid}): runs another config, {}",
             a.config.display()
         )
-    } else if a.config_fingerprint == crate::daemon::hex(fingerprint) {
+    } else if a.config_fingerprint == crate::model::hex(fingerprint) {
         format!("daemon (pid {pid}): runs this config")
     } else {
         format!(

@@ -85,6 +85,11 @@ pub fn ask(state_dir: &Path, request: &Request, timeout: Duration) -> Option<Ans
     if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
         return None;
     }
+    // a socket someone else could have put there answers nothing we believe
+    if let Some(why) = path.parent().and_then(crate::files::untrusted_dir) {
+        tracing::warn!("not asking the daemon on {}: {why}", path.display());
+        return None;
+    }
     let mut s = UnixStream::connect(&path).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
@@ -107,10 +112,14 @@ impl Listener {
     pub fn bind(state_dir: &Path) -> Result<Listener, String> {
         let path = socket_path(state_dir);
         let at = |e: std::io::Error| format!("control socket {}: {e}", path.display());
-        if let Some(dir) = path.parent()
-            && !dir.exists()
-        {
-            crate::files::create_dir(dir, 0o700).map_err(at)?;
+        if let Some(dir) = path.parent() {
+            if !dir.exists() {
+                crate::files::create_dir(dir, 0o700).map_err(at)?;
+            }
+            // where clients find the daemon: nobody else may put a socket there
+            if let Some(why) = crate::files::untrusted_dir(dir) {
+                return Err(format!("control socket {}: {why}", path.display()));
+            }
         }
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_socket() => {
@@ -183,5 +192,53 @@ pub fn answer(mut s: UnixStream, a: &Answer) {
     let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
     if let Ok(text) = serde_json::to_vec(a) {
         let _ = s.write_all(&text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            command: Command::Status,
+            config: PathBuf::from("/etc/virtgate/virtgate.toml"),
+            backend: BackendChoice::Auto,
+        }
+    }
+
+    #[test]
+    fn a_socket_in_a_directory_others_can_write_is_neither_served_nor_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Listener::bind(&open).err().expect("refused");
+        assert!(err.contains("writable by group or others"), "{err}");
+        // someone else's socket there, answering like a daemon: not believed
+        let planted = UnixListener::bind(open.join("daemon.sock")).unwrap();
+        let answering = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = planted.accept() {
+                let _ = s.write_all(b"{}");
+            }
+        });
+        assert!(ask(&open, &request(), Duration::from_millis(200)).is_none());
+        drop(UnixStream::connect(open.join("daemon.sock")));
+        let _ = answering.join();
+        // the same in a directory only we can write is served and asked
+        let own = dir.path().join("own");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let l = Listener::bind(&own).expect("served");
+        let mode = std::fs::metadata(own.join("daemon.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(l);
+        assert!(
+            !own.join("daemon.sock").exists(),
+            "removed with the listener"
+        );
     }
 }

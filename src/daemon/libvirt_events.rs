@@ -277,27 +277,15 @@ fn register(api: &Api, conn: Conn, opaque: *mut c_void) -> [c_int; 3] {
         let lifecycle: GenericCallback = std::mem::transmute(on_domain_lifecycle as Lifecycle);
         let metadata: GenericCallback = std::mem::transmute(on_domain_metadata as Metadata);
         let network: GenericCallback = std::mem::transmute(on_network_lifecycle as Lifecycle);
-        let any = std::ptr::null_mut();
+        let domain = |id, cb| {
+            (api.domain_event_register_any)(conn, std::ptr::null_mut(), id, cb, opaque, None)
+        };
         [
-            (api.domain_event_register_any)(
-                conn,
-                any,
-                VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                lifecycle,
-                opaque,
-                None,
-            ),
-            (api.domain_event_register_any)(
-                conn,
-                any,
-                VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
-                metadata,
-                opaque,
-                None,
-            ),
+            domain(VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+            domain(VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, metadata),
             (api.network_event_register_any)(
                 conn,
-                any,
+                std::ptr::null_mut(),
                 VIR_NETWORK_EVENT_ID_LIFECYCLE,
                 network,
                 opaque,

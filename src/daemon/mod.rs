@@ -236,7 +236,7 @@ impl Daemon<'_> {
                 report: self.report.clone(),
                 config: self.ctx.config_path.clone(),
                 backend: self.ctx.backend,
-                config_fingerprint: hex(&self.config.fingerprint),
+                config_fingerprint: crate::model::hex(&self.config.fingerprint),
                 applied,
             };
             control::answer(stream, &answer);
@@ -290,11 +290,6 @@ impl Daemon<'_> {
             let _ = crate::state::write_atomic(&report_file(&self.ctx.state_dir), &text);
         }
     }
-}
-
-/// Bytes as lower-case hexadecimal.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs until SIGTERM or SIGINT.

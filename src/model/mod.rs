@@ -4,6 +4,11 @@
 pub mod conflicts;
 pub mod domain;
 
+/// Bytes as lower-case hexadecimal (digests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The XML namespace of virtgate's element in a domain's `<metadata>`.
 pub const METADATA_NAMESPACE: &str = "https://virtgate.dev/xmlns/1";
 

@@ -59,7 +59,7 @@ pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
     // unchanged apply at 10,000 forwards)
     let bytes = postcard::to_allocvec(&parts).ok()?;
     h.update(&bytes);
-    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Some(crate::model::hex(&h.finalize()))
 }
 
 #[cfg(test)]
