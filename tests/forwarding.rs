@@ -348,3 +348,66 @@ fn iptables_legacy_backend_with_libvirt_iptables_legacy() {
         scenario_xt(LibvirtForm::Iptables, "iptables", Xt::Legacy);
     }
 }
+
+/// More hairpin rules than one chain holds flat (two guests, 40 forwards each to their
+/// own guest ports): the iptables backend spreads them over chains by guest address, and
+/// every hairpinned flow still finds its masquerade, on both xtables variants.
+fn hairpin_spread_over_chains(xt: Xt) {
+    let lab = Lab::with_xt(LibvirtForm::Iptables, xt);
+    let ports: Vec<u16> = (2000..2040).collect();
+    let mut config = String::new();
+    for (g, base) in [("g1", 11000), ("g2", 12000)] {
+        common::serve(&lab.guest(g).ns, g, &ports, &[]);
+        let fw: Vec<String> = ports
+            .iter()
+            .map(|p| format!("\"{}:{p}\"", base + p - 2000))
+            .collect();
+        config.push_str(&format!("[domain.{g}]\nforwards = [{}]\n", fw.join(", ")));
+    }
+    lab.write_config(&config);
+    lab.apply("iptables");
+    let save = if xt == Xt::Legacy {
+        "iptables-legacy-save"
+    } else {
+        "iptables-save"
+    };
+    let nat = lab.host.exec(&[save, "-t", "nat"]);
+    assert!(
+        nat.contains(":VIRTGATE_HAIRPIN0_") && !nat.contains("-A VIRTGATE_HAIRPIN0 -s "),
+        "80 hairpin rules are spread over chains by address:\n{nat}"
+    );
+    let (g1, g2) = (&lab.guest("g1").ns, &lab.guest("g2").ns);
+    let pubv = |p: u16| sa(&format!("{PUBLIC}:{p}"));
+    expect_ok(
+        "other guest via public",
+        g2.tcp(pubv(11005)),
+        "g1 port 2005 from 192.168.122.1",
+    );
+    expect_ok("same guest via public", g2.tcp(pubv(12039)), "g2 port 2039");
+    expect_ok("g1 to g2 via public", g1.tcp(pubv(12000)), "g2 port 2000");
+    expect_ok(
+        "outside",
+        lab.client.tcp(pubv(11039)),
+        "g1 port 2039 from 203.0.113.2",
+    );
+    // g2 stops: its rules go, g1's hairpin stays
+    let xml = lab.domain_xml("g2");
+    let (code, _, err) = lab.hook("iptables", &["qemu", "g2", "stopped", "end", "-"], &xml);
+    assert_eq!(code, 0, "{err}");
+    expect_ok("after g2 stopped", g1.tcp(pubv(11001)), "g1 port 2001");
+    expect_refused("g2 stopped", lab.client.tcp(pubv(12000)));
+}
+
+#[test]
+fn iptables_hairpin_spread_over_chains() {
+    if common::can_run_netns("iptables_hairpin_spread_over_chains") {
+        hairpin_spread_over_chains(Xt::Nft);
+    }
+}
+
+#[test]
+fn iptables_legacy_hairpin_spread_over_chains() {
+    if common::can_run_netns("iptables_legacy_hairpin_spread_over_chains") {
+        hairpin_spread_over_chains(Xt::Legacy);
+    }
+}

@@ -10,22 +10,10 @@ use super::*;
 impl Lab {
     /// Runs `virtgate hook ARGS` in the host namespace with `stdin`: (exit code, stdout, stderr).
     pub fn hook(&self, backend: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
-        let bin = env!("CARGO_BIN_EXE_virtgate");
-        let (config, state, root) = (self.config_path(), self.state_dir(), self.root());
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.host.name, bin])
-            .args([
-                "--config",
-                path_str(&config),
-                "--state-dir",
-                path_str(&state),
-                "--libvirt-root",
-                path_str(&root),
-                "--backend",
-                backend,
-                "hook",
-            ])
-            .args(args)
+        let mut argv = vec!["hook"];
+        argv.extend_from_slice(args);
+        let mut child = self
+            .command(&self.config_path(), backend, &argv)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -10,6 +10,8 @@
 //! nftables backend for thousands of forwards.
 
 mod rules;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

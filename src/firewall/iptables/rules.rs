@@ -106,6 +106,67 @@ pub(super) fn bucketed(
     chains
 }
 
+/// Rules that each match one guest address, without duplicates (forwards of several host
+/// ports to one guest port masquerade alike), spread over chains by address the way
+/// [`bucketed`] spreads by port: `TOP` jumps by the address's `/22` (IPv4; `/118` for
+/// IPv6) to `TOP_<n>`, which jumps by its `/27` (`/123`) to `TOP_<n>_<m>` holding the
+/// rules of 32 addresses. So a domain starting or stopping rewrites the chain of its own
+/// 32 addresses, not one rule per forward installed. Few rules stay in `TOP` as they are.
+pub(super) fn bucketed_by_address(
+    top: &str,
+    rules: Vec<(IpAddr, String)>,
+) -> Vec<(String, Vec<String>)> {
+    const FLAT: usize = 32;
+    let mut seen = std::collections::BTreeSet::new();
+    let rules: Vec<(IpAddr, String)> = rules
+        .into_iter()
+        .filter(|(_, r)| seen.insert(r.clone()))
+        .collect();
+    if rules.len() <= FLAT {
+        return vec![(top.to_string(), rules.into_iter().map(|r| r.1).collect())];
+    }
+    // (address >> 10) -> (address >> 5) -> rules; the numbers in the names are their low
+    // bits (two blocks sharing a name share its chain: every rule matches one address)
+    let mut tree: BTreeMap<(u128, u8), BTreeMap<u128, Vec<String>>> = BTreeMap::new();
+    for (ip, rule) in rules {
+        let (bits, width) = match ip {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        tree.entry((bits >> 10, width))
+            .or_default()
+            .entry(bits >> 5)
+            .or_default()
+            .push(rule);
+    }
+    let prefix = |block: u128, shift: u8, width: u8| -> String {
+        let base = block << shift;
+        let ip = if width == 32 {
+            IpAddr::V4(std::net::Ipv4Addr::from(base as u32))
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::from(base))
+        };
+        format!("{ip}/{}", width - shift)
+    };
+    let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut top_rules = Vec::new();
+    for ((hi, width), leaves) in tree {
+        let mid = format!("{top}_{}", hi & 0x3fff);
+        top_rules.push(format!("-d {} -j {mid}", prefix(hi, 10, width)));
+        for (lo, rules) in leaves {
+            let leaf = format!("{mid}_{}", lo & 31);
+            by_name
+                .entry(mid.clone())
+                .or_default()
+                .push(format!("-d {} -j {leaf}", prefix(lo, 5, width)));
+            by_name.entry(leaf).or_default().extend(rules);
+        }
+    }
+    let mut chains = vec![(top.to_string(), top_rules)];
+    chains.extend(by_name);
+    chains
+}
+
 /// Both families' table specs: nat (DNAT, hairpin and localhost masquerade), filter
 /// (the accept where libvirt's iptables form needs it, stopped domains' refusals) and
 /// mangle (rate limits).
@@ -160,7 +221,7 @@ pub(super) fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSp
     for (i, ((bridge, subnet), rules)) in hairpin.into_iter().enumerate() {
         let chain = format!("VIRTGATE_HAIRPIN{i}");
         post.push(format!("-s {subnet} -o {bridge} -j {chain}"));
-        post_chains.push((chain, rules));
+        post_chains.extend(bucketed_by_address(&chain, rules));
     }
     nat.chains = bucketed("VIRTGATE_DNAT", dnat);
     nat.chains.push(("VIRTGATE_PREROUTING".into(), pre));
@@ -180,8 +241,8 @@ struct NatLines {
     dnat: Vec<(Proto, PortRange, String)>,
     /// localhost DNAT (OUTPUT).
     out: Vec<String>,
-    /// Hairpin masquerade per (bridge, subnet).
-    hairpin: BTreeMap<(String, String), Vec<String>>,
+    /// Hairpin masquerade per (bridge, subnet), by guest address (duplicates included).
+    hairpin: BTreeMap<(String, String), Vec<(IpAddr, String)>>,
     /// localhost masquerade.
     lo_masq: Vec<String>,
 }
@@ -225,12 +286,15 @@ impl NatLines {
             self.hairpin
                 .entry((h.bridge.clone(), h.subnet.to_string()))
                 .or_default()
-                .push(format!(
-                    "-s {} -d {} -o {} {} -j MASQUERADE",
-                    h.subnet,
-                    host(&r.guest_ip),
-                    h.bridge,
-                    proto_match(r, &r.guest_ports)
+                .push((
+                    r.guest_ip,
+                    format!(
+                        "-s {} -d {} -o {} {} -j MASQUERADE",
+                        h.subnet,
+                        host(&r.guest_ip),
+                        h.bridge,
+                        proto_match(r, &r.guest_ports)
+                    ),
                 ));
         }
     }
