@@ -281,16 +281,14 @@ fn network_hook_reasserts_buried_accept() {
         ),
         (["network", "default", "start", "begin", "-"], "<hookData/>"),
         (["daemon", "-", "start", "-", "start"], ""),
-        (["daemon", "-", "reload", "begin", "SIGHUP"], ""),
         (["daemon", "-", "shutdown", "-", "shutdown"], ""),
         (["lxc", "c1", "started", "begin", "-"], ""),
     ] {
         libvirt_rules::reload_nft(&lab.host);
         let (code, out, err) = lab.hook("nftables", &args, stdin);
         assert_eq!((code, out.as_str()), (0, ""), "{args:?}: {err}");
-        let reasserts = matches!(args[2], "updated" | "port-created")
-            || args[..3] == ["daemon", "-", "start"]
-            || args[2] == "reload";
+        let reasserts =
+            matches!(args[2], "updated" | "port-created") || args[..3] == ["daemon", "-", "start"];
         assert_eq!(
             answers(lab.client.tcp(pubv(8080)), "g1"),
             reasserts,
@@ -310,6 +308,60 @@ fn network_hook_reasserts_buried_accept() {
     assert!(
         answers(lab.client.tcp(pubv(8080)), "g1"),
         "reconnect re-asserts the accept"
+    );
+}
+
+/// libvirtd SIGHUP, as libvirt does it: the daemon hook `reload` first, then libvirt's
+/// firewall reload, which buries what the hook re-asserted. The hook's follower
+/// re-asserts after it, and is gone once its time is up.
+#[test]
+fn daemon_reload_hook_follows_libvirts_firewall_reload() {
+    if !common::can_run_netns("daemon_reload_hook_follows_libvirts_firewall_reload") {
+        return;
+    }
+    let lab = lab(LibvirtForm::Nftables);
+    lab.write_config("[domain.g1]\nforwards = [\"8080:80\"]\n");
+    let xml = lab.domain_xml("g1");
+    let (code, _, err) = lab.hook("nftables", &["qemu", "g1", "started", "begin", "-"], &xml);
+    assert_eq!(code, 0, "{err}");
+    assert!(answers(lab.client.tcp(pubv(8080)), "g1"));
+    let out = lab
+        .command(
+            &lab.config_path(),
+            "nftables",
+            &["hook", "daemon", "-", "reload", "begin", "SIGHUP"],
+        )
+        .env("VIRTGATE_FOLLOW_SECS", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    libvirt_rules::reload_nft(&lab.host);
+    let t = std::time::Instant::now();
+    while !answers(lab.client.tcp(pubv(8080)), "g1") {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "the follower re-asserts the accept after libvirt's reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("answering again {:?} after libvirt's reload", t.elapsed());
+    // a second reload within its time (libvirt reloads network after network)
+    libvirt_rules::reload_nft(&lab.host);
+    let t = std::time::Instant::now();
+    while !answers(lab.client.tcp(pubv(8080)), "g1") {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "second reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // its time is up: it has exited, and a later reload stays buried (until the next hook)
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    libvirt_rules::reload_nft(&lab.host);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !answers(lab.client.tcp(pubv(8080)), "g1"),
+        "the follower is bounded in time"
     );
 }
 

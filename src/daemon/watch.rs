@@ -9,17 +9,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use netlink_sys::{
-    Socket,
-    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
-};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+use crate::firewall::nfnl::{Commits, drain, subscribe};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-
-/// nf_tables' multicast group: one message per object changed, then NEWGEN per commit.
-const NFNLGRP_NFTABLES: u32 = 7;
 
 /// What fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +43,7 @@ struct Ready {
 }
 
 pub struct Watch {
-    ruleset: Option<Socket>,
+    ruleset: Option<Commits>,
     neighbours: Option<Socket>,
     /// (MAC, address) pairs announced so far: the entries' state changes (reachable,
     /// stale, ...) every few seconds per guest and are no news.
@@ -79,7 +75,7 @@ impl Watch {
             .map_err(|e| format!("signalfd: {e}"))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| format!("inotify: {e}"))?;
-        let ruleset = match subscribe(NETLINK_NETFILTER, NFNLGRP_NFTABLES) {
+        let ruleset = match Commits::subscribe() {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!("cannot follow nf_tables changes ({e}); checking periodically");
@@ -178,8 +174,12 @@ impl Watch {
         ];
         // where each socket's entry is, if it has one
         let mut at = [None, None];
-        for (i, s) in [&self.ruleset, &self.neighbours].into_iter().enumerate() {
-            if let Some(f) = fd(s) {
+        let sockets = [
+            self.ruleset.as_ref().map(Commits::as_fd),
+            fd(&self.neighbours),
+        ];
+        for (i, s) in sockets.into_iter().enumerate() {
+            if let Some(f) = s {
                 at[i] = Some(fds.len());
                 fds.push(PollFd::new(f, PollFlags::POLLIN));
             }
@@ -255,36 +255,6 @@ impl Watch {
 
     /// Reads every pending ruleset message; whether any came (or some were lost).
     fn drain_ruleset(&mut self) -> bool {
-        let Some(s) = &self.ruleset else {
-            return false;
-        };
-        drain(s, "nf_tables", |_| true)
+        self.ruleset.as_ref().is_some_and(Commits::drain)
     }
-}
-
-/// Reads a non-blocking multicast socket empty; whether `news` said so of a message, or
-/// messages were lost (ENOBUFS: the kernel dropped some; the change is what matters).
-fn drain(s: &Socket, what: &str, mut news: impl FnMut(&[u8]) -> bool) -> bool {
-    let mut any = false;
-    loop {
-        match s.recv_from_full() {
-            Ok((data, _)) if data.is_empty() => return any,
-            Ok((data, _)) => any |= news(&data),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return any,
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
-            Err(e) => {
-                tracing::warn!("{what} notifications: {e}");
-                return true;
-            }
-        }
-    }
-}
-
-/// A non-blocking netlink socket of `protocol` that receives multicast `group`.
-fn subscribe(protocol: isize, group: u32) -> std::io::Result<Socket> {
-    let mut s = Socket::new(protocol)?;
-    s.bind_auto()?;
-    s.add_membership(group)?;
-    s.set_non_blocking(true)?;
-    Ok(s)
 }

@@ -18,9 +18,11 @@
 //! | qemu `migrate`, `restore` | nothing (stdout untouched: the XML stays as it is) |
 //! | network `started`, `updated`, `port-created` | reconcile (re-assert the accept placement) |
 //! | network `stopped` | reconcile with that network down: its forwards become pending |
-//! | daemon `start`, `reload` | reconcile |
+//! | daemon `start` | reconcile |
+//! | daemon `reload` | reconcile, and again after libvirt's firewall reload that follows ([`follow`]) |
 //! | daemon `shutdown` | nothing: forwards stay while guests may keep running |
 
+mod follow;
 pub mod settings;
 
 use std::io::Read;
@@ -97,8 +99,14 @@ pub fn run(ctx: &Context, driver: &str, args: &[String], stdin: impl Read) -> u8
             0
         }
         "daemon" => {
-            if matches!(op, "start" | "reload") {
-                reassert(ctx, &format!("daemon {op}"), None);
+            match op {
+                "start" => reassert(ctx, "daemon start", None),
+                "reload" => {
+                    reassert(ctx, "daemon reload", None);
+                    follow::spawn(ctx);
+                }
+                follow::OP => follow::run(ctx),
+                _ => {}
             }
             0
         }

@@ -17,7 +17,7 @@ pub fn path(hooks_dir: &Path) -> PathBuf {
     hooks_dir.join(FILE)
 }
 
-fn backend_name(b: BackendChoice) -> &'static str {
+pub(crate) fn backend_name(b: BackendChoice) -> &'static str {
     match b {
         BackendChoice::Auto => "auto",
         BackendChoice::Nftables => "nftables",

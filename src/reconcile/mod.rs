@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use crate::config::{BackendChoice, Config};
 use crate::facts::{DomainFacts, Facts, LibvirtPaths};
+/// Every nf_tables commit from now on: what the hook's reload follower and the daemon wait on.
+pub use crate::firewall::nfnl::Commits;
 use crate::firewall::{self, Backend, FirewallError};
 use crate::plan::{self, Plan};
 use crate::state::{PlannedInputs, State, StateDir, StateError};

@@ -8,6 +8,7 @@
 //! still go through one `nft -f` transaction.
 
 mod batch;
+mod commits;
 mod read;
 
 use std::cell::RefCell;
@@ -18,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 pub use batch::{Batch, ElemBytes, ElemData};
+pub use commits::{Commits, drain, subscribe};
 pub use read::{
     RawElem, RuleInfo, chains, elements, generation, rules, sets, table_exists, verdict_bytes,
 };
