@@ -7,6 +7,8 @@
 //! Skips (with the reason) where libvirtd cannot run; under CI=true it fails instead.
 
 mod common;
+#[path = "vm/debian13.rs"]
+mod debian13;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -287,6 +289,72 @@ impl Drop for Guard<'_> {
     }
 }
 
+/// One libvirtd at a time: the tests here run theirs on the host and in a chroot.
+static ONE_LIBVIRTD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The firewall form libvirt is expected to use (`VG_LIBVIRT_FORM`, set where the test
+/// runs against libvirt 11 on its nftables backend): checked once its network is up.
+fn check_libvirt_form(ruleset: &str) {
+    if std::env::var("VG_LIBVIRT_FORM").as_deref() == Ok("nftables") {
+        assert!(
+            ruleset.contains("table ip libvirt_network") && !ruleset.contains("LIBVIRT_FWI"),
+            "libvirt must use its nftables backend here:\n{ruleset}"
+        );
+    }
+}
+
+/// The same test against libvirt 11.3 on its own nftables firewall backend, in a Debian
+/// 13 root this test builds: the hook, SIGHUP (libvirt buries the accept right after the
+/// reload hook), restart, metadata, uninstall, and the daemon alone (a lease going live,
+/// flush + SIGHUP, restart), with libvirt's real rules instead of replayed ones.
+#[test]
+fn real_libvirt11_nftables_real_vms() {
+    let why = blocker().or_else(debian13::blocker);
+    if let Some(why) = why {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the libvirt 11 real-VM test cannot run here: {why}");
+        }
+        eprintln!("SKIPPED real_libvirt11_nftables_real_vms: {why}");
+        return;
+    }
+    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    // the guest is built on the host (the root has no busybox or compiler)
+    common::run(&[
+        repo().join("tests/vm/build-guest.sh").to_str().unwrap(),
+        repo().join("target/vm-guest").to_str().unwrap(),
+    ]);
+    let t0 = Instant::now();
+    let root = debian13::build(&repo()).unwrap();
+    eprintln!(
+        "[{:>5.1}s] Debian 13 root ready",
+        t0.elapsed().as_secs_f32()
+    );
+    let mounted = debian13::Mounted::new(&root, &repo()).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("chroot")
+        .arg(mounted.root())
+        .arg(&me)
+        .args(["--exact", "real_libvirtd_real_vms", "--nocapture"])
+        .env("VG_LIBVIRT_FORM", "nftables")
+        .env("CI", std::env::var("CI").unwrap_or_default())
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("--- inside the Debian 13 root:\n{log}");
+    assert!(
+        out.status.success(),
+        "the real-VM test on libvirt 11 failed"
+    );
+    assert!(
+        log.contains("libvirt 11.") && log.contains("1 passed") && !log.contains("SKIPPED"),
+        "it ran, against libvirt 11"
+    );
+}
+
 #[test]
 fn real_libvirtd_real_vms() {
     if let Some(why) = blocker() {
@@ -296,6 +364,7 @@ fn real_libvirtd_real_vms() {
         eprintln!("SKIPPED real_libvirtd_real_vms: {why}");
         return;
     }
+    let _one = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     common::run(&[repo().join("tests/vm/setup-host.sh").to_str().unwrap()]);
     common::run(&[
@@ -347,6 +416,14 @@ fn real_libvirtd_real_vms() {
         "--live",
     ]);
     let before = virtgate::firewall::strip_counters(&host_exec(&["nft", "list", "ruleset"]));
+    check_libvirt_form(&before);
+    eprintln!(
+        "{}",
+        must_virsh(&["version"])
+            .lines()
+            .find(|l| l.contains("libvirt"))
+            .unwrap_or("")
+    );
 
     // install the hook; libvirtd sees the new hook directories after SIGHUP
     std::fs::write(

@@ -51,6 +51,10 @@ fn where_to_set(domain: &str) -> Result<Vec<&'static str>, String> {
 /// The domain's virtgate element as virsh prints it (None: it has none).
 fn current(domain: &str) -> Result<Option<String>, String> {
     let o = virsh(&["metadata", domain, NAMESPACE])?;
+    // libvirt 11's virsh prints nothing (and succeeds) where libvirt 9's says "not present"
+    if o.success && o.stdout.trim().is_empty() {
+        return Ok(None);
+    }
     if o.success {
         return Ok(Some(o.stdout));
     }
