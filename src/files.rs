@@ -190,6 +190,13 @@ pub fn open_own(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// This boot's identity (the kernel's random boot id), if the kernel says.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -767,3 +767,253 @@ fn the_daemon_follows_libvirts_events_where_it_can_and_its_files_anyway() {
         "{out}"
     );
 }
+
+/// A guest of virbr0 that no reservation, lease or neighbour entry names: its namespace
+/// (no IPv4 address yet, so that it sends nothing of its own), its tap, its status file.
+fn bare_guest(lab: &Lab, name: &str, tap: &str, last: u8) -> (common::Netns, [u8; 6]) {
+    let ns = common::Netns::new(name);
+    let mac = [0x52, 0x54, 0, 0, 0, last];
+    let text = format!("52:54:00:00:00:{last:02x}");
+    lab.host.veth(tap, &ns, "eth0");
+    lab.host.ip(&["link", "set", tap, "master", "virbr0", "up"]);
+    ns.ip(&["link", "set", "eth0", "address", &text]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    common::serve(&ns, name, &[80], &[]);
+    let xml = format!(
+        "<domstatus state='running' reason='booted' pid='1'>\n{}</domstatus>\n",
+        common::domain_xml(name, &text, "default", "virbr0", tap)
+    );
+    std::fs::write(lab.root().join(format!("run/libvirt/qemu/{name}.xml")), xml).unwrap();
+    (ns, mac)
+}
+
+/// Sends one raw frame out of `ifname` in `ns`.
+fn send_frame(ns: &common::Netns, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    ns.in_ns(move || {
+        // SAFETY: plain socket calls with buffers that outlive them
+        unsafe {
+            let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(s >= 0, "packet socket");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                s,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            libc::close(s);
+            assert_eq!(n, frame.len() as isize, "frame sent");
+        }
+    });
+}
+
+/// The status row of `domain`'s forward.
+fn status_row(lab: &Lab, domain: &str) -> serde_json::Value {
+    let (ok, out, err) = lab.virtgate("nftables", &["status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["domain"] == domain)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn snooped_as(lab: &Lab, domain: &str, ip: &str) -> bool {
+    let r = status_row(lab, domain);
+    r["state"] == "active"
+        && r["guest"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["ip"] == ip && g["source"] == "snooped"))
+}
+
+/// SPEC part 3's last source: the daemon learns a guest's address on its own tap from a
+/// DHCP ACK to its MAC, an ARP from it, its first IPv4 or IPv6 packet, and the forward
+/// answers (from outside, over IPv6 too); claims outside the subnet or of another guest's
+/// reservation are refused and `status` says why; a guest whose lease holds cannot move
+/// its forward by claiming another address.
+#[test]
+fn daemon_learns_guest_addresses_by_snooping_on_their_taps() {
+    if !common::can_run_netns("daemon_learns_guest_addresses_by_snooping_on_their_taps") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    let names = ["s5", "s6", "s7", "s8", "s9"];
+    let mut config = String::new();
+    for (i, n) in names.iter().enumerate() {
+        config.push_str(&format!("[domain.{n}]\nforwards = [\"{}:80\"]\n", 8090 + i));
+    }
+    lab.write_config(&config);
+    let guests: Vec<(common::Netns, [u8; 6])> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| bare_guest(&lab, n, &format!("vnet{}", 5 + i), 0x20 + i as u8))
+        .collect();
+    let d = Daemon::start(&lab, "nftables");
+    for n in names {
+        assert_eq!(
+            status_row(&lab, n)["state"],
+            "pending",
+            "{n} has no address yet"
+        );
+    }
+    let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+    let snoop = virtgate::facts::snoop_frames::udp4;
+    let bcast = [0xff; 6];
+    let limit = Duration::from_secs(1);
+    // s5: its first packet (a broadcast: no ARP, nothing for the neighbour table), IPv4
+    // and IPv6
+    let (s5, m5) = &guests[0];
+    send_frame(
+        s5,
+        "eth0",
+        snoop(
+            *m5,
+            bcast,
+            v4("192.168.122.40"),
+            v4("255.255.255.255"),
+            9,
+            9,
+            b"hi",
+        ),
+    );
+    let six: std::net::Ipv6Addr = "fd00:122::40".parse().unwrap();
+    send_frame(
+        s5,
+        "eth0",
+        virtgate::facts::snoop_frames::udp6(*m5, six, b"hi"),
+    );
+    assert!(
+        within(limit, || snooped_as(&lab, "s5", "192.168.122.40")
+            && snooped_as(&lab, "s5", "fd00:122::40")),
+        "s5 learned from its first packets: {}\n{}",
+        status_row(&lab, "s5"),
+        d.log()
+    );
+    // s6: an ARP announcement
+    let (s6, m6) = &guests[1];
+    send_frame(
+        s6,
+        "eth0",
+        virtgate::facts::snoop_frames::arp_announce(*m6, v4("192.168.122.41")),
+    );
+    assert!(
+        within(limit, || snooped_as(&lab, "s6", "192.168.122.41")),
+        "s6: {}",
+        d.log()
+    );
+    // s7: dnsmasq's ACK (sent here from the host onto its tap), then a claim of another
+    // address while the lease holds
+    let (s7, m7) = &guests[2];
+    let bridge_mac = [0xfe, 0x54, 0, 0, 0, 1];
+    let ack = virtgate::facts::snoop_frames::dhcp_ack(
+        bridge_mac,
+        v4("192.168.122.1"),
+        *m7,
+        v4("192.168.122.42"),
+        600,
+    );
+    send_frame(&lab.host, "vnet7", ack);
+    assert!(
+        within(limit, || snooped_as(&lab, "s7", "192.168.122.42")),
+        "s7: {}",
+        d.log()
+    );
+    send_frame(
+        s7,
+        "eth0",
+        snoop(
+            *m7,
+            bcast,
+            v4("192.168.122.43"),
+            v4("255.255.255.255"),
+            9,
+            9,
+            b"mine now",
+        ),
+    );
+    assert!(
+        within(limit, || d.log().contains(
+            "claims 192.168.122.43 while it holds 192.168.122.42: refused"
+        )),
+        "{}",
+        d.log()
+    );
+    assert!(
+        snooped_as(&lab, "s7", "192.168.122.42"),
+        "s7 keeps its leased address"
+    );
+    // s8 claims an address outside the subnet, s9 g1's reservation: refused, and said why
+    let (s8, m8) = &guests[3];
+    send_frame(
+        s8,
+        "eth0",
+        snoop(*m8, bcast, v4("10.9.9.9"), v4("255.255.255.255"), 9, 9, b""),
+    );
+    let (s9, m9) = &guests[4];
+    send_frame(
+        s9,
+        "eth0",
+        virtgate::facts::snoop_frames::arp_announce(*m9, v4("192.168.122.10")),
+    );
+    for (n, ip, why) in [
+        ("s8", "10.9.9.9", "outside the subnet"),
+        ("s9", "192.168.122.10", "another domain's"),
+    ] {
+        assert!(
+            within(limit, || {
+                let r = status_row(&lab, n);
+                r["state"] == "pending"
+                    && r["note"]
+                        .as_str()
+                        .is_some_and(|s| s.contains(ip) && s.contains(why))
+            }),
+            "{n}: {}",
+            status_row(&lab, n)
+        );
+    }
+    // the learned forwards answer, once the guests use their addresses
+    for (ns, ip) in [
+        (s5, "192.168.122.40"),
+        (s6, "192.168.122.41"),
+        (s7, "192.168.122.42"),
+    ] {
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", "192.168.122.1"]);
+    }
+    s5.ip(&["addr", "add", "fd00:122::40/64", "dev", "eth0", "nodad"]);
+    s5.ip(&["-6", "route", "add", "default", "via", "fd00:122::1"]);
+    for (port, who) in [(8090, "s5"), (8091, "s6"), (8092, "s7")] {
+        assert!(
+            answers_within(&lab, port, who, Duration::from_secs(2)).is_some(),
+            "{who} answers"
+        );
+    }
+    assert!(
+        within(Duration::from_secs(3), || lab
+            .client
+            .tcp(sa("[2001:db8:1::1]:8090"))
+            .is_ok_and(|r| r.starts_with("s5 port 80 from 2001:db8:1::2"))),
+        "s5 answers over IPv6"
+    );
+    // s5 stops: what was learned on its tap is forgotten
+    lab.remove_domain_status("s5");
+    assert!(
+        within(Duration::from_secs(2), || !std::fs::read_to_string(
+            lab.state_dir().join("snooped.json")
+        )
+        .unwrap_or_default()
+        .contains("192.168.122.40")),
+        "{}",
+        d.log()
+    );
+}

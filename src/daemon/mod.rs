@@ -18,6 +18,7 @@ pub mod libvirt_events;
 pub mod metrics;
 pub mod notify;
 mod schedule;
+mod snoop;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -110,6 +111,8 @@ struct Daemon<'a> {
     heals: VecDeque<Instant>,
     backoff: Duration,
     not_before: Option<Instant>,
+    /// The running guests' (tap, MAC) pairs, as the last reconcile saw them.
+    nics: Vec<(String, String)>,
 }
 
 impl Daemon<'_> {
@@ -142,12 +145,18 @@ impl Daemon<'_> {
             config_errors: self.config.errors().count(),
             ..Default::default()
         };
-        match reconcile::reconcile(
-            ctx,
-            &self.config,
-            |st| reconcile::facts_for(ctx, st),
-            |_| {},
-        ) {
+        let nics = &mut self.nics;
+        let gather = |st: &_| {
+            let f = reconcile::facts_for(ctx, st);
+            *nics = f
+                .domains
+                .iter()
+                .flat_map(|d| &d.nics)
+                .filter_map(|n| Some((n.tap.clone()?, n.mac.clone())))
+                .collect();
+            f
+        };
+        match reconcile::reconcile(ctx, &self.config, gather, |_| {}) {
             Ok(out) => {
                 self.report.last_error = None;
                 if out.changed {
@@ -322,18 +331,31 @@ pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
         heals: VecDeque::new(),
         backoff: Duration::ZERO,
         not_before: None,
+        nics: Vec::new(),
     };
     d.reconcile(false);
+    let mut snooper = snoop::Snooper::new(ctx.state_dir.clone());
+    snooper.sync(&d.nics);
     notifier.ready(&format!("{} reconcile(s)", d.report.reconciles));
     tracing::info!("daemon ready (pid {})", d.report.pid);
     let watchdog = notify::watchdog_interval();
     let mut sched = Schedule::new();
     loop {
         let due = sched.due(d.not_before, watchdog);
-        let (listening, metrics_at) = sockets.fds();
+        let (mut listening, metrics_at) = sockets.fds();
+        let snoop_at = listening.len();
+        listening.extend(snooper.fds());
         for f in watch.wait(due.saturating_duration_since(Instant::now()), &listening)? {
             if let Fired::Listener(i) = f {
-                sockets.serve(i, metrics_at, &mut d, &mut sched);
+                if i >= snoop_at {
+                    if snooper.read(i - snoop_at, now_secs()) {
+                        // a guest's address became known: plan with it
+                        d.report.events += 1;
+                        sched.event();
+                    }
+                } else {
+                    sockets.serve(i, metrics_at, &mut d, &mut sched);
+                }
                 continue;
             }
             d.report.events += 1;
@@ -364,11 +386,19 @@ pub fn run(ctx: &Context, opts: &Options) -> Result<(), String> {
                 let _ = d.reload("config file changed");
             }
             d.reconcile(sched.foreign);
+            snooper.sync(&d.nics);
             // our own commits come back as events: a reconcile then finds nothing to do
             sched.ran();
             notifier.status(&d.status_line());
         }
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What the daemon listens on besides its watches: the control socket, libvirt's

@@ -7,6 +7,8 @@ pub mod duid;
 pub mod leases;
 pub mod libvirt;
 pub mod neigh;
+pub mod snoop;
+pub mod snoop_frames;
 pub mod sysctl;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -96,6 +98,9 @@ pub struct Facts {
     pub networks: Vec<NetworkFacts>,
     pub leases: Vec<Lease>,
     pub neighbours: Vec<Neighbour>,
+    /// Addresses the daemon learned on the guests' taps ([`snoop`]).
+    #[serde(default)]
+    pub snooped: Vec<snoop::Snooped>,
     pub default_route_v4: Option<Ipv4Addr>,
     pub sysctls: Sysctls,
     /// Families whose iptables filter table (iptables-nft) has a `FORWARD` chain: someone
@@ -250,6 +255,8 @@ pub fn gather_only(
             tracing::warn!("cannot read the neighbour table: {e}");
             Vec::new()
         }),
+        // the daemon's record: read by the caller, who knows the state directory
+        snooped: Vec::new(),
         default_route_v4: neigh::default_route_v4().unwrap_or(None),
         sysctls: sysctl::read(),
         xt_forward,

@@ -1,6 +1,6 @@
 //! Guest addresses: where each comes from (configuration, DHCP reservation, lease,
-//! neighbour table), which addresses a guest may never have, and anti-spoofing across
-//! domains.
+//! neighbour table, snooping on the guest's tap), which addresses a guest may never have,
+//! and anti-spoofing across domains.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -147,10 +147,45 @@ pub(super) fn resolve_address<'a>(
             neighbour(dom, domain, nic, net, facts, ix, &fam_ok)
                 .map(|ip| (ip, AddrSource::Neighbour))
         });
-    match learned {
-        Some((ip, source)) => Ok(GuestAddr { ip, source }),
+    if let Some((ip, source)) = learned {
+        return Ok(GuestAddr { ip, source });
+    }
+    match snooped(dom, domain, nic, net, facts, ix, family) {
+        Some(Ok(ip)) => Ok(GuestAddr {
+            ip,
+            source: AddrSource::Snooped,
+        }),
+        Some(Err((ip, why))) => Err(Unresolved::SnoopRefused(ip, why)),
         None => Err(Unresolved::NoAddress(family, &nic.mac)),
     }
+}
+
+/// The address the daemon snooped on the NIC's own tap for `family`, or why it is not
+/// trusted (outside the network, the host's own, someone else's).
+fn snooped(
+    dom: &DomainFacts,
+    domain: &str,
+    nic: &Nic,
+    net: &NetworkFacts,
+    facts: &Facts,
+    ix: &Index,
+    family: Family,
+) -> Option<Result<IpAddr, (IpAddr, String)>> {
+    let tap = nic.tap.as_deref()?;
+    let s = facts.snooped.iter().find(|s| {
+        s.tap == tap && s.mac.eq_ignore_ascii_case(&nic.mac) && Family::of(&s.ip) == family
+    })?;
+    if let Some(why) = guest_ip_problem(&s.ip, Some(net), Some(&net.bridge), facts) {
+        return Some(Err((s.ip, why)));
+    }
+    let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
+    if claimed_by_other(facts, ix, domain, &own, &s.ip) {
+        return Some(Err((
+            s.ip,
+            "is another domain's address, reservation or lease".into(),
+        )));
+    }
+    Some(Ok(s.ip))
 }
 
 /// A reservation by the NIC's MAC (`mac`, lower case); else one without a MAC, by the
@@ -229,12 +264,24 @@ pub(super) enum Unresolved<'a> {
     Configured(IpAddr, String),
     NoNetwork,
     NoAddress(Family, &'a str),
+    /// The only address seen on the guest's tap is refused (anti-spoofing).
+    SnoopRefused(IpAddr, String),
+}
+
+impl Unresolved<'_> {
+    pub(super) fn is_refusal(&self) -> bool {
+        matches!(self, Unresolved::SnoopRefused(..))
+    }
 }
 
 impl std::fmt::Display for Unresolved<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unresolved::Configured(ip, why) => write!(f, "configured guest address {ip} {why}"),
+            Unresolved::SnoopRefused(ip, why) => write!(
+                f,
+                "the guest claims address {ip} on its tap, which {why}; not trusted"
+            ),
             Unresolved::NoNetwork => f.write_str(
                 "the domain has no NIC on a known libvirt network and no guest_address is configured",
             ),
@@ -327,7 +374,8 @@ pub(super) fn drop_contested_neighbours(statuses: &mut [ForwardStatus], rules: &
             .guest
             .iter()
             .filter(|g| {
-                g.source == AddrSource::Neighbour && users.get(&g.ip).is_some_and(|u| u.len() > 1)
+                matches!(g.source, AddrSource::Neighbour | AddrSource::Snooped)
+                    && users.get(&g.ip).is_some_and(|u| u.len() > 1)
             })
             .map(|g| g.ip)
             .collect();
@@ -338,7 +386,7 @@ pub(super) fn drop_contested_neighbours(statuses: &mut [ForwardStatus], rules: &
         st.guest.retain(|g| !contested.contains(&g.ip));
         st.rule_ids.retain(|id| rules.iter().any(|r| &r.id == id));
         st.reason = Some(format!(
-            "address {} seen in the neighbour table is also used by another domain; not trusted",
+            "address {} learned from the guest's traffic is also used by another domain; not trusted",
             contested[0]
         ));
         if st.guest.is_empty() {

@@ -212,6 +212,8 @@ pub(super) fn plan_forward(
         st.state = ForwardState::Active;
     }
     if rules.is_empty() || asked_missing {
+        // an address the guest claimed and was refused says more than "none yet"
+        reasons.sort_by_key(|e| !e.is_refusal());
         st.reason = reasons.into_iter().next().map(|e| e.to_string());
     }
     (st, rules)

@@ -43,6 +43,8 @@ pub enum AddrSource {
     Reservation,
     Lease,
     Neighbour,
+    /// Seen on the guest's tap by the daemon (DHCP ACK, ARP, first packet).
+    Snooped,
 }
 
 /// The state of one configured forward.

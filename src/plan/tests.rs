@@ -317,3 +317,62 @@ fn neighbour_address_claimed_by_two_domains_is_not_trusted() {
     assert!(p.ruleset.rules.is_empty(), "{:?}", p.ruleset.rules);
     assert!(p.forwards.iter().all(|s| s.state == ForwardState::Pending));
 }
+
+fn snooped(tap: &str, mac: &str, ip: &str) -> crate::facts::snoop::Snooped {
+    crate::facts::snoop::Snooped {
+        tap: tap.into(),
+        mac: mac.into(),
+        ip: ip.parse().unwrap(),
+        how: crate::facts::snoop::SnoopedBy::Arp,
+        seen: 1000,
+        lease_until: None,
+    }
+}
+
+#[test]
+fn an_address_snooped_on_the_guests_own_tap_comes_last_and_is_checked() {
+    let plan_with = |s: Vec<crate::facts::snoop::Snooped>| {
+        let mut f = facts();
+        f.snooped = s;
+        plan(&web(spec()), &f, &[]).forwards[0].clone()
+    };
+    let st = plan_with(vec![snooped(
+        "vnet0",
+        "52:54:00:00:00:01",
+        "192.168.122.40",
+    )]);
+    assert_eq!(st.state, ForwardState::Active, "{st:?}");
+    assert_eq!(st.guest[0].source, AddrSource::Snooped);
+    // another tap, another MAC: not this NIC's
+    for s in [
+        snooped("vnet9", "52:54:00:00:00:01", "192.168.122.40"),
+        snooped("vnet0", "52:54:00:00:00:02", "192.168.122.40"),
+    ] {
+        assert_eq!(plan_with(vec![s]).state, ForwardState::Pending);
+    }
+    // refused, and said why: outside the subnet, the network's address, the host's own,
+    // another NIC's reservation
+    for (ip, why) in [
+        ("10.9.9.9", "outside the subnet"),
+        ("192.168.122.0", "network or broadcast"),
+        ("192.168.122.1", "host's own"),
+        ("192.168.122.99", "another domain's"),
+    ] {
+        let st = plan_with(vec![snooped("vnet0", "52:54:00:00:00:01", ip)]);
+        assert_eq!(st.state, ForwardState::Pending, "{ip}");
+        let reason = st.reason.unwrap_or_default();
+        assert!(
+            reason.contains(ip) && reason.contains(why),
+            "{ip}: {reason}"
+        );
+    }
+    // a lease (or reservation, or neighbour entry) comes first
+    let mut f = facts();
+    f.snooped = vec![snooped("vnet0", "52:54:00:00:00:01", "192.168.122.40")];
+    f.leases = vec![lease("52:54:00:00:00:01", "192.168.122.10", u64::MAX)];
+    let st = plan(&web(spec()), &f, &[]).forwards[0].clone();
+    assert_eq!(
+        (st.guest[0].ip.to_string(), st.guest[0].source),
+        ("192.168.122.10".into(), AddrSource::Lease)
+    );
+}

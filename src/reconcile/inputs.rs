@@ -39,17 +39,21 @@ pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
         networks,
         leases: _,
         neighbours,
+        snooped,
         default_route_v4,
         sysctls,
         xt_forward,
         host_addresses,
         now: _,
     } = facts;
+    // what the planner reads of a snooped address (not when it was last seen)
+    let snooped: Vec<_> = snooped.iter().map(|s| (&s.tap, &s.mac, s.ip)).collect();
     let parts = (
         domains,
         networks,
         &valid,
         neighbours,
+        &snooped,
         default_route_v4,
         sysctls,
         xt_forward,

@@ -103,6 +103,7 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
     let extra: Vec<_> = st.started.values().cloned().collect();
     let mut f = crate::facts::gather(&ctx.libvirt, &extra, &KernelProbe);
     f.domains.retain(|d| !st.stopped.contains(&d.name));
+    f.snooped = crate::facts::snoop::read(&ctx.state_dir);
     f
 }
 
@@ -111,7 +112,9 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
 /// (what is installed for them stays as it is).
 pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
     let domains: Vec<_> = domain.into_iter().cloned().collect();
-    crate::facts::gather_only(&ctx.libvirt, domains, &KernelProbe)
+    let mut f = crate::facts::gather_only(&ctx.libvirt, domains, &KernelProbe);
+    f.snooped = crate::facts::snoop::read(&ctx.state_dir);
+    f
 }
 
 /// Which domains a reconcile may change.

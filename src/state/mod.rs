@@ -118,11 +118,7 @@ impl State {
 }
 
 /// This boot's identifier.
-pub fn boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_string())
-}
+pub use crate::files::boot_id;
 
 /// Writes a file atomically (see [`crate::files::write_atomic`]), mode 0600.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
