@@ -687,7 +687,9 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     );
     assert!(text.contains("virtgate_daemon_heals_total 0"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"));
-    // the counters follow the traffic
+    // the counters follow the traffic: exactly 3 more connections
+    let conns = sample(&text, &format!("virtgate_forward_connections_total{g1}")).expect(&text);
+    assert!(conns >= 3.0, "{text}");
     for _ in 0..3 {
         assert!(lab.client.tcp(sa(&format!("{PUBLIC}:8080"))).is_ok());
     }
@@ -698,6 +700,8 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
                 .map(|(_, t)| t)
                 .unwrap_or_default();
             sample(&last, &format!("virtgate_forward_packets_total{g1}")) > Some(packets)
+                && sample(&last, &format!("virtgate_forward_connections_total{g1}"))
+                    == Some(conns + 3.0)
         }),
         "{packets} before:\n{last}\n{}",
         d.log()

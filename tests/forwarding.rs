@@ -207,6 +207,16 @@ fn scenario_in(lab: Lab, backend: &str, xt: Xt) {
         "{out}"
     );
     assert!(find("g1", "8080")["packets"].as_u64().unwrap() > 0, "{out}");
+    // new connections: at least the ones made above from outside, the host and guests
+    let conns = |port: &str| find("g1", port)["connections"].as_u64().unwrap();
+    assert!(conns("8080") >= 5 && conns("5353") >= 2, "{out}");
+    // (the iptables backend's packets are those of the DNAT rules: one per connection)
+    if backend == "nftables" {
+        assert!(
+            conns("8080") < find("g1", "8080")["packets"].as_u64().unwrap(),
+            "{out}"
+        );
+    }
     assert!(
         find("g1", "5353")["packets"].as_u64().unwrap() > 0,
         "UDP counters: {out}"

@@ -145,8 +145,9 @@ pub enum Command {
     /// config change (systemd Type=notify; SIGHUP reloads, SIGTERM leaves forwards in place)
     #[command(
         after_help = "Repairs within a second what a firewall reload, `nft flush ruleset` or libvirt's own
-reload removed, and turns a forward live as soon as its guest's DHCP lease appears.
-Hooks keep working with or without it.
+reload removed, and turns a forward live as soon as its guest's address is known: its
+DHCP lease, the neighbour table, or what it snoops on the guest's tap (a DHCP ACK, an ARP,
+its first packet). Hooks keep working with or without it.
 Example:
   virtgate install --daemon && systemctl enable --now virtgate
   virtgate -v daemon    # in the foreground

@@ -23,6 +23,8 @@ struct Row<'a> {
     state: ForwardState,
     packets: u64,
     bytes: u64,
+    /// New connections forwarded.
+    connections: u64,
     /// The rate limit, and the new connections it dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     rate: Option<String>,
@@ -110,6 +112,7 @@ fn row<'a>(
                 packets: a.packets + b.packets,
                 bytes: a.bytes + b.bytes,
                 rate_limited: a.rate_limited + b.rate_limited,
+                connections: a.connections + b.connections,
             });
     // planned but not installed yet (e.g. its address appeared after the last apply)
     let not_applied = f.state == ForwardState::Active
@@ -132,6 +135,7 @@ fn row<'a>(
         state,
         packets: c.packets,
         bytes: c.bytes,
+        connections: c.connections,
         rate: f.spec.rate.map(|l| l.to_string()),
         rate_limited: c.rate_limited,
         description: f.spec.description.as_deref(),
@@ -233,8 +237,8 @@ fn invalid(merged: &Config, plan: &Plan) -> Vec<Invalid> {
 
 fn print_table(rep: &Report) {
     println!(
-        "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
-        "DOMAIN", "LISTEN", "PROTO", "HOST", "GUEST", "STATE", "PACKETS", "BYTES"
+        "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>7} {:>9} {:>11}",
+        "DOMAIN", "LISTEN", "PROTO", "HOST", "GUEST", "STATE", "CONNS", "PACKETS", "BYTES"
     );
     for r in &rep.forwards {
         let guest = if r.guest.is_empty() {
@@ -247,13 +251,14 @@ fn print_table(rep: &Report) {
                 .join(", ")
         };
         println!(
-            "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>9} {:>11}",
+            "{:<20} {:<18} {:<5} {:<12} {:<32} {:<9} {:>7} {:>9} {:>11}",
             printable(r.domain),
             printable(&r.listen),
             r.proto,
             r.host_ports,
             printable(&guest),
             format!("{:?}", r.state).to_lowercase(),
+            r.connections,
             r.packets,
             r.bytes
         );

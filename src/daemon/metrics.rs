@@ -8,7 +8,8 @@
 //! Per forward (labels `domain`, `proto`, `listen`, `host_ports`, `guest_ports`: the
 //! forward as configured, stable while its config entry stays):
 //! `virtgate_forward_packets_total`, `virtgate_forward_bytes_total` (both directions,
-//! counted in the kernel), `virtgate_forward_rate_limited_total` (new connections its rate
+//! counted in the kernel), `virtgate_forward_connections_total` (new connections
+//! forwarded), `virtgate_forward_rate_limited_total` (new connections its rate
 //! limit dropped), `virtgate_forward_active` (1 while it forwards, else 0). Per daemon:
 //! `virtgate_daemon_events_total`, `_reconciles_total`, `_applies_total`,
 //! `_heals_total`, `_errors_total`, `virtgate_daemon_backoff_seconds`.
@@ -35,6 +36,7 @@ pub struct ForwardFigures {
     pub guest_ports: String,
     pub packets: u64,
     pub bytes: u64,
+    pub connections: u64,
     pub rate_limited: u64,
     pub active: bool,
 }
@@ -56,7 +58,7 @@ impl Collector for Snapshot {
 impl Snapshot {
     fn encode_forwards(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Per = fn(&ForwardFigures) -> u64;
-        let per_forward: [(&str, &str, Per, bool); 4] = [
+        let per_forward: [(&str, &str, Per, bool); 5] = [
             (
                 "virtgate_forward_packets",
                 "Packets of the forward's connections, both directions",
@@ -67,6 +69,12 @@ impl Snapshot {
                 "virtgate_forward_bytes",
                 "Bytes of the forward's connections, both directions",
                 |f| f.bytes,
+                true,
+            ),
+            (
+                "virtgate_forward_connections",
+                "New connections forwarded (their first packets)",
+                |f| f.connections,
                 true,
             ),
             (

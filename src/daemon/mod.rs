@@ -213,6 +213,7 @@ impl Daemon<'_> {
                 for c in f.rule_ids.iter().filter_map(|id| counters.get(id)) {
                     fig.packets += c.packets;
                     fig.bytes += c.bytes;
+                    fig.connections += c.connections;
                     fig.rate_limited += c.rate_limited;
                 }
                 fig

@@ -37,6 +37,8 @@ pub struct Counters {
     pub bytes: u64,
     /// New connections dropped by the forward's rate limit.
     pub rate_limited: u64,
+    /// New connections forwarded (their first packets).
+    pub connections: u64,
 }
 
 /// A firewall backend.

@@ -298,10 +298,11 @@ impl Backend for Iptables {
                 }
             }
         }
-        // the forward accept counts every packet; without it (libvirt on nftables) the
-        // DNAT rules count the first packet of each connection
+        // the DNAT rules count the first packet of each connection; the forward accept
+        // every packet (without it, on libvirt's nftables form, the DNAT rules count both)
         for (k, v) in dnat {
-            forward.entry(k).or_insert(v);
+            let c = forward.entry(k).or_insert(v);
+            c.connections = v.packets;
         }
         // the drops of a rate limit: one packet per refused new connection
         for (k, v) in limited {

@@ -93,7 +93,7 @@ fn kept_counters() -> Result<Kept, FirewallError> {
             .unwrap_or_default()
         {
             if let Some(c) = e.counter {
-                kept.insert(e.key, c);
+                kept.insert((d.name.clone(), e.key), c);
             }
         }
     }
@@ -322,14 +322,18 @@ impl Backend for Nftables {
         let index = layout::traffic_index(&rs.rules);
         let mut m = BTreeMap::new();
         // one read of the counting sets; their keys say which guest target they count
-        for (key, (packets, bytes)) in kept_counters()? {
+        for ((set, key), (packets, bytes)) in kept_counters()? {
             let Some(e) = encode::target_of(&key) else {
                 continue;
             };
             if let Some(r) = layout::traffic_owner(&index, &e) {
                 let c: &mut Counters = m.entry(r.id.clone()).or_default();
-                c.packets += packets;
-                c.bytes += bytes;
+                if set.starts_with("conns") {
+                    c.connections += packets;
+                } else {
+                    c.packets += packets;
+                    c.bytes += bytes;
+                }
             }
         }
         if rs.rules.iter().any(|r| r.rate.is_some()) {

@@ -184,6 +184,12 @@ fn count_rules() -> Vec<String> {
                 "ct direction reply {fam} saddr . meta l4proto . th sport @{set}{s}"
             ));
         }
+        // new connections: the first packet of each (TCP, UDP and SCTP alike)
+        for set in ["conns", "conns_range"] {
+            count.push(format!(
+                "ct state new {fam} daddr . meta l4proto . th dport @{set}{s}"
+            ));
+        }
     }
     count
 }
@@ -262,8 +268,8 @@ pub(super) fn meter_decl(family: Family, timeout: u64) -> String {
     )
 }
 
-/// Counter values by the canonical key bytes of their element.
-pub(super) type Kept = HashMap<Vec<u8>, (u64, u64)>;
+/// Counter values by set and the canonical key bytes of their element.
+pub(super) type Kept = HashMap<(String, Vec<u8>), (u64, u64)>;
 
 pub(super) fn elem_lines(d: &SetDecl, elems: &BTreeSet<Elem>, kept: &Kept) -> Vec<String> {
     elems
@@ -272,7 +278,7 @@ pub(super) fn elem_lines(d: &SetDecl, elems: &BTreeSet<Elem>, kept: &Kept) -> Ve
             let t = super::encode::elem_text(e);
             match d
                 .counter
-                .then(|| kept.get(&super::encode::elem_bytes(e).0))
+                .then(|| kept.get(&(d.name.clone(), super::encode::elem_bytes(e).0)))
                 .flatten()
             {
                 Some((p, b)) => format!("{t} counter packets {p} bytes {b}"),

@@ -113,7 +113,7 @@ pub fn declarations() -> Vec<SetDecl> {
             interval: true,
             counter: false,
         });
-        for (prefix, count) in [("targets", false), ("traffic", true)] {
+        for (prefix, count) in [("targets", false), ("traffic", true), ("conns", true)] {
             v.push(SetDecl {
                 name: format!("{prefix}{s}"),
                 key_type: target.clone(),

@@ -113,24 +113,27 @@ pub(super) fn add_targets(layout: &mut Layout, prefix: &str, rules: &[&Rule]) {
     }
 }
 
-/// Counting elements: one per guest target; a target shared by two rules counts for the
-/// first of them (see [`traffic_owner`]).
+/// Counting elements (packets and bytes in `traffic*`, new connections in `conns*`): one
+/// per guest target; a target shared by two rules counts for the first of them (see
+/// [`traffic_owner`]).
 pub(super) fn add_traffic(layout: &mut Layout, rules: &[&Rule]) {
     let mut seen_ranges: Vec<&Rule> = Vec::new();
     for r in rules {
-        if r.guest_ports.start == r.guest_ports.end {
-            layout
-                .elements
-                .entry(format!("traffic{}", fam_suffix(r.family)))
-                .or_default()
-                .insert(target_elem(r));
+        let s = fam_suffix(r.family);
+        let range = if r.guest_ports.start == r.guest_ports.end {
+            ""
         } else if !seen_ranges.iter().any(|s| {
             s.guest_ip == r.guest_ip && s.proto == r.proto && s.guest_ports.overlaps(&r.guest_ports)
         }) {
             seen_ranges.push(r);
+            "_range"
+        } else {
+            continue;
+        };
+        for set in ["traffic", "conns"] {
             layout
                 .elements
-                .entry(format!("traffic_range{}", fam_suffix(r.family)))
+                .entry(format!("{set}{range}{s}"))
                 .or_default()
                 .insert(target_elem(r));
         }
