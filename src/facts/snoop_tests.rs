@@ -97,83 +97,69 @@ fn claim(s: &str, how: SnoopedBy, lease: Option<u64>) -> Claim {
     }
 }
 
-#[test]
-fn a_guest_cannot_move_its_address_while_it_holds() {
-    let mac = "52:54:00:00:00:20";
-    let first = match learn(
-        None,
+/// What a claim of `addr` (by `how`, with an ACK's `lease`) on vnet5 does at `now`.
+fn on_vnet5(
+    cur: Option<&Snooped>,
+    addr: &str,
+    how: SnoopedBy,
+    lease: Option<u64>,
+    now: u64,
+) -> Learned {
+    learn(
+        cur,
         "vnet5",
-        mac,
-        claim("192.168.122.40", SnoopedBy::Packet, None),
-        1000,
-    ) {
+        "52:54:00:00:00:20",
+        claim(addr, how, lease),
+        now,
+    )
+}
+
+fn new(l: Learned) -> Snooped {
+    match l {
         Learned::New(s) => s,
         other => panic!("{other:?}"),
-    };
+    }
+}
+
+#[test]
+fn a_guest_cannot_move_its_address_while_it_holds() {
+    use SnoopedBy::{Arp, DhcpAck, Packet};
+    let first = new(on_vnet5(None, "192.168.122.40", Packet, None, 1000));
+    let first = Some(&first);
     assert_eq!(
-        learn(
-            Some(&first),
-            "vnet5",
-            mac,
-            claim("192.168.122.40", SnoopedBy::Arp, None),
-            1001
-        ),
+        on_vnet5(first, "192.168.122.40", Arp, None, 1001),
         Learned::Again
     );
     // another address, seen recently: refused
     assert_eq!(
-        learn(
-            Some(&first),
-            "vnet5",
-            mac,
-            claim("192.168.122.99", SnoopedBy::Arp, None),
-            1050
-        ),
+        on_vnet5(first, "192.168.122.99", Arp, None, 1050),
         Learned::Refused {
             held: ip("192.168.122.40")
         }
     );
     // stale: the guest was renumbered
-    assert!(matches!(
-        learn(Some(&first), "vnet5", mac, claim("192.168.122.99", SnoopedBy::Arp, None), 1000 + STALE_SECS),
-        Learned::New(s) if s.ip == ip("192.168.122.99")
-    ));
-    // an ACK's lease holds however stale, until it ends; another ACK replaces it
-    let leased = match learn(
+    let later = new(on_vnet5(
+        first,
+        "192.168.122.99",
+        Arp,
         None,
-        "vnet5",
-        mac,
-        claim("192.168.122.42", SnoopedBy::DhcpAck, Some(600)),
-        1000,
-    ) {
-        Learned::New(s) => s,
-        other => panic!("{other:?}"),
-    };
+        1000 + STALE_SECS,
+    ));
+    assert_eq!(later.ip, ip("192.168.122.99"));
+    // an ACK's lease holds however stale, until it ends; another ACK replaces it
+    let leased = new(on_vnet5(None, "192.168.122.42", DhcpAck, Some(600), 1000));
     assert_eq!(leased.lease_until, Some(1600));
+    let leased = Some(&leased);
     assert!(matches!(
-        learn(
-            Some(&leased),
-            "vnet5",
-            mac,
-            claim("192.168.122.99", SnoopedBy::Packet, None),
-            1500
-        ),
+        on_vnet5(leased, "192.168.122.99", Packet, None, 1500),
         Learned::Refused { .. }
     ));
     assert!(matches!(
-        learn(
-            Some(&leased),
-            "vnet5",
-            mac,
-            claim("192.168.122.99", SnoopedBy::Packet, None),
-            1601
-        ),
+        on_vnet5(leased, "192.168.122.99", Packet, None, 1601),
         Learned::New(_)
     ));
-    assert!(matches!(
-        learn(Some(&leased), "vnet5", mac, claim("192.168.122.43", SnoopedBy::DhcpAck, Some(600)), 1500),
-        Learned::New(s) if s.ip == ip("192.168.122.43")
-    ));
+    let renewed = new(on_vnet5(leased, "192.168.122.43", DhcpAck, Some(600), 1500));
+    assert_eq!(renewed.ip, ip("192.168.122.43"));
 }
 
 #[test]

@@ -140,17 +140,22 @@ pub(super) fn resolve_address<'a>(
         Family::of(ip) == family && guest_ip_problem(ip, Some(net), bridge, facts).is_none()
     };
     let mac = nic.mac.to_ascii_lowercase();
+    let g = Learner {
+        dom,
+        domain,
+        nic,
+        net,
+        facts,
+        ix,
+    };
     let learned = reserved(dom, &mac, net, ix, &fam_ok)
         .map(|ip| (ip, AddrSource::Reservation))
         .or_else(|| leased(&mac, net, facts, ix, &fam_ok).map(|ip| (ip, AddrSource::Lease)))
-        .or_else(|| {
-            neighbour(dom, domain, nic, net, facts, ix, &fam_ok)
-                .map(|ip| (ip, AddrSource::Neighbour))
-        });
+        .or_else(|| neighbour(&g, &fam_ok).map(|ip| (ip, AddrSource::Neighbour)));
     if let Some((ip, source)) = learned {
         return Ok(GuestAddr { ip, source });
     }
-    match snooped(dom, domain, nic, net, facts, ix, family) {
+    match snooped(&g, family) {
         Some(Ok(ip)) => Ok(GuestAddr {
             ip,
             source: AddrSource::Snooped,
@@ -160,26 +165,36 @@ pub(super) fn resolve_address<'a>(
     }
 }
 
+/// A NIC whose address is learned from what others saw of it (the neighbour table, the
+/// daemon's snooping): the checks against the other domains need all of this.
+struct Learner<'a, 'f> {
+    dom: &'f DomainFacts,
+    domain: &'f str,
+    nic: &'f Nic,
+    net: &'f NetworkFacts,
+    facts: &'f Facts,
+    ix: &'f Index<'a>,
+}
+
+impl Learner<'_, '_> {
+    /// Whether another domain claims `ip` (see [`claimed_by_other`]).
+    fn someone_elses(&self, ip: &IpAddr) -> bool {
+        let own: Vec<&str> = self.dom.nics.iter().map(|n| n.mac.as_str()).collect();
+        claimed_by_other(self.facts, self.ix, self.domain, &own, ip)
+    }
+}
+
 /// The address the daemon snooped on the NIC's own tap for `family`, or why it is not
 /// trusted (outside the network, the host's own, someone else's).
-fn snooped(
-    dom: &DomainFacts,
-    domain: &str,
-    nic: &Nic,
-    net: &NetworkFacts,
-    facts: &Facts,
-    ix: &Index,
-    family: Family,
-) -> Option<Result<IpAddr, (IpAddr, String)>> {
-    let tap = nic.tap.as_deref()?;
-    let s = facts.snooped.iter().find(|s| {
-        s.tap == tap && s.mac.eq_ignore_ascii_case(&nic.mac) && Family::of(&s.ip) == family
+fn snooped(g: &Learner, family: Family) -> Option<Result<IpAddr, (IpAddr, String)>> {
+    let tap = g.nic.tap.as_deref()?;
+    let s = g.facts.snooped.iter().find(|s| {
+        s.tap == tap && s.mac.eq_ignore_ascii_case(&g.nic.mac) && Family::of(&s.ip) == family
     })?;
-    if let Some(why) = guest_ip_problem(&s.ip, Some(net), Some(&net.bridge), facts) {
+    if let Some(why) = guest_ip_problem(&s.ip, Some(g.net), Some(&g.net.bridge), g.facts) {
         return Some(Err((s.ip, why)));
     }
-    let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
-    if claimed_by_other(facts, ix, domain, &own, &s.ip) {
+    if g.someone_elses(&s.ip) {
         return Some(Err((
             s.ip,
             "is another domain's address, reservation or lease".into(),
@@ -234,25 +249,16 @@ fn leased(
 }
 
 /// A neighbour entry of the NIC's MAC on the bridge that no other domain claims.
-fn neighbour(
-    dom: &DomainFacts,
-    domain: &str,
-    nic: &Nic,
-    net: &NetworkFacts,
-    facts: &Facts,
-    ix: &Index,
-    fam_ok: &dyn Fn(&IpAddr) -> bool,
-) -> Option<IpAddr> {
-    let own: Vec<&str> = dom.nics.iter().map(|n| n.mac.as_str()).collect();
-    facts
+fn neighbour(g: &Learner, fam_ok: &dyn Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+    g.facts
         .neighbours
         .iter()
         .find(|n| {
-            n.ifname == net.bridge
-                && n.mac.eq_ignore_ascii_case(&nic.mac)
+            n.ifname == g.net.bridge
+                && n.mac.eq_ignore_ascii_case(&g.nic.mac)
                 && fam_ok(&n.ip)
                 && !is_link_local(&n.ip)
-                && !claimed_by_other(facts, ix, domain, &own, &n.ip)
+                && !g.someone_elses(&n.ip)
         })
         .map(|n| n.ip)
 }
