@@ -271,13 +271,24 @@ pub(super) fn meter_decl(family: Family, timeout: u64) -> String {
 /// Counter values by set and the canonical key bytes of their element.
 pub(super) type Kept = HashMap<(String, Vec<u8>), (u64, u64)>;
 
-pub(super) fn elem_lines(d: &SetDecl, elems: &BTreeSet<Elem>, kept: &Kept) -> Vec<String> {
+/// The element lines of a set: each element's text (`texts`: already written for a set
+/// of the same elements, as `conns*` has `traffic*`'s), with its kept counter.
+pub(super) fn elem_lines(
+    d: &SetDecl,
+    elems: &BTreeSet<Elem>,
+    kept: &Kept,
+    texts: Option<&[String]>,
+) -> Vec<String> {
+    let with_counters = d.counter && !kept.is_empty();
     elems
         .iter()
-        .map(|e| {
-            let t = super::encode::elem_text(e);
-            match d
-                .counter
+        .enumerate()
+        .map(|(i, e)| {
+            let t = match texts.and_then(|t| t.get(i)) {
+                Some(t) => t.clone(),
+                None => super::encode::elem_text(e),
+            };
+            match with_counters
                 .then(|| kept.get(&(d.name.clone(), super::encode::elem_bytes(e).0)))
                 .flatten()
             {
@@ -293,9 +304,25 @@ pub(super) fn elem_lines(d: &SetDecl, elems: &BTreeSet<Elem>, kept: &Kept) -> Ve
 pub(super) fn render_table(rs: &Ruleset, kept: &Kept) -> String {
     let l = Layout::of(rs);
     let mut out = format!("table inet {TABLE} {{\n");
+    let none = BTreeSet::new();
+    // `traffic*`'s texts (without counters), for `conns*`, which holds the same elements
+    let mut texts: HashMap<String, Vec<String>> = HashMap::new();
     for d in declarations() {
-        let elems = l.elements.get(&d.name).cloned().unwrap_or_default();
-        set_decl_text(&mut out, &d, &elem_lines(&d, &elems, kept));
+        let elems = l.elements.get(&d.name).unwrap_or(&none);
+        let same = d
+            .name
+            .strip_prefix("conns")
+            .and_then(|rest| texts.get(&format!("traffic{rest}")));
+        let lines = elem_lines(&d, elems, kept, same.map(Vec::as_slice));
+        if d.name.starts_with("traffic") {
+            let plain = if kept.is_empty() {
+                lines.clone()
+            } else {
+                elems.iter().map(super::encode::elem_text).collect()
+            };
+            texts.insert(d.name.clone(), plain);
+        }
+        set_decl_text(&mut out, &d, &lines);
     }
     for (name, (fam, nets)) in &l.source_sets {
         let e: Vec<String> = nets.iter().map(IpNet::to_string).collect();

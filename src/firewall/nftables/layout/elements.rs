@@ -113,9 +113,9 @@ pub(super) fn add_targets(layout: &mut Layout, prefix: &str, rules: &[&Rule]) {
     }
 }
 
-/// Counting elements (packets and bytes in `traffic*`, new connections in `conns*`): one
-/// per guest target; a target shared by two rules counts for the first of them (see
-/// [`traffic_owner`]).
+/// Counting elements (packets and bytes in `traffic*`, new connections in `conns*`, the
+/// same elements): one per guest target; a target shared by two rules counts for the first
+/// of them (see [`traffic_owner`]).
 pub(super) fn add_traffic(layout: &mut Layout, rules: &[&Rule]) {
     let mut seen_ranges: Vec<&Rule> = Vec::new();
     for r in rules {
@@ -130,12 +130,17 @@ pub(super) fn add_traffic(layout: &mut Layout, rules: &[&Rule]) {
         } else {
             continue;
         };
-        for set in ["traffic", "conns"] {
-            layout
-                .elements
-                .entry(format!("{set}{range}{s}"))
-                .or_default()
-                .insert(target_elem(r));
+        layout
+            .elements
+            .entry(format!("traffic{range}{s}"))
+            .or_default()
+            .insert(target_elem(r));
+    }
+    // a copy, not the inserts again (a set's clone compares nothing)
+    for set in ["4", "6", "_range4", "_range6"] {
+        if let Some(elems) = layout.elements.get(&format!("traffic{set}")) {
+            let copy = elems.clone();
+            layout.elements.insert(format!("conns{set}"), copy);
         }
     }
 }
