@@ -441,3 +441,68 @@ fn an_unchanged_apply_plans_nothing_and_misses_no_change() {
     let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
     assert!(ok && out.starts_with("applied"), "{out} {err}");
 }
+
+/// `status` after an apply that changed nothing shows the statuses that apply planned,
+/// without planning again, and the same as planning would; once anything it planned from
+/// changes (here libvirt's files, with no apply since), it plans again.
+#[test]
+fn status_shows_the_last_plan_while_nothing_changed_and_plans_again_after() {
+    if !common::can_run_netns(
+        "status_shows_the_last_plan_while_nothing_changed_and_plans_again_after",
+    ) {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(CONFIG);
+    lab.write_domain_status("g1");
+    for want in ["applied", "unchanged"] {
+        let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+        assert!(ok && out.starts_with(want), "{out}{err}");
+    }
+    let kept = lab.state_dir().join("statuses");
+    assert!(
+        kept.exists(),
+        "the statuses are kept with the recorded inputs"
+    );
+    let status = || {
+        let (ok, out, err) = lab.virtgate("nftables", &["-vv", "status", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (v, err)
+    };
+    let row = |v: &serde_json::Value, d: &str| -> serde_json::Value {
+        v["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["domain"] == d)
+            .cloned()
+            .unwrap()
+    };
+    let (fast, said) = status();
+    assert!(said.contains("not planned again"), "{said}");
+    assert_eq!(row(&fast, "g1")["state"], "active", "{fast}");
+    assert_eq!(row(&fast, "g2")["state"], "stopped", "{fast}");
+    // the same, planned (no file to take them from)
+    std::fs::remove_file(&kept).unwrap();
+    let (slow, said) = status();
+    assert!(!said.contains("not planned again"), "{said}");
+    assert_eq!(fast, slow);
+    // a file from another plan is not taken either
+    std::fs::write(&kept, b"not what was planned").unwrap();
+    assert_eq!(status().0, slow);
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}{err}");
+    // g2 runs as libvirt's files say, nobody applied: planned again, not the kept statuses
+    lab.write_domain_status("g2");
+    let (v, said) = status();
+    assert!(!said.contains("not planned again"), "{said}");
+    let g2 = row(&v, "g2");
+    assert_eq!(g2["state"], "pending", "{v}");
+    assert!(
+        g2["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("not applied yet")),
+        "{v}"
+    );
+}

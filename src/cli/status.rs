@@ -9,6 +9,7 @@ use crate::facts::Facts;
 use crate::firewall::Counters;
 use crate::plan::{ForwardState, ForwardStatus, GuestAddr, Plan};
 use crate::reconcile;
+use crate::rules::Ruleset;
 use crate::state;
 
 #[derive(Serialize)]
@@ -153,8 +154,28 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let cfg = load_config(ctx)?;
     let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
     let facts = reconcile::facts_for(ctx, &st);
-    let reconcile::Planned { config, plan } = reconcile::plan_only(&cfg, &facts, &st);
     let backend = ctx.backend_for(&cfg);
+    // as the last apply left them: its statuses, and the kernel holds its rules
+    let merged = reconcile::desired(&cfg, &facts.domains);
+    let (config, plan, unchanged) =
+        match reconcile::statuses::unchanged(ctx, (&cfg, &merged), &facts, &st, backend.as_ref()) {
+            Some(forwards) => {
+                let plan = Plan {
+                    forwards,
+                    ..Default::default()
+                };
+                (merged, plan, true)
+            }
+            None => {
+                let reconcile::Planned { config, plan } = reconcile::plan_only(&cfg, &facts, &st);
+                (config, plan, false)
+            }
+        };
+    let planned = if unchanged {
+        &st.ruleset
+    } else {
+        &plan.ruleset
+    };
     let counters = backend.counters(&st.ruleset).unwrap_or_default();
     let drifted = !crate::firewall::holds(backend.as_ref(), &st.ruleset, st.generation)
         .map_err(|e| e.to_string())?
@@ -168,8 +189,8 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
             .iter()
             .map(|f| row(f, &counters, drifted, &installed))
             .collect(),
-        invalid_domains: invalid(&config, &plan),
-        warnings: warnings(&plan, &facts),
+        invalid_domains: invalid(&config, planned),
+        warnings: warnings(planned, &facts),
         daemon: super::ask_daemon(
             ctx,
             crate::daemon::control::Command::Status,
@@ -194,12 +215,12 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
 }
 
 /// What keeps forwards from working that is not virtgate's to change.
-fn warnings(plan: &Plan, facts: &Facts) -> Vec<String> {
+fn warnings(planned: &Ruleset, facts: &Facts) -> Vec<String> {
     let mut warnings = Vec::new();
     if facts.sysctls.ip_forward == Some(false) {
         warnings.push("net.ipv4.ip_forward is 0: no forward can reach a guest".to_string());
     }
-    for r in plan.ruleset.rules.iter().filter(|r| r.localhost) {
+    for r in planned.rules.iter().filter(|r| r.localhost) {
         if !facts.sysctls.route_localnet_on(&r.bridge) {
             warnings.push(format!(
                 "domain {:?} {}: localhost forwarding needs net.ipv4.conf.{}.route_localnet=1 (not changed by virtgate)",
@@ -208,7 +229,7 @@ fn warnings(plan: &Plan, facts: &Facts) -> Vec<String> {
         }
     }
     if facts.sysctls.bridge_nf_call_iptables == Some(true) {
-        for r in plan.ruleset.rules.iter().filter(|r| r.tap.is_none()) {
+        for r in planned.rules.iter().filter(|r| r.tap.is_none()) {
             warnings.push(format!(
                 "domain {:?}: br_netfilter is active and the guest's bridge port is unknown, so hairpin mode cannot be set: the guest cannot reach its own forward through the public address",
                 r.domain
@@ -219,7 +240,7 @@ fn warnings(plan: &Plan, facts: &Facts) -> Vec<String> {
 }
 
 /// Domains whose config is invalid, with their errors and the rules kept for them.
-fn invalid(merged: &Config, plan: &Plan) -> Vec<Invalid> {
+fn invalid(merged: &Config, planned: &Ruleset) -> Vec<Invalid> {
     merged
         .invalid_domains
         .iter()
@@ -230,7 +251,7 @@ fn invalid(merged: &Config, plan: &Plan) -> Vec<Invalid> {
                 .filter(|e| e.domain.as_deref() == Some(d.as_str()))
                 .map(|e| e.to_string())
                 .collect(),
-            kept_rules: plan.ruleset.rules.iter().filter(|r| &r.domain == d).count(),
+            kept_rules: planned.rules.iter().filter(|r| &r.domain == d).count(),
         })
         .collect()
 }

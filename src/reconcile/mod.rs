@@ -6,6 +6,7 @@
 mod apply;
 mod inputs;
 mod narrow;
+pub mod statuses;
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -189,9 +190,10 @@ pub fn reconcile_scoped(
     }
     let active = forwards.active();
     // recorded only where the kernel's generation says it still holds the plan
-    if let (Known::Forwards(_), Ok(_), Some(digest), Some(_)) =
+    if let (Known::Forwards(f), Ok(_), Some(digest), Some(_)) =
         (&forwards, &result, digest, state.generation)
     {
+        statuses::record(&ctx.state_dir, &digest, &desired(config, &facts.domains), f);
         state.inputs = Some(PlannedInputs { digest, active });
     }
     // what the hook recorded (started, stopped) is kept even if the change failed; an
