@@ -185,20 +185,31 @@ impl Daemon<'_> {
         applied
     }
 
-    /// The figures a metrics scrape shows: every configured forward as planned now, with
-    /// its kernel counters (read-only: no lock, nothing changed).
+    /// The figures a metrics scrape shows: every configured forward as planned now (or as
+    /// the last reconcile planned it, if nothing changed since), with its kernel counters
+    /// (read-only: no lock, nothing changed).
     fn scrape(&self) -> metrics::Snapshot {
         let ctx = self.ctx;
         let st =
             crate::state::read_state(&crate::state::state_file(&ctx.state_dir)).unwrap_or_default();
         let facts = reconcile::facts_for(ctx, &st);
-        let plan = reconcile::plan_only(&self.config, &facts, &st).plan;
-        let counters = ctx
-            .backend_for(&self.config)
-            .counters(&st.ruleset)
-            .unwrap_or_default();
-        let forwards = plan
-            .forwards
+        let backend = ctx.backend_for(&self.config);
+        // what the last reconcile planned, while nothing changed since (no planning then)
+        let merged = reconcile::desired(&self.config, &facts.domains);
+        let statuses = reconcile::statuses::unchanged(
+            ctx,
+            (&self.config, &merged),
+            &facts,
+            &st,
+            backend.as_ref(),
+        )
+        .unwrap_or_else(|| {
+            reconcile::plan_only(&self.config, &facts, &st)
+                .plan
+                .forwards
+        });
+        let counters = backend.counters(&st.ruleset).unwrap_or_default();
+        let forwards = statuses
             .iter()
             .map(|f| {
                 let mut fig = metrics::ForwardFigures {
