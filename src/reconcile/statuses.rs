@@ -45,22 +45,40 @@ fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
+/// [`Kept`] as written: borrowed (postcard writes both alike).
+#[derive(Serialize)]
+struct KeptRef<'a> {
+    domain: &'a str,
+    index: u32,
+    state: ForwardState,
+    guest: &'a [GuestAddr],
+    bridge: &'a Option<String>,
+    reason: &'a Option<String>,
+    rule_ids: &'a [String],
+}
+
+#[derive(Serialize)]
+struct CachedRef<'a> {
+    digest: &'a str,
+    forwards: Vec<KeptRef<'a>>,
+}
+
 /// Records the statuses a whole reconcile planned from `merged` (the config with the
 /// domains' metadata) under its inputs digest.
 pub(super) fn record(state_dir: &Path, digest: &str, merged: &Config, forwards: &[ForwardStatus]) {
-    let kept: Option<Vec<Kept>> = forwards
+    let kept: Option<Vec<KeptRef>> = forwards
         .iter()
         .map(|f| {
             let d = merged.domains.get(&f.domain)?;
             let index = d.domain.forwards.iter().position(|s| *s == f.spec)?;
-            Some(Kept {
-                domain: f.domain.clone(),
+            Some(KeptRef {
+                domain: &f.domain,
                 index: u32::try_from(index).ok()?,
                 state: f.state,
-                guest: f.guest.clone(),
-                bridge: f.bridge.clone(),
-                reason: f.reason.clone(),
-                rule_ids: f.rule_ids.clone(),
+                guest: &f.guest,
+                bridge: &f.bridge,
+                reason: &f.reason,
+                rule_ids: &f.rule_ids,
             })
         })
         .collect();
@@ -69,11 +87,7 @@ pub(super) fn record(state_dir: &Path, digest: &str, merged: &Config, forwards: 
         let _ = std::fs::remove_file(&file);
         return;
     };
-    let cached = Cached {
-        digest: digest.to_string(),
-        forwards,
-    };
-    let written = postcard::to_allocvec(&cached)
+    let written = postcard::to_allocvec(&CachedRef { digest, forwards })
         .map_err(std::io::Error::other)
         .and_then(|b| crate::state::write_atomic(&file, &b));
     if let Err(e) = written {
