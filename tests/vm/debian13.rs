@@ -92,8 +92,12 @@ pub struct Mounted(PathBuf);
 
 impl Mounted {
     pub fn new(root: &Path, repo: &Path) -> Result<Mounted, String> {
-        // leftovers of a run that was killed
-        let _ = Command::new("umount").args(["-R", "-l"]).arg(root).status();
+        // leftovers of a run that was killed (none, usually: quiet)
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(root)
+            .stderr(std::process::Stdio::null())
+            .status();
         let r = root.to_str().unwrap();
         let m = Mounted(root.to_path_buf());
         let inside = |p: &str| format!("{r}{p}");
