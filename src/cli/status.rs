@@ -7,7 +7,7 @@ use super::{Context, load_config};
 use crate::config::Config;
 use crate::facts::Facts;
 use crate::firewall::Counters;
-use crate::plan::{ForwardState, ForwardStatus, GuestAddr, Plan};
+use crate::plan::{ForwardState, ForwardStatus, GuestAddr};
 use crate::reconcile;
 use crate::rules::Ruleset;
 use crate::state;
@@ -155,27 +155,9 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let st = state::read_state(&state::state_file(&ctx.state_dir)).map_err(|e| e.to_string())?;
     let facts = reconcile::facts_for(ctx, &st);
     let backend = ctx.backend_for(&cfg);
-    // as the last apply left them: its statuses, and the kernel holds its rules
-    let merged = reconcile::desired(&cfg, &facts.domains);
-    let (config, plan, unchanged) =
-        match reconcile::statuses::unchanged(ctx, (&cfg, &merged), &facts, &st, backend.as_ref()) {
-            Some(forwards) => {
-                let plan = Plan {
-                    forwards,
-                    ..Default::default()
-                };
-                (merged, plan, true)
-            }
-            None => {
-                let reconcile::Planned { config, plan } = reconcile::plan_only(&cfg, &facts, &st);
-                (config, plan, false)
-            }
-        };
-    let planned = if unchanged {
-        &st.ruleset
-    } else {
-        &plan.ruleset
-    };
+    // as the last apply left them (its statuses; the kernel holds its rules), or planned
+    let shown = reconcile::statuses::shown(ctx, &cfg, &facts, &st, backend.as_ref());
+    let planned = shown.ruleset.as_ref().unwrap_or(&st.ruleset);
     let counters = backend.counters(&st.ruleset).unwrap_or_default();
     let drifted = !crate::firewall::holds(backend.as_ref(), &st.ruleset, st.generation)
         .map_err(|e| e.to_string())?
@@ -184,12 +166,12 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
         st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
     let rep = Report {
         backend: backend.name(),
-        forwards: plan
+        forwards: shown
             .forwards
             .iter()
             .map(|f| row(f, &counters, drifted, &installed))
             .collect(),
-        invalid_domains: invalid(&config, planned),
+        invalid_domains: invalid(&shown.config, planned),
         warnings: warnings(planned, &facts),
         daemon: super::ask_daemon(
             ctx,

@@ -195,19 +195,8 @@ impl Daemon<'_> {
         let facts = reconcile::facts_for(ctx, &st);
         let backend = ctx.backend_for(&self.config);
         // what the last reconcile planned, while nothing changed since (no planning then)
-        let merged = reconcile::desired(&self.config, &facts.domains);
-        let statuses = reconcile::statuses::unchanged(
-            ctx,
-            (&self.config, &merged),
-            &facts,
-            &st,
-            backend.as_ref(),
-        )
-        .unwrap_or_else(|| {
-            reconcile::plan_only(&self.config, &facts, &st)
-                .plan
-                .forwards
-        });
+        let statuses =
+            reconcile::statuses::shown(ctx, &self.config, &facts, &st, backend.as_ref()).forwards;
         let counters = backend.counters(&st.ruleset).unwrap_or_default();
         let forwards = statuses
             .iter()

@@ -85,7 +85,7 @@ pub fn plan_only<'c>(config: &'c Config, facts: &Facts, state: &State) -> Planne
 }
 
 /// [`plan_only`] of a config already merged.
-fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
+pub(crate) fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
     // domains that hold their ports now keep them against newcomers
     let mut domains = config.domain_configs();
     let installed: std::collections::HashSet<&str> = state

@@ -8,77 +8,62 @@
 //! Kept compact (postcard): each forward's spec as its place in the config it was planned
 //! from (the same config, since the digest covers its bytes), the rest as planned.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Context, inputs};
+use super::{Context, desired, inputs, plan_desired};
 use crate::config::Config;
 use crate::facts::Facts;
 use crate::firewall::Backend;
 use crate::plan::{ForwardState, ForwardStatus, GuestAddr};
+use crate::rules::Ruleset;
 use crate::state::State;
 
 const FILE: &str = "statuses";
 /// Largest file read.
 const MAX_BYTES: u64 = 64 << 20;
 
-/// One forward's status, its spec as (domain, index in the domain's forwards).
+/// One forward's status, its spec as (domain, index in the domain's forwards): borrowed
+/// from the plan when written, owned when read back.
 #[derive(Serialize, Deserialize)]
-struct Kept {
-    domain: String,
+struct Kept<'a> {
+    domain: Cow<'a, str>,
     index: u32,
     state: ForwardState,
-    guest: Vec<GuestAddr>,
-    bridge: Option<String>,
-    reason: Option<String>,
-    rule_ids: Vec<String>,
+    guest: Cow<'a, [GuestAddr]>,
+    bridge: Cow<'a, Option<String>>,
+    reason: Cow<'a, Option<String>>,
+    rule_ids: Cow<'a, [String]>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Cached {
-    digest: String,
-    forwards: Vec<Kept>,
+struct Cached<'a> {
+    digest: Cow<'a, str>,
+    forwards: Vec<Kept<'a>>,
 }
 
 fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-/// [`Kept`] as written: borrowed (postcard writes both alike).
-#[derive(Serialize)]
-struct KeptRef<'a> {
-    domain: &'a str,
-    index: u32,
-    state: ForwardState,
-    guest: &'a [GuestAddr],
-    bridge: &'a Option<String>,
-    reason: &'a Option<String>,
-    rule_ids: &'a [String],
-}
-
-#[derive(Serialize)]
-struct CachedRef<'a> {
-    digest: &'a str,
-    forwards: Vec<KeptRef<'a>>,
-}
-
 /// Records the statuses a whole reconcile planned from `merged` (the config with the
 /// domains' metadata) under its inputs digest.
 pub(super) fn record(state_dir: &Path, digest: &str, merged: &Config, forwards: &[ForwardStatus]) {
-    let kept: Option<Vec<KeptRef>> = forwards
+    let kept: Option<Vec<Kept>> = forwards
         .iter()
         .map(|f| {
             let d = merged.domains.get(&f.domain)?;
             let index = d.domain.forwards.iter().position(|s| *s == f.spec)?;
-            Some(KeptRef {
-                domain: &f.domain,
+            Some(Kept {
+                domain: Cow::Borrowed(&f.domain),
                 index: u32::try_from(index).ok()?,
                 state: f.state,
-                guest: &f.guest,
-                bridge: &f.bridge,
-                reason: &f.reason,
-                rule_ids: &f.rule_ids,
+                guest: Cow::Borrowed(&f.guest),
+                bridge: Cow::Borrowed(&f.bridge),
+                reason: Cow::Borrowed(&f.reason),
+                rule_ids: Cow::Borrowed(&f.rule_ids),
             })
         })
         .collect();
@@ -87,7 +72,11 @@ pub(super) fn record(state_dir: &Path, digest: &str, merged: &Config, forwards: 
         let _ = std::fs::remove_file(&file);
         return;
     };
-    let written = postcard::to_allocvec(&CachedRef { digest, forwards })
+    let cached = Cached {
+        digest: Cow::Borrowed(digest),
+        forwards,
+    };
+    let written = postcard::to_allocvec(&cached)
         .map_err(std::io::Error::other)
         .and_then(|b| crate::state::write_atomic(&file, &b));
     if let Err(e) = written {
@@ -100,7 +89,7 @@ pub(super) fn record(state_dir: &Path, digest: &str, merged: &Config, forwards: 
 /// The statuses of the last whole reconcile, if its inputs digest is this config's, these
 /// facts' and this backend's, and the kernel's generation is the one it left. `merged`:
 /// the config with the domains' metadata, as planned.
-pub fn unchanged(
+fn unchanged(
     ctx: &Context,
     (config, merged): (&Config, &Config),
     facts: &Facts,
@@ -128,22 +117,57 @@ pub fn unchanged(
         .map(|k| {
             let spec = merged
                 .domains
-                .get(&k.domain)?
+                .get(k.domain.as_ref())?
                 .domain
                 .forwards
                 .get(usize::try_from(k.index).ok()?)?
                 .clone();
             Some(ForwardStatus {
-                domain: k.domain,
+                domain: k.domain.into_owned(),
                 spec,
                 state: k.state,
-                guest: k.guest,
-                bridge: k.bridge,
-                reason: k.reason,
-                rule_ids: k.rule_ids,
+                guest: k.guest.into_owned(),
+                bridge: k.bridge.into_owned(),
+                reason: k.reason.into_owned(),
+                rule_ids: k.rule_ids.into_owned(),
             })
         })
         .collect::<Option<Vec<_>>>()?;
     tracing::debug!("nothing changed since the last apply: its statuses, not planned again");
     Some(forwards)
+}
+
+/// What `status` and a metrics scrape show.
+pub struct Shown<'c> {
+    /// The config with the domains' metadata.
+    pub config: Cow<'c, Config>,
+    pub forwards: Vec<ForwardStatus>,
+    /// The planned rules; None when nothing changed since the last reconcile, whose plan
+    /// the kernel and the state hold.
+    pub ruleset: Option<Ruleset>,
+}
+
+/// The last whole reconcile's statuses while nothing changed since (see [`unchanged`]),
+/// else a plan made now (read-only).
+pub fn shown<'c>(
+    ctx: &Context,
+    config: &'c Config,
+    facts: &Facts,
+    state: &State,
+    backend: &dyn Backend,
+) -> Shown<'c> {
+    let merged = desired(config, &facts.domains);
+    if let Some(forwards) = unchanged(ctx, (config, &merged), facts, state, backend) {
+        return Shown {
+            config: merged,
+            forwards,
+            ruleset: None,
+        };
+    }
+    let plan = plan_desired(&merged, facts, state);
+    Shown {
+        config: merged,
+        forwards: plan.forwards,
+        ruleset: Some(plan.ruleset),
+    }
 }
