@@ -24,6 +24,12 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// The files its process maps (`ip netns exec` execs it: the child's pid is its own).
+    fn maps(&self) -> String {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+    }
+
     /// Starts it in the lab's host namespace and waits for READY=1 on a notify socket.
     fn start(lab: &Lab, backend: &str) -> Daemon {
         Daemon::spawn(lab, lab.command(&lab.config_path(), backend, &["daemon"]))
@@ -788,6 +794,10 @@ fn the_daemon_follows_libvirts_events_where_it_can_and_its_files_anyway() {
     );
     let (_, out, _) = lab.virtgate("nftables", &["status"]);
     assert!(out.contains("from libvirt's event API"), "{out}");
+    assert!(
+        d.maps().contains("libvirt.so"),
+        "the test driver is libvirt's library's"
+    );
     drop(d);
     // a libvirt that is not there: retried, and the forwards are kept all the same
     let nowhere = format!(
@@ -800,6 +810,8 @@ fn the_daemon_follows_libvirts_events_where_it_can_and_its_files_anyway() {
         &["daemon", "--libvirt-uri", &nowhere],
     );
     let d = Daemon::spawn(&lab, cmd);
+    // a local libvirt is followed by virtgate's own client: libvirt's library stays out
+    assert!(!d.maps().is_empty() && !d.maps().contains("libvirt.so"));
     assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
     lab.host
         .exec(&["nft", "delete", "table", "inet", "virtgate"]);

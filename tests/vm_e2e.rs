@@ -621,6 +621,14 @@ fn real_libvirtd_real_vms() {
     eprintln!("[{:>5.1}s] done", t0.elapsed().as_secs_f32());
 }
 
+/// How many times the running daemon has connected to libvirt's event API.
+fn libvirt_connects(env: &Env) -> u64 {
+    serde_json::from_str::<serde_json::Value>(&env.virtgate(&["status", "--json"]))
+        .ok()
+        .and_then(|v| v["daemon"]["libvirt_connects"].as_u64())
+        .unwrap_or(0)
+}
+
 /// The daemon, killed on drop.
 struct RunningDaemon(std::process::Child);
 impl Drop for RunningDaemon {
@@ -656,6 +664,13 @@ fn daemon_phase(env: &Env) {
     wait_for("the daemon answers on its socket", 20, || {
         env.virtgate(&["status"]).contains("daemon: running")
     });
+    // libvirt's events through virtgate's own client: connected, no libvirt library
+    wait_for("the daemon follows libvirt's events", 10, || {
+        libvirt_connects(env) == 1
+    });
+    let pid = daemon.0.id();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.is_empty() && !maps.contains("libvirt.so"), "{maps}");
     let pubv = |p: u16| sa(&format!("{PUBLIC}:{p}"));
     wait_for("A answers: the daemon installed its forward", 10, || {
         http_get(&env.client, pubv(8080)).is_ok_and(|b| b.contains("vgA"))
@@ -729,6 +744,18 @@ fn daemon_phase(env: &Env) {
             http_get(&env.client, pubv(p)).is_ok_and(|b| b.contains(who))
         });
     }
+    wait_for("the daemon follows libvirt's events again", 20, || {
+        libvirt_connects(env) == 2
+    });
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    eprintln!(
+        "daemon memory, following a real libvirtd: {}",
+        status
+            .lines()
+            .filter(|l| l.starts_with("VmHWM") || l.starts_with("RssAnon"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

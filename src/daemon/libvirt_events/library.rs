@@ -1,22 +1,19 @@
-//! libvirt's event API: domain lifecycle and metadata changes, network lifecycle.
+//! libvirt's events through its own client library, for the URIs virtgate's own client
+//! ([`super::native`]) does not speak: the test driver, remote hosts, TLS, SSH, SASL.
 //!
-//! libvirt (`libvirt.so.0`) is loaded when the daemon starts, with `libloading`, not
+//! libvirt (`libvirt.so.0`) is loaded when such a URI is followed, with `libloading`, not
 //! linked: the hook, which runs on every VM start, never pays for loading it, and a host
-//! without libvirt's client library still runs the daemon (following libvirt's status
-//! files, as it does anyway). The connection is read-only, with keepalive; a close
-//! callback notices libvirtd going away, and the connection is opened again with backoff
-//! (1 s doubling to 30 s). Every event, and every (re)connect (a full re-read: what
-//! happened while disconnected is not replayed), writes one byte to a socket the
-//! daemon's `poll` watches ([`Events::fd`]); the daemon then reconciles, debounced.
-//! libvirt's default event loop runs in its own thread, registered before the connection
-//! is opened, as libvirt requires.
+//! without libvirt's client library still runs the daemon. The connection is read-only,
+//! with keepalive; a close callback notices libvirtd going away, and the connection is
+//! opened again with backoff (1 s doubling to 30 s). libvirt's default event loop runs in
+//! its own thread, registered before the connection is opened, as libvirt requires.
 
 use std::ffi::{CString, c_char, c_int, c_uint, c_void};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use super::Shared;
 
 type Conn = *mut c_void;
 type GenericCallback = unsafe extern "C" fn(Conn, *mut c_void, *mut c_void);
@@ -93,21 +90,6 @@ impl Api {
     }
 }
 
-/// What the callbacks share with the daemon.
-struct Shared {
-    wake: UnixStream,
-    closed: AtomicBool,
-    events: AtomicU64,
-    connects: AtomicU64,
-}
-
-impl Shared {
-    fn wake(&self) {
-        // nonblocking: a full socket already holds a wake-up
-        let _ = (&self.wake).write(&[1]);
-    }
-}
-
 /// An event: counted, and the daemon woken.
 ///
 /// # Safety
@@ -164,60 +146,24 @@ unsafe extern "C" fn on_close(_c: Conn, _reason: c_int, opaque: *mut c_void) {
 /// libvirt prints every error to stderr unless told otherwise: the daemon logs its own.
 unsafe extern "C" fn quiet(_user: *mut c_void, _err: *mut c_void) {}
 
-/// The events of one libvirt URI, followed in a thread of their own.
-pub struct Events {
-    read: UnixStream,
-    shared: Arc<Shared>,
-}
-
-impl Events {
-    /// Loads libvirt and starts following `uri` (read-only); Err if libvirt's client
-    /// library is not there. A libvirtd that cannot be reached is retried in the thread.
-    pub fn start(uri: &str) -> Result<Events, String> {
-        let api = Api::load()?;
-        let uri = CString::new(uri).map_err(|_| "a libvirt URI with a NUL byte".to_string())?;
-        let (read, wake) = UnixStream::pair().map_err(|e| e.to_string())?;
-        read.set_nonblocking(true).map_err(|e| e.to_string())?;
-        wake.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let shared = Arc::new(Shared {
-            wake,
-            closed: AtomicBool::new(false),
-            events: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
-        });
-        // SAFETY: both take no pointers; the event loop is registered before any
-        // connection is opened, as libvirt requires
-        unsafe {
-            (api.set_error_func)(std::ptr::null_mut(), Some(quiet));
-            if (api.register_default_impl)() < 0 {
-                return Err("libvirt: cannot register its event loop".into());
-            }
+/// Loads libvirt's client library and follows `uri` (read-only) in a thread of its own;
+/// Err if the library is not there. A libvirtd that cannot be reached is retried there.
+pub fn start(uri: &str, shared: Arc<Shared>) -> Result<(), String> {
+    let api = Api::load()?;
+    let uri = CString::new(uri).map_err(|_| "a libvirt URI with a NUL byte".to_string())?;
+    // SAFETY: both take no pointers; the event loop is registered before any connection
+    // is opened, as libvirt requires
+    unsafe {
+        (api.set_error_func)(std::ptr::null_mut(), Some(quiet));
+        if (api.register_default_impl)() < 0 {
+            return Err("libvirt: cannot register its event loop".into());
         }
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("libvirt-events".into())
-            .spawn(move || follow(&api, &uri, &s))
-            .map_err(|e| e.to_string())?;
-        Ok(Events { read, shared })
     }
-
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.read)
-    }
-
-    /// Takes in what woke the daemon.
-    pub fn drain(&self) {
-        let mut buf = [0u8; 256];
-        while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
-    }
-
-    /// Events received so far, and how many times the connection was opened.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.shared.events.load(Ordering::Relaxed),
-            self.shared.connects.load(Ordering::Relaxed),
-        )
-    }
+    std::thread::Builder::new()
+        .name("libvirt-events".into())
+        .spawn(move || follow(&api, &uri, &shared))
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The thread: connect, register, run the event loop until the connection closes, and
