@@ -3,7 +3,9 @@
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use virtgate::model::conflicts::find_conflicts_indexed;
+use virtgate::model::conflicts::{
+    find_conflicts_by, find_conflicts_indexed, find_conflicts_indexed_by, find_conflicts_naive_by,
+};
 use virtgate::model::{DomainConfig, ForwardSpec, Listen, PortRange, Proto};
 use virtgate::plan::{find_conflicts, find_conflicts_naive};
 
@@ -66,6 +68,19 @@ proptest! {
         prop_assert_eq!(find_conflicts_indexed(&ds), naive.clone());
         // small configs take the pairwise path: the same answer
         prop_assert_eq!(find_conflicts(&ds), naive);
+    }
+
+    #[test]
+    fn forwards_put_first_win_the_same_way_in_both_finders(ds in domains(), seed in any::<u64>()) {
+        // some forwards (installed ones, in the planner) claim their ports first
+        let first = |(d, f): (usize, usize)| (seed >> ((d * 7 + f) % 64)) & 1 == 1;
+        let naive = find_conflicts_naive_by(&ds, &first);
+        prop_assert_eq!(find_conflicts_indexed_by(&ds, &first), naive.clone());
+        prop_assert_eq!(find_conflicts_by(&ds, &first), naive.clone());
+        // a forward put first never loses to one that is not
+        for c in &naive {
+            prop_assert!(first(c.first) || !first(c.second), "{:?}", c);
+        }
     }
 }
 

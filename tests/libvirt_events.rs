@@ -235,6 +235,11 @@ fn libvirtd_blocker() -> Option<String> {
 
 impl RealLibvirtd {
     fn start() -> RealLibvirtd {
+        // what a libvirtd without systemd needs (users, qemu.conf, directories), as the
+        // real-VM test sets it up: a fresh machine has none of it
+        let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/setup-host.sh");
+        let st = std::process::Command::new(setup).status().expect(setup);
+        assert!(st.success(), "{setup} failed");
         let ns = format!("vgev{}", std::process::id());
         let st = std::process::Command::new("ip")
             .args(["netns", "add", &ns])
@@ -260,10 +265,15 @@ impl RealLibvirtd {
         assert!(st.success(), "libvirtd -d");
         let t = Instant::now();
         while !(pid_alive(LIBVIRTD_PID).is_some() && virsh(&["version"]).0) {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "libvirtd never answered"
-            );
+            if t.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(self.dir.path().join("libvirtd.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "libvirtd never answered; the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

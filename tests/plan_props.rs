@@ -142,6 +142,20 @@ proptest! {
     }
 
     #[test]
+    fn planning_again_with_what_was_installed_changes_nothing(doms in domains(), stopped in 0usize..6) {
+        // level-triggered: a second apply with the same inputs must not flip who holds a
+        // port (a pending forward of one domain against an active one of another)
+        let mut f = facts(doms.len());
+        if stopped < f.domains.len() {
+            f.domains.remove(stopped);
+        }
+        let first = plan::plan(&doms, &f, &[]);
+        let again = plan::plan_against(&doms, &f, vec![], &[], &first.ruleset.rules);
+        prop_assert_eq!(&again.ruleset, &first.ruleset);
+        prop_assert_eq!(&again.forwards, &first.forwards);
+    }
+
+    #[test]
     fn stopped_domains_get_no_rules(doms in domains()) {
         let mut f = facts(doms.len());
         f.domains.clear();

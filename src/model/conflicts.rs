@@ -35,8 +35,13 @@ pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
     a.proto == b.proto && fam_overlap && listen_overlap && a.host_ports.overlaps(&b.host_ports)
 }
 
-fn all_forwards(domains: &[DomainConfig]) -> Vec<((usize, usize), &ForwardSpec)> {
-    domains
+/// Every forward, in the order they claim ports: those `first` says first, then the rest,
+/// each part in (domain, forward) order.
+fn all_forwards<'a>(
+    domains: &'a [DomainConfig],
+    first: &dyn Fn((usize, usize)) -> bool,
+) -> Vec<((usize, usize), &'a ForwardSpec)> {
+    let mut all: Vec<_> = domains
         .iter()
         .enumerate()
         .flat_map(|(di, d)| {
@@ -45,7 +50,10 @@ fn all_forwards(domains: &[DomainConfig]) -> Vec<((usize, usize), &ForwardSpec)>
                 .enumerate()
                 .map(move |(fi, f)| ((di, fi), f))
         })
-        .collect()
+        .collect();
+    // stable: the config's order within each part
+    all.sort_by_key(|(idx, _)| !first(*idx));
+    all
 }
 
 /// Up to this many forwards, [`find_conflicts`] compares them pairwise.
@@ -53,7 +61,15 @@ const SMALL: usize = 32;
 
 /// The pairwise definition: O(n^2). Use [`find_conflicts`].
 pub fn find_conflicts_naive(domains: &[DomainConfig]) -> Vec<Conflict> {
-    let all = all_forwards(domains);
+    find_conflicts_naive_by(domains, &|_| false)
+}
+
+/// [`find_conflicts_naive`] where the forwards `first` says claim their ports first.
+pub fn find_conflicts_naive_by(
+    domains: &[DomainConfig],
+    first: &dyn Fn((usize, usize)) -> bool,
+) -> Vec<Conflict> {
+    let all = all_forwards(domains, first);
     let mut out = Vec::new();
     let mut losers = BTreeSet::new();
     for (i, (a_idx, a)) in all.iter().enumerate() {
@@ -70,6 +86,7 @@ pub fn find_conflicts_naive(domains: &[DomainConfig]) -> Vec<Conflict> {
             }
         }
     }
+    out.sort();
     out
 }
 
@@ -211,17 +228,34 @@ impl Classes {
 /// Finds forwards that claim the same listen address, protocol and port. The first in
 /// (domain, forward) order wins. Same result as [`find_conflicts_naive`].
 pub fn find_conflicts(domains: &[DomainConfig]) -> Vec<Conflict> {
+    find_conflicts_by(domains, &|_| false)
+}
+
+/// [`find_conflicts`] where the forwards `first` says (domain index, forward index) claim
+/// their ports before the others: the planner's installed forwards, which keep them.
+pub fn find_conflicts_by(
+    domains: &[DomainConfig],
+    first: &dyn Fn((usize, usize)) -> bool,
+) -> Vec<Conflict> {
     // a hook's one domain: pairwise beats allocating the per-port index
     if domains.iter().map(|d| d.forwards.len()).sum::<usize>() <= SMALL {
-        return find_conflicts_naive(domains);
+        return find_conflicts_naive_by(domains, first);
     }
-    find_conflicts_indexed(domains)
+    find_conflicts_indexed_by(domains, first)
 }
 
 /// [`find_conflicts`] through the per-port index, whatever the number of forwards (the
 /// property test checks it against [`find_conflicts_naive`]).
 pub fn find_conflicts_indexed(domains: &[DomainConfig]) -> Vec<Conflict> {
-    let all = all_forwards(domains);
+    find_conflicts_indexed_by(domains, &|_| false)
+}
+
+/// [`find_conflicts_indexed`] with [`find_conflicts_by`]'s order.
+pub fn find_conflicts_indexed_by(
+    domains: &[DomainConfig],
+    first: &dyn Fn((usize, usize)) -> bool,
+) -> Vec<Conflict> {
+    let all = all_forwards(domains, first);
     // one slot per (protocol, family)
     let slot = |p: Proto, f: Family| {
         (match p {

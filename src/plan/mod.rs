@@ -13,7 +13,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use addresses::{Index, drop_contested_neighbours};
@@ -22,8 +22,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts};
-pub use crate::model::conflicts::{Conflict, find_conflicts, find_conflicts_naive};
-use crate::model::{DomainConfig, Family, ForwardSpec, WhenStopped};
+pub use crate::model::conflicts::{
+    Conflict, find_conflicts, find_conflicts_by, find_conflicts_naive,
+};
+use crate::model::{DomainConfig, Family, ForwardSpec, PortRange, Proto, WhenStopped};
 pub use crate::rules::{
     BridgeAccept, Hairpin, Held, ListenOn, REFUSAL_BRIDGE, Rule, Ruleset, sanitize_comment,
     sort_rules,
@@ -184,8 +186,7 @@ pub struct Plan {
     pub forwards: Vec<ForwardStatus>,
 }
 
-/// The planner. Domains earlier in `domains` win conflicts (the caller puts the ones
-/// holding their ports first). `carried` are rules installed before for running domains
+/// The planner. Forwards of domains earlier in `domains` win conflicts. `carried` are rules installed before for running domains
 /// whose config is now invalid: they are kept as they are.
 pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
     plan_with(domains, facts, carried.to_vec())
@@ -193,22 +194,34 @@ pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
 
 /// [`plan`], taking the carried rules by value (no copy of what is installed).
 pub fn plan_with(domains: &[DomainConfig], facts: &Facts, carried: Vec<Rule>) -> Plan {
-    plan_against(domains, facts, carried, &[])
+    plan_against(domains, facts, carried, &[], &[])
 }
 
 /// [`plan_with`], `others` holding their ports and addresses too without being part of
-/// the plan's rules (the accepts and hairpins count them).
+/// the plan's rules (the accepts and hairpins count them), and `installed` the rules
+/// installed now for the domains planned: a forward that has rules keeps its port against
+/// one that has none, whatever their order (then the order decides). Planning again with
+/// what a plan installed gives the same plan.
 pub fn plan_against(
     domains: &[DomainConfig],
     facts: &Facts,
     carried: Vec<Rule>,
     others: &[Held],
+    installed: &[Rule],
 ) -> Plan {
     // only running domains compete for ports
     let running = running_domains(domains, facts);
     let running_of: BTreeMap<usize, &DomainFacts> = running.iter().copied().collect();
     let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
-    let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts(&competing)
+    let holding: HashSet<(&str, Proto, PortRange)> = installed
+        .iter()
+        .map(|r| (r.domain.as_str(), r.proto, r.host_ports))
+        .collect();
+    let holds = |(d, f): (usize, usize)| {
+        let (name, spec) = (competing[d].name.as_str(), &competing[d].forwards[f]);
+        holding.contains(&(name, spec.proto, spec.host_ports))
+    };
+    let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts_by(&competing, &holds)
         .into_iter()
         .map(|c| ((running[c.second.0].0, c.second.1), c))
         .collect();

@@ -89,7 +89,12 @@ pub(super) fn apply_part(
         return Err(e.into());
     }
     let after = backend.generation(&new)?;
-    state.generation = generation_after(trusted, before, after);
+    // nothing to change, nothing committed: the kernel holds it where it did
+    state.generation = if same && trusted && after == before {
+        before
+    } else {
+        generation_after(trusted, before, after)
+    };
     let own: std::collections::BTreeSet<String> =
         old_taps.into_iter().chain(own_taps(&new, name)).collect();
     crate::bridge::sync(&new.hairpin_ports, &mut state.hairpin_saved, Some(&own));

@@ -10,20 +10,48 @@ use crate::config::Config;
 use crate::facts::Facts;
 
 /// Bumped whenever the planner's output for the same inputs may differ.
-const PLANNER: &[u8] = b"virtgate planner inputs 1";
+const PLANNER: &[u8] = b"virtgate planner inputs 2";
+
+/// What a whole reconcile plans from, digested: `digest` covers everything, `rest`
+/// everything but the config files' bytes (the facts, the backend, this release, which
+/// domains' config is invalid). While `rest` stays, a change of the config is a change
+/// of what its domains say ([`super::one_domain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inputs {
+    pub digest: String,
+    pub rest: String,
+}
 
 /// The digest of a whole reconcile's inputs, or None when the config was not read whole
 /// (then nothing is skipped).
 pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
+    of(config, facts, backend).map(|i| i.digest)
+}
+
+/// [`Inputs`] of a whole reconcile, or None when the config was not read whole.
+pub fn of(config: &Config, facts: &Facts, backend: &str) -> Option<Inputs> {
     if config.fingerprint.is_empty() {
         return None;
     }
+    let rest = rest(config, facts, backend)?;
+    let mut h = Sha256::new();
+    for part in [rest.as_bytes(), &config.fingerprint] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    Some(Inputs {
+        digest: crate::model::hex(&h.finalize()),
+        rest,
+    })
+}
+
+/// Everything but the config files' bytes.
+fn rest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
     let mut h = Sha256::new();
     for part in [
         PLANNER,
         env!("CARGO_PKG_VERSION").as_bytes(),
         backend.as_bytes(),
-        &config.fingerprint,
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
@@ -49,6 +77,7 @@ pub fn digest(config: &Config, facts: &Facts, backend: &str) -> Option<String> {
     // what the planner reads of a snooped address (not when it was last seen)
     let snooped: Vec<_> = snooped.iter().map(|s| (&s.tap, &s.mac, s.ip)).collect();
     let parts = (
+        &config.invalid_domains,
         domains,
         networks,
         &valid,
@@ -111,6 +140,15 @@ mod tests {
         let mut f = facts(1000);
         f.sysctls.ip_forward = Some(false);
         assert_ne!(base, digest(&config(b"a"), &f, "nftables").unwrap());
+        // the rest is all but the config's bytes
+        let rest = |text: &[u8]| of(&config(text), &facts(1000), "nftables").unwrap().rest;
+        assert_eq!(rest(b"a"), rest(b"b"));
+        let mut invalid = config(b"a");
+        invalid.invalid_domains.insert("web".into());
+        assert_ne!(
+            rest(b"a"),
+            of(&invalid, &facts(1000), "nftables").unwrap().rest
+        );
         // a config read in part is never skipped on
         assert_eq!(digest(&Config::default(), &facts(1000), "nftables"), None);
     }

@@ -6,6 +6,7 @@
 mod apply;
 mod inputs;
 mod narrow;
+mod one_domain;
 pub mod statuses;
 
 use std::borrow::Cow;
@@ -19,7 +20,10 @@ use crate::firewall::{self, Backend, FirewallError};
 use crate::plan::{self, Plan};
 use crate::state::{PlannedInputs, State, StateDir, StateError};
 use apply::{apply_part, apply_plan};
-pub use narrow::{carried_rules, conflicts_with_running, plan_domain, plan_domain_against};
+pub use narrow::{
+    Before, carried_rules, conflicts_with_running, plan_domain, plan_domain_against,
+    plan_one_changed,
+};
 
 /// Where things are, from the global options.
 #[derive(Debug, Clone)]
@@ -86,16 +90,10 @@ pub fn plan_only<'c>(config: &'c Config, facts: &Facts, state: &State) -> Planne
 
 /// [`plan_only`] of a config already merged.
 pub(crate) fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Plan {
-    // domains that hold their ports now keep them against newcomers
-    let mut domains = config.domain_configs();
-    let installed: std::collections::HashSet<&str> = state
-        .ruleset
-        .rules
-        .iter()
-        .map(|r| r.domain.as_str())
-        .collect();
-    domains.sort_by_cached_key(|d| !installed.contains(d.name.as_str()));
-    plan::plan(&domains, facts, &carried_rules(config, facts, state))
+    // forwards installed now keep their ports against newcomers
+    let domains = config.domain_configs();
+    let carried = carried_rules(config, facts, state);
+    plan::plan_against(&domains, facts, carried, &[], &state.ruleset.rules)
 }
 
 /// The facts a reconcile works with: libvirt's files, plus the domains hooks reported as
@@ -158,43 +156,33 @@ pub fn reconcile_scoped(
     backend.set_memory(state.xt_preexisting.clone());
     begin(ctx, &mut state, update);
     let facts = gather(&state);
-    let digest = match scope {
-        Scope::All => inputs::digest(config, &facts, backend.name()),
+    let inputs = match scope {
+        Scope::All => inputs::of(config, &facts, backend.name()),
         Scope::Domain(_) => None,
     };
-    let (forwards, result) =
-        match unchanged_inputs(&mut state, digest.as_deref(), backend.as_ref())? {
-            Some(active) => (Known::Unchanged(active), Ok(false)),
-            None => {
-                // what a hook changes is not a whole reconcile's: the next one plans again
-                state.inputs = None;
-                if scope == Scope::All
-                    && let Some(i) = inst.take()
-                {
-                    state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
-                }
-                let (forwards, result) = plan_and_apply(
-                    ctx,
-                    config,
-                    &facts,
-                    &mut state,
-                    &mut inst,
-                    backend.as_ref(),
-                    scope,
-                );
-                (Known::Forwards(forwards), result)
-            }
-        };
+    let digest = inputs.as_ref().map(|i| i.digest.as_str());
+    let (forwards, result) = match unchanged_inputs(&mut state, digest, backend.as_ref())? {
+        Some(active) => (Known::Unchanged(active), Ok(false)),
+        None => {
+            let parts = (config, &facts, inputs.as_ref());
+            let (forwards, result) =
+                plan_changed(ctx, parts, (&mut state, &mut inst), backend.as_ref(), scope)?;
+            (Known::Forwards(forwards), result)
+        }
+    };
     if state.backend.as_deref().is_none_or(|b| b == backend.name()) {
         state.xt_preexisting = backend.memory();
     }
     let active = forwards.active();
     // recorded only where the kernel's generation says it still holds the plan
-    if let (Known::Forwards(f), Ok(_), Some(digest), Some(_)) =
-        (&forwards, &result, digest, state.generation)
+    if let (Known::Forwards(f), Ok(_), Some(inputs), Some(_)) =
+        (&forwards, &result, inputs, state.generation)
     {
-        statuses::record(&ctx.state_dir, &digest, &desired(config, &facts.domains), f);
-        state.inputs = Some(PlannedInputs { digest, active });
+        statuses::record(&ctx.state_dir, &inputs, &desired(config, &facts.domains), f);
+        state.inputs = Some(PlannedInputs {
+            digest: inputs.digest,
+            active,
+        });
     }
     // what the hook recorded (started, stopped) is kept even if the change failed; an
     // unchanged state is not written again
@@ -269,6 +257,33 @@ fn load(
         return Ok((state, None));
     }
     Ok((state, inst))
+}
+
+/// A reconcile that has something to plan: one domain alone where only its config changed
+/// since the last whole reconcile ([`one_domain`]), else `scope`.
+fn plan_changed(
+    ctx: &Context,
+    (config, facts, inputs): (&Config, &Facts, Option<&inputs::Inputs>),
+    (state, inst): (&mut State, &mut Option<crate::state::Installed>),
+    backend: &dyn Backend,
+    scope: Scope,
+) -> Result<one_domain::Done, ReconcileError> {
+    // what a hook changes is not a whole reconcile's: the next one plans again
+    let recorded = state.inputs.take();
+    if let (Some(r), Some(now), Some(i)) = (&recorded, inputs, inst.as_mut())
+        && let Some(done) =
+            one_domain::reconcile(ctx, (config, facts), (state, i), backend, (&r.digest, now))?
+    {
+        return Ok(done);
+    }
+    if scope == Scope::All
+        && let Some(i) = inst.take()
+    {
+        state.ruleset = i.merged(&state.ruleset).map_err(|msg| corrupt(ctx, msg))?;
+    }
+    Ok(plan_and_apply(
+        ctx, config, facts, state, inst, backend, scope,
+    ))
 }
 
 /// Plans `scope` and changes the kernel: a hook's domain as a part, else the whole plan.

@@ -3,7 +3,11 @@
 use super::{Context, desired};
 use crate::config::Config;
 use crate::facts::Facts;
-use crate::plan::{self, Plan, Rule};
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::model::{DomainConfig, ForwardSpec};
+use crate::plan::{self, ForwardState, ForwardStatus, Plan, Rule};
 use crate::state::State;
 
 /// Rules installed before for domains whose config is invalid now: kept unchanged while
@@ -35,7 +39,17 @@ pub fn plan_domain_against(
     name: &str,
     others: &[plan::Held],
 ) -> Plan {
-    let config = desired(config, &facts.domains);
+    plan_merged(&desired(config, &facts.domains), facts, state, name, others)
+}
+
+/// [`plan_domain_against`] of a config already merged ([`desired`]).
+fn plan_merged(
+    config: &Config,
+    facts: &Facts,
+    state: &State,
+    name: &str,
+    others: &[plan::Held],
+) -> Plan {
     let domains: Vec<crate::model::DomainConfig> = config
         .domains
         .get(name)
@@ -51,7 +65,7 @@ pub fn plan_domain_against(
         .filter(|r| keep_mine || r.domain != name)
         .cloned()
         .collect();
-    let mut plan = plan::plan_against(&domains, facts, carried, others);
+    let mut plan = plan::plan_against(&domains, facts, carried, others, &state.ruleset.rules);
     // ports of other domains' bridge ports stay as they are
     let mut ports: Vec<String> = Vec::new();
     if !state.ruleset.hairpin_ports.is_empty() {
@@ -80,6 +94,94 @@ pub fn plan_domain_against(
     ports.dedup();
     plan.ruleset.hairpin_ports = ports;
     plan
+}
+
+/// What the last whole plan said of a domain that changed since, and of the others.
+pub struct Before<'a> {
+    /// The domain's config (None: it was not configured).
+    pub config: Option<&'a DomainConfig>,
+    /// Its forwards' statuses.
+    pub statuses: &'a [ForwardStatus],
+    /// Every guest address the other domains' forwards had (their statuses').
+    pub others_guests: &'a HashSet<IpAddr>,
+}
+
+/// The whole plan after only `name`'s config changed since `before`, planned for that
+/// domain alone, if that is exactly what planning everything gives: `merged` (the config
+/// with the domains' metadata) is the config now, `state` holds the whole plan made from
+/// the config before with the same facts (and `others` the rules of the domains not
+/// decoded). None where the domain's forwards could touch another domain's:
+/// - its forwards, before or after, overlap another domain's (a conflict's winner, a
+///   refusal, a port held);
+/// - its pin or its explicit guest addresses changed (who claims which address);
+/// - a config is invalid (its rules are carried as they were);
+/// - planned now or before, a forward is neither active nor stopped (pending, in
+///   conflict), or has a guest address another domain names or uses (an address learned
+///   from traffic that two domains use is trusted for neither).
+pub fn plan_one_changed(
+    merged: &Config,
+    before: &Before,
+    facts: &Facts,
+    state: &State,
+    name: &str,
+    others: &[plan::Held],
+) -> Option<Plan> {
+    let now = merged.domains.get(name).map(|d| &d.domain);
+    if !merged.invalid_domains.is_empty() || !independent(merged, name, before.config, now) {
+        return None;
+    }
+    let plan = plan_merged(merged, facts, state, name, others);
+    let named: HashSet<IpAddr> = merged
+        .domains
+        .iter()
+        .filter(|(n, _)| n.as_str() != name)
+        .flat_map(|(_, d)| &d.domain.forwards)
+        .flat_map(|f| f.guest_addresses.iter().copied())
+        .collect();
+    let exact = plan.forwards.iter().chain(before.statuses).all(|f| {
+        matches!(f.state, ForwardState::Active | ForwardState::Stopped)
+            && f.guest
+                .iter()
+                .all(|g| !named.contains(&g.ip) && !before.others_guests.contains(&g.ip))
+    });
+    exact.then_some(plan)
+}
+
+/// Whether `name`'s config `before` and `now` leave every other domain's plan as it was.
+fn independent(
+    merged: &Config,
+    name: &str,
+    before: Option<&DomainConfig>,
+    now: Option<&DomainConfig>,
+) -> bool {
+    let uuid = |d: Option<&DomainConfig>| d.and_then(|d| d.uuid.clone());
+    let named = |d: Option<&DomainConfig>| {
+        let mut v: Vec<IpAddr> = d
+            .iter()
+            .flat_map(|d| &d.forwards)
+            .flat_map(|f| f.guest_addresses.iter().copied())
+            .collect();
+        v.sort();
+        v
+    };
+    if uuid(before) != uuid(now) || named(before) != named(now) {
+        return false;
+    }
+    let mine: Vec<&ForwardSpec> = before
+        .into_iter()
+        .chain(now)
+        .flat_map(|d| &d.forwards)
+        .collect();
+    merged
+        .domains
+        .iter()
+        .filter(|(n, _)| n.as_str() != name)
+        .flat_map(|(_, d)| &d.domain.forwards)
+        .all(|o| {
+            !mine
+                .iter()
+                .any(|m| crate::model::conflicts::specs_overlap(m, o))
+        })
 }
 
 /// This domain's forwards that collide with forwards installed for other domains running

@@ -234,6 +234,17 @@ impl Installed {
         Ok(out)
     }
 
+    /// Decodes (and takes out of the encoded part) `domain`'s rows.
+    pub fn take_domain(&mut self, domain: &str) -> Result<Vec<Rule>, String> {
+        if let Some(i) = self.names.iter().position(|n| n == domain) {
+            self.pending[i] = false;
+        }
+        match self.encoded.remove(domain) {
+            Some(r) => decode_domain(domain, self.chunk(&r)),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The whole ruleset: `part` (the decoded domains, with the shared part) and every
     /// domain still encoded.
     pub fn merged(&self, part: &Ruleset) -> Result<Ruleset, String> {
