@@ -97,6 +97,14 @@ fn figure(id: &'static str, what: &str, n: usize, runs: &[Run]) -> Figure {
 }
 
 /// P1: the hook starts and stops web (10 forwards) with N installed.
+/// Between two hooks measured (and two per-rule baseline runs). A process that changes
+/// nf_tables right after one that deleted something waits in the kernel until that is
+/// freed: releasing the deleter's netlink socket flushes the pending destroy work (an RCU
+/// grace period) holding nf_tables' commit mutex. libvirt never runs two hooks that close
+/// together (a QEMU start or stop lies between), so the figures leave this gap; the "b2b"
+/// figure measures starts with none, beside them.
+const HOOK_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn hook_figures(w: &World, backend: &'static str, n: usize, cfg: &Config, out: &mut Vec<Figure>) {
     let xml = world::domain_xml("web", w.web());
     let hook = |op: &str, sub: &str| {
@@ -110,9 +118,23 @@ fn hook_figures(w: &World, backend: &'static str, n: usize, cfg: &Config, out: &
     let (mut start, mut stop) = (Vec::new(), Vec::new());
     // hooks are short: more runs against the noise of a shared machine
     for _ in 0..cfg.runs * 2 + 1 {
+        std::thread::sleep(HOOK_GAP);
         start.push(hook("started", "begin"));
+        std::thread::sleep(HOOK_GAP);
         stop.push(hook("stopped", "end"));
     }
+    // and with no gap: the start waits for what the stop before it deleted
+    let mut b2b = Vec::new();
+    for _ in 0..cfg.runs * 2 + 1 {
+        b2b.push(hook("started", "begin"));
+        hook("stopped", "end");
+    }
+    out.push(figure(
+        "P1 b2b",
+        &format!("hook qemu web started right after a stop ({backend})"),
+        n,
+        &b2b,
+    ));
     out.push(figure(
         "P1",
         &format!("hook qemu web started ({backend})"),
@@ -202,7 +224,9 @@ fn per_rule_figures(n: usize, cfg: &Config, out: &mut Vec<Figure>) {
     let p = baseline::PerRule::new(n);
     let (mut start, mut stop) = (Vec::new(), Vec::new());
     for _ in 0..cfg.runs {
+        std::thread::sleep(HOOK_GAP);
         start.push(p.web(true));
+        std::thread::sleep(HOOK_GAP);
         stop.push(p.web(false));
     }
     for (what, d) in [
