@@ -7,7 +7,10 @@ use crate::model::Listen;
 /// Returns Ok(false) when the config has errors (exit 1).
 pub fn run(ctx: &Context) -> Result<bool, String> {
     // forwards in the <metadata> of running domains are checked too
-    let running = facts::libvirt::read_running_domains(&ctx.libvirt);
+    let running = facts::libvirt::read_running_domains(
+        &ctx.libvirt,
+        ctx.cache_dir().map(facts::cache::domains_file).as_deref(),
+    );
     let base = load_config(ctx).inspect_err(|_| {
         if let Some(a) = running_daemon(ctx) {
             println!(

@@ -8,6 +8,7 @@ use std::path::Path;
 use ipnet::IpNet;
 use roxmltree::{Document, Node};
 
+use super::cache::XmlCache;
 use super::{DomainFacts, LibvirtFirewall, LibvirtPaths, NetworkFacts, Nic, Reservation};
 
 /// Largest XML file or stdin document read.
@@ -213,45 +214,63 @@ fn xml_files(dir: &Path) -> Vec<std::path::PathBuf> {
     names.into_iter().map(|n| dir.join(n)).collect()
 }
 
-/// Running domains: one status file each in `run/libvirt/qemu`.
-pub fn read_running_domains(paths: &LibvirtPaths) -> Vec<DomainFacts> {
-    xml_files(&paths.qemu_status_dir())
+/// Running domains: one status file each in `run/libvirt/qemu`, parsed or taken from
+/// the cache kept in `cache` (see [`super::cache`]).
+pub fn read_running_domains(paths: &LibvirtPaths, cache: Option<&Path>) -> Vec<DomainFacts> {
+    let mut cache = XmlCache::open(cache, "domains");
+    let out = xml_files(&paths.qemu_status_dir())
         .iter()
         .filter_map(|p| {
-            let text = read_xml(p)?;
-            parse_domain_xml(&text)
-                .map_err(|e| tracing::warn!("{}: {e}", p.display()))
-                .ok()
+            cache.get(p, |text| {
+                parse_domain_xml(text)
+                    .map_err(|e| tracing::warn!("{}: {e}", p.display()))
+                    .ok()
+            })
         })
-        .collect()
+        .collect();
+    cache.store();
+    out
 }
 
 /// Networks: live status first, then definitions of inactive networks. Networks whose
 /// status does not record libvirt's firewall backend get it from the kernel.
-pub fn read_networks(paths: &LibvirtPaths, probe: &dyn super::FirewallProbe) -> Vec<NetworkFacts> {
+pub fn read_networks(
+    paths: &LibvirtPaths,
+    probe: &dyn super::FirewallProbe,
+    cache: Option<&Path>,
+) -> Vec<NetworkFacts> {
     let mut out: Vec<NetworkFacts> = Vec::new();
     let mut unrecorded = Vec::new();
+    // each with whether its file records libvirt's firewall backend
+    let mut cache = XmlCache::<(NetworkFacts, bool)>::open(cache, "networks");
     for p in xml_files(&paths.network_status_dir()) {
-        let Some(text) = read_xml(&p) else { continue };
-        match parse_network_xml(&text) {
-            Ok(mut n) => {
-                n.active = true;
-                if !recorded_firewall(&text) {
-                    unrecorded.push(out.len());
-                }
-                out.push(n);
+        let parsed = cache.get(&p, |text| {
+            parse_network_xml(text)
+                .map_err(|e| tracing::warn!("{}: {e}", p.display()))
+                .ok()
+                .map(|n| (n, recorded_firewall(text)))
+        });
+        if let Some((mut n, recorded)) = parsed {
+            n.active = true;
+            if !recorded {
+                unrecorded.push(out.len());
             }
-            Err(e) => tracing::warn!("{}: {e}", p.display()),
+            out.push(n);
         }
     }
     for p in xml_files(&paths.network_config_dir()) {
-        let Some(text) = read_xml(&p) else { continue };
-        if let Ok(n) = parse_network_xml(&text)
+        let parsed = cache.get(&p, |text| {
+            parse_network_xml(text)
+                .ok()
+                .map(|n| (n, recorded_firewall(text)))
+        });
+        if let Some((n, _)) = parsed
             && !out.iter().any(|x| x.name == n.name)
         {
             out.push(n);
         }
     }
+    cache.store();
     if !unrecorded.is_empty() {
         let nft_bridges = probe.libvirt_nft_bridges();
         for i in unrecorded {
@@ -368,5 +387,46 @@ mod tests {
                 .unwrap_err()
                 .contains("not a valid interface name")
         );
+    }
+
+    #[test]
+    fn what_the_cache_keeps_reads_back_as_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dom = r#"<domstatus><domain><name>web</name><uuid>6F1D3B2A-0000-4000-8000-000000000001</uuid>
+  <metadata><vg:forwards xmlns:vg="https://virtgate.dev/xmlns/1"><vg:forward host="8080" guest="80"/></vg:forwards></metadata>
+  <devices><interface type='network'><mac address='52:54:00:AA:00:01'/>
+  <source network='default' bridge='virbr0'/><target dev='vnet0'/></interface></devices></domain></domstatus>"#;
+        let net = r#"<network><name>default</name><forward mode='nat'/><bridge name='virbr0'/>
+  <ip address='192.168.122.1' prefix='24'><dhcp><host mac='52:54:00:AA:00:01' name='a' ip='192.168.122.10'/></dhcp></ip>
+  <ip family='ipv6' address='fd00:122::1' prefix='64'><dhcp><host id='0:3:0:1:52:54:0:AA:0:1' name='web' ip='fd00:122::10'/></dhcp></ip>
+</network>"#;
+        let (dom_file, net_file) = (dir.path().join("web.xml"), dir.path().join("net.xml"));
+        std::fs::write(&dom_file, dom).unwrap();
+        std::fs::write(&net_file, net).unwrap();
+        let cache = dir.path().join("cache");
+        let net_cache = dir.path().join("net-cache");
+        let zero = std::time::Duration::ZERO;
+        for round in 0..2 {
+            let mut parsed = false;
+            let mut c = XmlCache::open(Some(&cache), "domains").with_racy(zero);
+            let d = c.get(&dom_file, |t| {
+                parsed = true;
+                parse_domain_xml(t).ok()
+            });
+            c.store();
+            assert_eq!(d, parse_domain_xml(dom).ok());
+            assert!(d.unwrap().metadata.is_some());
+            assert_eq!(parsed, round == 0, "round {round}");
+            let mut parsed = false;
+            let mut c = XmlCache::open(Some(&net_cache), "networks").with_racy(zero);
+            let n = c.get(&net_file, |t| {
+                parsed = true;
+                parse_network_xml(t).ok().map(|n| (n, recorded_firewall(t)))
+            });
+            c.store();
+            assert_eq!(n, parse_network_xml(net).ok().map(|n| (n, false)));
+            assert_eq!(n.unwrap().0.reservations.len(), 2);
+            assert_eq!(parsed, round == 0, "round {round}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! plain data so the planner stays pure; the readers live in submodules.
 
 pub mod builder;
+pub mod cache;
 pub mod duid;
 pub mod leases;
 pub mod libvirt;
@@ -192,19 +193,23 @@ pub trait FirewallProbe {
     fn xt_forward_families(&self) -> Vec<crate::model::Family>;
 }
 
+///
+/// `state_dir`, where there is one, keeps libvirt's files parsed ([`cache`]).
 pub fn gather(
     paths: &LibvirtPaths,
     extra_domains: &[DomainFacts],
     probe: &dyn FirewallProbe,
+    state_dir: Option<&Path>,
 ) -> Facts {
-    let mut domains = libvirt::read_running_domains(paths);
+    let cache = state_dir.map(cache::domains_file);
+    let mut domains = libvirt::read_running_domains(paths, cache.as_deref());
     let known: std::collections::HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
     for d in extra_domains {
         if !known.contains(&d.name) {
             domains.push(d.clone());
         }
     }
-    gather_only(paths, domains, probe)
+    gather_only(paths, domains, probe, state_dir)
 }
 
 /// [`gather`] with the given domains instead of libvirt's running ones.
@@ -212,8 +217,10 @@ pub fn gather_only(
     paths: &LibvirtPaths,
     domains: Vec<DomainFacts>,
     probe: &dyn FirewallProbe,
+    state_dir: Option<&Path>,
 ) -> Facts {
-    let networks = libvirt::read_networks(paths, probe);
+    let cache = state_dir.map(cache::networks_file);
+    let networks = libvirt::read_networks(paths, probe, cache.as_deref());
     let leases = networks
         .iter()
         .flat_map(|n| leases::read_leases(&paths.dnsmasq_dir(), &n.bridge))

@@ -27,6 +27,10 @@ pub struct DomainFacts {
 }
 
 fn metadata_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    // compact formats (the facts cache) never held the earlier release's form
+    if !d.is_human_readable() {
+        return Option::<String>::deserialize(d);
+    }
     Ok(match serde_json::Value::deserialize(d)? {
         serde_json::Value::String(s) => Some(s),
         _ => None,

@@ -43,6 +43,13 @@ impl Context {
         };
         firewall::backend(choice)
     }
+
+    /// The state directory, where it may keep libvirt's files parsed
+    /// ([`crate::facts::cache`]): only one nobody else can write.
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        let dir = self.state_dir.as_path();
+        crate::files::untrusted_dir(dir).is_none().then_some(dir)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +107,7 @@ pub(crate) fn plan_desired(config: &Config, facts: &Facts, state: &State) -> Pla
 /// started, minus those hooks reported as stopped.
 pub fn facts_for(ctx: &Context, st: &State) -> Facts {
     let extra: Vec<_> = st.started.values().cloned().collect();
-    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &KernelProbe);
+    let mut f = crate::facts::gather(&ctx.libvirt, &extra, &KernelProbe, ctx.cache_dir());
     f.domains.retain(|d| !st.stopped.contains(&d.name));
     f.snooped = crate::facts::snoop::read(&ctx.state_dir);
     f
@@ -111,7 +118,7 @@ pub fn facts_for(ctx: &Context, st: &State) -> Facts {
 /// (what is installed for them stays as it is).
 pub fn facts_for_domain(ctx: &Context, domain: Option<&crate::facts::DomainFacts>) -> Facts {
     let domains: Vec<_> = domain.into_iter().cloned().collect();
-    let mut f = crate::facts::gather_only(&ctx.libvirt, domains, &KernelProbe);
+    let mut f = crate::facts::gather_only(&ctx.libvirt, domains, &KernelProbe, ctx.cache_dir());
     f.snooped = crate::facts::snoop::read(&ctx.state_dir);
     f
 }
