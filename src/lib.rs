@@ -14,6 +14,7 @@ pub mod files;
 pub mod firewall;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod heap;
 pub mod hook;
 pub mod logging;
 pub mod model;

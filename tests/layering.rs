@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("files", &[]),
     ("exec", &[]),
     ("logging", &[]),
+    ("heap", &[]),
     ("rules", &["model"]),
     ("config", &["model", "files"]),
     ("facts", &["model", "files", "exec"]),

@@ -220,6 +220,7 @@ pub fn uninstall(ctx: &Context) -> Result<bool, String> {
     crate::bridge::sync(&[], &mut st.hairpin_saved, None);
     // nothing of virtgate's is left: its state goes too (the lock file stays while held)
     dir.remove_all();
+    crate::facts::cache::remove(dir.path());
     println!(
         "removed all of virtgate's rules; kept the config {}",
         ctx.config_path.display()

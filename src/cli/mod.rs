@@ -328,6 +328,7 @@ pub fn hook_invocation(argv: &[std::ffi::OsString]) -> Option<(Context, String, 
 
 /// Runs a hook invocation found by [`hook_invocation`].
 pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
+    crate::heap::for_one_shot();
     crate::logging::init(0, true);
     ExitCode::from(crate::hook::run(
         &ctx,
@@ -371,6 +372,9 @@ pub(crate) fn output_error(e: std::io::Error) -> String {
 pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
     let daemon = matches!(cli.command, Command::Daemon { .. });
+    if !daemon {
+        crate::heap::for_one_shot();
+    }
     if !hook && !daemon {
         quiet_on_closed_stdout();
     }

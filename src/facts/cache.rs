@@ -53,6 +53,16 @@ impl Stamp {
         }
     }
 
+    fn of_stat(st: &nix::sys::stat::FileStat) -> Stamp {
+        Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
     /// Changed within `racy` of `now` (or in the future).
     fn racy(&self, now: SystemTime, racy: Duration) -> bool {
         let changed = UNIX_EPOCH
@@ -114,8 +124,53 @@ impl<T: Serialize + DeserializeOwned + Clone> XmlCache<T> {
     /// What `parse` makes of `path`'s text, from the cache while the file is the one
     /// parsed then. `None` where the file cannot be read or `parse` refuses it.
     pub fn get(&mut self, path: &Path, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
-        let key = path.as_os_str().as_bytes().to_vec();
         let stamp = fs::metadata(path).ok().map(|m| Stamp::of(&m));
+        self.get_stamped(path, stamp, parse)
+    }
+
+    /// [`Self::get`] of every `*.xml` file in `dir`, in the order of their names (as
+    /// bytes): each looked up by its name in the directory opened once, not by its path.
+    pub fn get_dir(
+        &mut self,
+        dir: &Path,
+        mut parse: impl FnMut(&Path, &str) -> Option<T>,
+    ) -> Vec<(PathBuf, T)> {
+        let Ok(handle) = fs::File::open(dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<std::ffi::OsString> = match fs::read_dir(dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.as_bytes().ends_with(b".xml"))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let stamp = nix::sys::stat::fstatat(
+                    &handle,
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .ok()
+                .map(|st| Stamp::of_stat(&st));
+                let path = dir.join(&name);
+                let v = self.get_stamped(&path, stamp, |t| parse(&path, t))?;
+                Some((path, v))
+            })
+            .collect()
+    }
+
+    fn get_stamped(
+        &mut self,
+        path: &Path,
+        stamp: Option<Stamp>,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
+        let key = path.as_os_str().as_bytes().to_vec();
         if let Some(stamp) = stamp
             && let Some((kept, v)) = self.old.remove(&key)
         {
@@ -204,6 +259,13 @@ pub fn domains_file(state_dir: &Path) -> PathBuf {
 
 pub fn networks_file(state_dir: &Path) -> PathBuf {
     state_dir.join("cache-networks")
+}
+
+/// Removes the cache files of a state directory (uninstall).
+pub fn remove(state_dir: &Path) {
+    for f in [domains_file(state_dir), networks_file(state_dir)] {
+        let _ = fs::remove_file(f);
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! libvirt's own files: live domain status XML (`run/libvirt/qemu/*.xml`), network status
 //! (`run/libvirt/network/*.xml`) and definitions (`etc/libvirt/qemu/networks/*.xml`).
 
-use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -199,34 +198,18 @@ pub fn read_xml(path: &Path) -> Option<String> {
     }
 }
 
-fn xml_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    // sorted by file name, as bytes (all in one directory: no path comparison needed)
-    let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name())
-                .filter(|n| n.as_bytes().ends_with(b".xml"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    names.into_iter().map(|n| dir.join(n)).collect()
-}
-
 /// Running domains: one status file each in `run/libvirt/qemu`, parsed or taken from
 /// the cache kept in `cache` (see [`super::cache`]).
 pub fn read_running_domains(paths: &LibvirtPaths, cache: Option<&Path>) -> Vec<DomainFacts> {
     let mut cache = XmlCache::open(cache, "domains");
-    let out = xml_files(&paths.qemu_status_dir())
-        .iter()
-        .filter_map(|p| {
-            cache.get(p, |text| {
-                parse_domain_xml(text)
-                    .map_err(|e| tracing::warn!("{}: {e}", p.display()))
-                    .ok()
-            })
+    let out = cache
+        .get_dir(&paths.qemu_status_dir(), |p, text| {
+            parse_domain_xml(text)
+                .map_err(|e| tracing::warn!("{}: {e}", p.display()))
+                .ok()
         })
+        .into_iter()
+        .map(|(_, d)| d)
         .collect();
     cache.store();
     out
@@ -243,30 +226,26 @@ pub fn read_networks(
     let mut unrecorded = Vec::new();
     // each with whether its file records libvirt's firewall backend
     let mut cache = XmlCache::<(NetworkFacts, bool)>::open(cache, "networks");
-    for p in xml_files(&paths.network_status_dir()) {
-        let parsed = cache.get(&p, |text| {
-            parse_network_xml(text)
-                .map_err(|e| tracing::warn!("{}: {e}", p.display()))
-                .ok()
-                .map(|n| (n, recorded_firewall(text)))
-        });
-        if let Some((mut n, recorded)) = parsed {
-            n.active = true;
-            if !recorded {
-                unrecorded.push(out.len());
-            }
-            out.push(n);
+    let live = cache.get_dir(&paths.network_status_dir(), |p, text| {
+        parse_network_xml(text)
+            .map_err(|e| tracing::warn!("{}: {e}", p.display()))
+            .ok()
+            .map(|n| (n, recorded_firewall(text)))
+    });
+    for (_, (mut n, recorded)) in live {
+        n.active = true;
+        if !recorded {
+            unrecorded.push(out.len());
         }
+        out.push(n);
     }
-    for p in xml_files(&paths.network_config_dir()) {
-        let parsed = cache.get(&p, |text| {
-            parse_network_xml(text)
-                .ok()
-                .map(|n| (n, recorded_firewall(text)))
-        });
-        if let Some((n, _)) = parsed
-            && !out.iter().any(|x| x.name == n.name)
-        {
+    let defined = cache.get_dir(&paths.network_config_dir(), |_, text| {
+        parse_network_xml(text)
+            .ok()
+            .map(|n| (n, recorded_firewall(text)))
+    });
+    for (_, (n, _)) in defined {
+        if !out.iter().any(|x| x.name == n.name) {
             out.push(n);
         }
     }
