@@ -8,7 +8,7 @@
 //! asks only the classes its listen selector can overlap. [`find_conflicts_naive`] is the
 //! pairwise definition, kept for the property test that checks the two agree.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::{DomainConfig, Family, ForwardSpec, Listen, PortRange, Proto};
@@ -71,19 +71,21 @@ pub fn find_conflicts_naive_by(
 ) -> Vec<Conflict> {
     let all = all_forwards(domains, first);
     let mut out = Vec::new();
-    let mut losers = BTreeSet::new();
-    for (i, (a_idx, a)) in all.iter().enumerate() {
-        if losers.contains(a_idx) {
-            continue;
-        }
-        for (b_idx, b) in &all[i + 1..] {
-            if !losers.contains(b_idx) && specs_overlap(a, b) {
-                out.push(Conflict {
-                    first: *a_idx,
-                    second: *b_idx,
-                });
-                losers.insert(*b_idx);
-            }
+    let mut winners: Vec<((usize, usize), &ForwardSpec)> = Vec::new();
+    for (b_idx, b) in &all {
+        // a loser names the winner it overlaps that comes first in the config, whichever
+        // claimed its ports first: planning again (installed forwards first) names the same
+        let named = winners
+            .iter()
+            .filter(|(_, a)| specs_overlap(a, b))
+            .map(|(a_idx, _)| *a_idx)
+            .min();
+        match named {
+            Some(a_idx) => out.push(Conflict {
+                first: a_idx,
+                second: *b_idx,
+            }),
+            None => winners.push((*b_idx, b)),
         }
     }
     out.sort();
@@ -91,7 +93,8 @@ pub fn find_conflicts_naive_by(
 }
 
 /// Ports painted by the first forward that claimed them: disjoint ranges, start -> (end,
-/// position of the forward).
+/// the forward's rank in the config). The winners painted in one of these never overlap
+/// each other (one address, one interface), so the first painter is the only one.
 #[derive(Debug, Default)]
 struct Painted(BTreeMap<u16, (u16, usize)>);
 
@@ -149,14 +152,14 @@ impl Dense {
         (m != Self::FREE).then_some(m as usize)
     }
 
-    fn paint(&mut self, r: PortRange, pos: usize) {
+    /// Keeps the lowest rank on each port: winners painted here may share ports (two
+    /// addresses in `any_addr`), and a loser names the one first in the config.
+    fn paint(&mut self, r: PortRange, rank: usize) {
         if self.0.is_empty() {
             self.0 = vec![Self::FREE; 65536];
         }
         for slot in &mut self.0[r.start as usize..=r.end as usize] {
-            if *slot == Self::FREE {
-                *slot = pos as u32;
-            }
+            *slot = (*slot).min(rank as u32);
         }
     }
 }
@@ -256,6 +259,21 @@ pub fn find_conflicts_indexed_by(
     first: &dyn Fn((usize, usize)) -> bool,
 ) -> Vec<Conflict> {
     let all = all_forwards(domains, first);
+    // what is painted is each winner's rank in the config, so that a loser names the
+    // winner first in the config (as the pairwise definition does)
+    let by_rank: Vec<(usize, usize)> = domains
+        .iter()
+        .enumerate()
+        .flat_map(|(di, d)| (0..d.forwards.len()).map(move |fi| (di, fi)))
+        .collect();
+    let starts: Vec<usize> = domains
+        .iter()
+        .scan(0, |n, d| {
+            let at = *n;
+            *n += d.forwards.len();
+            Some(at)
+        })
+        .collect();
     // one slot per (protocol, family)
     let slot = |p: Proto, f: Family| {
         (match p {
@@ -266,7 +284,8 @@ pub fn find_conflicts_indexed_by(
     };
     let mut index: Vec<Classes> = (0..6).map(|_| Classes::default()).collect();
     let mut out = Vec::new();
-    for (pos, (idx, f)) in all.iter().enumerate() {
+    for (idx, f) in &all {
+        let rank = starts[idx.0] + idx.1;
         let fams = [Family::Ipv4, Family::Ipv6].map(|fam| f.allows_family(fam).then_some(fam));
         let winner = fams
             .iter()
@@ -275,13 +294,13 @@ pub fn find_conflicts_indexed_by(
             .min();
         if let Some(w) = winner {
             out.push(Conflict {
-                first: all[w].0,
+                first: by_rank[w],
                 second: *idx,
             });
             continue;
         }
         for fam in fams.iter().flatten() {
-            index[slot(f.proto, *fam)].record(f, pos);
+            index[slot(f.proto, *fam)].record(f, rank);
         }
     }
     out.sort();

@@ -13,7 +13,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use addresses::{Index, drop_contested_neighbours};
@@ -25,7 +25,7 @@ use crate::facts::{DomainFacts, Facts, LibvirtFirewall, NetworkFacts};
 pub use crate::model::conflicts::{
     Conflict, find_conflicts, find_conflicts_by, find_conflicts_naive,
 };
-use crate::model::{DomainConfig, Family, ForwardSpec, PortRange, Proto, WhenStopped};
+use crate::model::{DomainConfig, Family, ForwardSpec, Listen, PortRange, Proto, WhenStopped};
 pub use crate::rules::{
     BridgeAccept, Hairpin, Held, ListenOn, REFUSAL_BRIDGE, Rule, Ruleset, sanitize_comment,
     sort_rules,
@@ -186,6 +186,25 @@ pub struct Plan {
     pub forwards: Vec<ForwardStatus>,
 }
 
+/// Whether `spec` could have made `rule` (its domain, protocol and host ports compared
+/// apart): as much of the forward as its rules carry, so that another forward of the
+/// domain on the same ports (other sources, another address) is not taken for it.
+fn made_by(spec: &ForwardSpec, rule: &Rule) -> bool {
+    let listen = match (&spec.listen, &rule.listen) {
+        (Listen::Any, ListenOn::Any) => true,
+        (Listen::Address(a), ListenOn::Address(b)) => a == b,
+        (Listen::Interface(i), ListenOn::Interface(j)) => i == j,
+        // the default route's address when it was planned
+        (Listen::DefaultRoute, ListenOn::Address(_)) => true,
+        _ => false,
+    };
+    listen
+        && spec.allows_family(rule.family)
+        && spec.guest_ports == rule.guest_ports
+        && forward::family_sources(spec, rule.family) == rule.sources
+        && spec.description == rule.description
+}
+
 /// The planner. Forwards of domains earlier in `domains` win conflicts. `carried` are rules installed before for running domains
 /// whose config is now invalid: they are kept as they are.
 pub fn plan(domains: &[DomainConfig], facts: &Facts, carried: &[Rule]) -> Plan {
@@ -213,13 +232,21 @@ pub fn plan_against(
     let running = running_domains(domains, facts);
     let running_of: BTreeMap<usize, &DomainFacts> = running.iter().copied().collect();
     let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
-    let holding: HashSet<(&str, Proto, PortRange)> = installed
-        .iter()
-        .map(|r| (r.domain.as_str(), r.proto, r.host_ports))
-        .collect();
+    let mut holding: HashMap<(&str, Proto, PortRange), Vec<&Rule>> = HashMap::new();
+    for r in installed {
+        holding
+            .entry((r.domain.as_str(), r.proto, r.host_ports))
+            .or_default()
+            .push(r);
+    }
+    // a forward holds its ports where its domain has a rule of its protocol and ports
+    // that it could have made (its listen, one of its families): another forward of the
+    // domain on the same ports (another address) does not hold them through that rule
     let holds = |(d, f): (usize, usize)| {
         let (name, spec) = (competing[d].name.as_str(), &competing[d].forwards[f]);
-        holding.contains(&(name, spec.proto, spec.host_ports))
+        holding
+            .get(&(name, spec.proto, spec.host_ports))
+            .is_some_and(|rules| rules.iter().any(|r| made_by(spec, r)))
     };
     let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts_by(&competing, &holds)
         .into_iter()
