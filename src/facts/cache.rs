@@ -207,7 +207,8 @@ impl<T: Serialize + DeserializeOwned + Clone> XmlCache<T> {
         let mut bytes = Sha256::digest(&payload).to_vec();
         bytes.extend_from_slice(&payload);
         // no fsync: a cache torn by a crash fails its checksum and is parsed again
-        if let Err(e) = write_unsynced(file, &bytes) {
+        let this_boot = crate::files::Durability::ThisBoot;
+        if let Err(e) = crate::files::write_replacing(file, &bytes, 0o600, this_boot) {
             tracing::debug!("{}: not written: {e}", file.display());
         }
     }
@@ -222,33 +223,6 @@ fn read<T: DeserializeOwned>(file: &Path, kind: &str) -> Option<Vec<(Vec<u8>, St
     }
     let stored: Stored<T> = postcard::from_bytes(payload).ok()?;
     (stored.tag == format_tag(kind)).then_some(stored.entries)
-}
-
-/// A new file beside `path`, renamed over it: readers see the old or the new whole.
-fn write_unsynced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("cache"),
-        std::process::id()
-    ));
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// The cache files in a state directory: one for the domains' status files, one for

@@ -125,6 +125,28 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     crate::files::write_atomic(path, data, 0o600)
 }
 
+/// Writes a file of this boot's (the state, the statuses: see
+/// [`crate::files::Durability::ThisBoot`]) atomically, mode 0600, not synced.
+pub fn write_this_boot(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    crate::files::write_replacing(path, data, 0o600, crate::files::Durability::ThisBoot)
+}
+
+/// A state file that does not parse: an error, unless it was written before this boot
+/// (a crash of the system tore it: it is not synced), when it is the empty state.
+fn unparsed<T: Default>(p: &Path, msg: String) -> Result<T, StateError> {
+    if crate::files::written_before_boot(p) {
+        tracing::warn!(
+            "{}: written before this boot and unreadable ({msg}): starting from an empty state",
+            p.display()
+        );
+        return Ok(T::default());
+    }
+    Err(StateError::Corrupt {
+        path: p.to_path_buf(),
+        msg,
+    })
+}
+
 /// [`write_atomic`] with the file's final mode set before it appears.
 pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     crate::files::write_atomic(path, data, mode)
@@ -188,7 +210,7 @@ impl StateDir {
             path: p.clone(),
             msg: e.to_string(),
         })?;
-        write_atomic(&p, &text).map_err(|source| StateError::Io { path: p, source })?;
+        write_this_boot(&p, &text).map_err(|source| StateError::Io { path: p, source })?;
         self.drop_legacy();
         Ok(())
     }
@@ -283,7 +305,7 @@ impl StateDir {
             out.push_str(&json(v)?);
         }
         out.push('}');
-        write_atomic(&p, out.as_bytes()).map_err(|source| StateError::Io { path: p, source })?;
+        write_this_boot(&p, out.as_bytes()).map_err(|source| StateError::Io { path: p, source })?;
         self.drop_legacy();
         Ok(())
     }
@@ -315,11 +337,7 @@ pub fn read_state_for(p: &Path, domain: &str) -> Result<(State, Installed), Stat
             });
         }
     };
-    let corrupt = |msg: String| StateError::Corrupt {
-        path: p.to_path_buf(),
-        msg,
-    };
-    parse_bytes_for(&b, domain).map_err(corrupt)
+    parse_bytes_for(&b, domain).or_else(|msg| unparsed(p, msg))
 }
 
 fn parse_for(b: Vec<u8>, domain: &str) -> Result<(State, Installed), String> {
@@ -366,10 +384,7 @@ pub fn parse_bytes_for(b: &[u8], domain: &str) -> Result<(State, Installed), Str
 /// Reads the state without locking (for `status`); a missing file is the empty state.
 pub fn read_state(p: &Path) -> Result<State, StateError> {
     match crate::files::read_bounded(p, MAX_STATE_BYTES, crate::files::Follow::No) {
-        Ok(b) => parse(&b).map_err(|msg| StateError::Corrupt {
-            path: p.to_path_buf(),
-            msg,
-        }),
+        Ok(b) => parse(&b).or_else(|msg| unparsed(p, msg)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(source) => Err(StateError::Io {
             path: p.to_path_buf(),

@@ -115,3 +115,27 @@ fn edited_values_never_reach_a_rule() {
         assert!(parse(bad.as_bytes()).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_torn_state_from_before_this_boot_is_the_empty_state_and_one_of_this_boot_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("state.json");
+    fs::write(&p, b"{\"backend\":\"nftables\",\"rules").unwrap();
+    // written during this boot: nobody knows what the kernel holds, so it is an error
+    assert!(matches!(read_state(&p), Err(StateError::Corrupt { .. })));
+    assert!(read_state_for(&p, "web").is_err());
+    // written before it (the epoch): what a crash of the system leaves of an unsynced write
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let epoch = [libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    }; 2];
+    // SAFETY: a valid path and two timespecs
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), epoch.as_ptr(), 0) },
+        0
+    );
+    assert!(crate::files::written_before_boot(&p));
+    assert_eq!(read_state(&p).unwrap(), State::default());
+    assert!(read_state_for(&p, "web").unwrap().0 == State::default());
+}

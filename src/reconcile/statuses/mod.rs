@@ -232,7 +232,7 @@ pub(super) fn record(
     };
     let written = postcard::to_allocvec(&cached)
         .map_err(std::io::Error::other)
-        .and_then(|b| crate::state::write_atomic(&file, &b));
+        .and_then(|b| crate::state::write_this_boot(&file, &b));
     if let Err(e) = written {
         // only a shortcut: without it, `status` and the next `apply` plan
         tracing::debug!("cannot keep the forwards' statuses: {e}");
