@@ -29,10 +29,17 @@ pub(crate) fn families(spec: &ForwardSpec) -> Vec<Family> {
 
 /// Whether two forwards could receive the same packet.
 pub fn specs_overlap(a: &ForwardSpec, b: &ForwardSpec) -> bool {
-    let fam_overlap = families(a).iter().any(|f| families(b).contains(f));
+    // the cheap tests first, nothing allocated: `apply` of one edited domain compares it
+    // with every other forward
+    if a.proto != b.proto || !a.host_ports.overlaps(&b.host_ports) {
+        return false;
+    }
+    let fam_overlap = [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .any(|f| a.allows_family(f) && b.allows_family(f));
     // localhost forwards share one key space (127.0.0.1), whatever they listen on
     let listen_overlap = a.listen.overlaps(&b.listen) || (a.localhost && b.localhost);
-    a.proto == b.proto && fam_overlap && listen_overlap && a.host_ports.overlaps(&b.host_ports)
+    fam_overlap && listen_overlap
 }
 
 /// Every forward, in the order they claim ports: those `first` says first, then the rest,

@@ -186,6 +186,30 @@ pub struct Plan {
     pub forwards: Vec<ForwardStatus>,
 }
 
+/// Installed rules by domain, protocol and host ports.
+struct Holding<'r>(HashMap<(&'r str, Proto, PortRange), Vec<&'r Rule>>);
+
+impl<'r> Holding<'r> {
+    fn of(installed: &'r [Rule]) -> Holding<'r> {
+        let mut m: HashMap<_, Vec<&Rule>> = HashMap::new();
+        for r in installed {
+            m.entry((r.domain.as_str(), r.proto, r.host_ports))
+                .or_default()
+                .push(r);
+        }
+        Holding(m)
+    }
+
+    /// A forward holds its ports where its domain has a rule of its protocol and ports
+    /// that it could have made: another forward of the domain on the same ports (another
+    /// address, other sources) does not hold them through that rule.
+    fn holds(&self, domain: &str, spec: &ForwardSpec) -> bool {
+        self.0
+            .get(&(domain, spec.proto, spec.host_ports))
+            .is_some_and(|rules| rules.iter().any(|r| made_by(spec, r)))
+    }
+}
+
 /// Whether `spec` could have made `rule` (its domain, protocol and host ports compared
 /// apart): as much of the forward as its rules carry, so that another forward of the
 /// domain on the same ports (other sources, another address) is not taken for it.
@@ -232,22 +256,9 @@ pub fn plan_against(
     let running = running_domains(domains, facts);
     let running_of: BTreeMap<usize, &DomainFacts> = running.iter().copied().collect();
     let competing: Vec<DomainConfig> = running.iter().map(|(i, _)| domains[*i].clone()).collect();
-    let mut holding: HashMap<(&str, Proto, PortRange), Vec<&Rule>> = HashMap::new();
-    for r in installed {
-        holding
-            .entry((r.domain.as_str(), r.proto, r.host_ports))
-            .or_default()
-            .push(r);
-    }
-    // a forward holds its ports where its domain has a rule of its protocol and ports
-    // that it could have made (its listen, one of its families): another forward of the
-    // domain on the same ports (another address) does not hold them through that rule
-    let holds = |(d, f): (usize, usize)| {
-        let (name, spec) = (competing[d].name.as_str(), &competing[d].forwards[f]);
-        holding
-            .get(&(name, spec.proto, spec.host_ports))
-            .is_some_and(|rules| rules.iter().any(|r| made_by(spec, r)))
-    };
+    let holding = Holding::of(installed);
+    let holds =
+        |(d, f): (usize, usize)| holding.holds(&competing[d].name, &competing[d].forwards[f]);
     let conflicts: BTreeMap<(usize, usize), Conflict> = find_conflicts_by(&competing, &holds)
         .into_iter()
         .map(|c| ((running[c.second.0].0, c.second.1), c))
