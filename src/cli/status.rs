@@ -99,22 +99,21 @@ fn daemon_line(d: Option<&crate::daemon::Report>) -> String {
     line
 }
 
-fn row<'a>(
-    f: &'a ForwardStatus,
-    counters: &std::collections::BTreeMap<String, Counters>,
-    drifted: bool,
-    installed: &std::collections::BTreeSet<&str>,
-) -> Row<'a> {
-    let c =
-        f.rule_ids
-            .iter()
-            .filter_map(|id| counters.get(id))
-            .fold(Counters::default(), |a, b| Counters {
-                packets: a.packets + b.packets,
-                bytes: a.bytes + b.bytes,
-                rate_limited: a.rate_limited + b.rate_limited,
-                connections: a.connections + b.connections,
-            });
+/// Counters by rule id, and the ids installed: hashed, as `row` asks each 10,000 times.
+type ById<'c> = std::collections::HashMap<&'c str, &'c Counters>;
+type Installed<'s> = std::collections::HashSet<&'s str>;
+
+fn row<'a>(f: &'a ForwardStatus, counters: &ById, drifted: bool, installed: &Installed) -> Row<'a> {
+    let c = f
+        .rule_ids
+        .iter()
+        .filter_map(|id| counters.get(id.as_str()).copied())
+        .fold(Counters::default(), |a, b| Counters {
+            packets: a.packets + b.packets,
+            bytes: a.bytes + b.bytes,
+            rate_limited: a.rate_limited + b.rate_limited,
+            connections: a.connections + b.connections,
+        });
     // planned but not installed yet (e.g. its address appeared after the last apply)
     let not_applied = f.state == ForwardState::Active
         && f.rule_ids.iter().any(|id| !installed.contains(id.as_str()));
@@ -162,8 +161,8 @@ pub fn run(ctx: &Context, json: bool) -> Result<(), String> {
     let drifted = !crate::firewall::holds(backend.as_ref(), &st.ruleset, st.generation)
         .map_err(|e| e.to_string())?
         .0;
-    let installed: std::collections::BTreeSet<&str> =
-        st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
+    let installed: Installed = st.ruleset.rules.iter().map(|r| r.id.as_str()).collect();
+    let counters: ById = counters.iter().map(|(id, c)| (id.as_str(), c)).collect();
     let rep = Report {
         backend: backend.name(),
         forwards: shown
