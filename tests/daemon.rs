@@ -759,10 +759,14 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     lab.host.exec(&["nft", "flush", "ruleset"]);
     lab.load_libvirt_firewall();
     assert!(answers_within(&lab, 8080, "g1", Duration::from_secs(2)).is_some());
-    assert!(within(Duration::from_secs(2), || {
-        http_get(&lab, "127.0.0.1:19465", "/metrics")
-            .is_ok_and(|(_, t)| sample(&t, "virtgate_daemon_heals_total") >= Some(1.0))
-    }));
+    assert!(
+        within(Duration::from_secs(2), || {
+            http_get(&lab, "127.0.0.1:19465", "/metrics")
+                .is_ok_and(|(_, t)| sample(&t, "virtgate_daemon_heals_total") >= Some(1.0))
+        }),
+        "no heal counted:\n{}",
+        d.log()
+    );
     let (status, _) = http_get(&lab, "127.0.0.1:19465", "/other").unwrap();
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
