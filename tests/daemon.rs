@@ -696,6 +696,13 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The metrics page (empty when it cannot be had).
+fn scrape(lab: &Lab) -> String {
+    http_get(lab, "127.0.0.1:19465", "/metrics")
+        .map(|(_, t)| t)
+        .unwrap_or_default()
+}
+
 #[test]
 fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     if !common::can_run_netns("metrics_count_each_forwards_traffic_and_the_daemons_work") {
@@ -745,9 +752,7 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     let mut last = String::new();
     assert!(
         within(Duration::from_secs(2), || {
-            last = http_get(&lab, "127.0.0.1:19465", "/metrics")
-                .map(|(_, t)| t)
-                .unwrap_or_default();
+            last = scrape(&lab);
             sample(&last, &format!("virtgate_forward_packets_total{g1}")) > Some(packets)
                 && sample(&last, &format!("virtgate_forward_connections_total{g1}"))
                     == Some(conns + 3.0)
@@ -765,9 +770,7 @@ fn metrics_count_each_forwards_traffic_and_the_daemons_work() {
     let mut last = String::new();
     assert!(
         within(Duration::from_secs(2), || {
-            last = http_get(&lab, "127.0.0.1:19465", "/metrics")
-                .map(|(_, t)| t)
-                .unwrap_or_default();
+            last = scrape(&lab);
             let heals = report(&lab)["heals"].as_u64().map(|h| h as f64);
             heals.is_some() && sample(&last, "virtgate_daemon_heals_total") == heals
         }),

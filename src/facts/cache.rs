@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,17 +42,7 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn of(m: &fs::Metadata) -> Stamp {
-        Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
-
-    fn of_stat(st: &nix::sys::stat::FileStat) -> Stamp {
+    fn of(st: &nix::sys::stat::FileStat) -> Stamp {
         Stamp {
             dev: st.st_dev,
             ino: st.st_ino,
@@ -122,14 +111,17 @@ impl<T: Serialize + DeserializeOwned + Clone> XmlCache<T> {
     }
 
     /// What `parse` makes of `path`'s text, from the cache while the file is the one
-    /// parsed then. `None` where the file cannot be read or `parse` refuses it.
+    /// parsed then (tests; [`Self::get_dir`] is the readers'). `None` where the file cannot
+    /// be read or `parse` refuses it.
+    #[cfg(test)]
     pub fn get(&mut self, path: &Path, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
-        let stamp = fs::metadata(path).ok().map(|m| Stamp::of(&m));
+        let stamp = nix::sys::stat::stat(path).ok().map(|st| Stamp::of(&st));
         self.get_stamped(path, stamp, parse)
     }
 
-    /// [`Self::get`] of every `*.xml` file in `dir`, in the order of their names (as
-    /// bytes): each looked up by its name in the directory opened once, not by its path.
+    /// What `parse` makes of every `*.xml` file in `dir`, in the order of their names (as
+    /// bytes), each from the cache while the file is the one parsed then: its identity
+    /// taken by name in the directory (`fstatat`), not by a walk of its whole path.
     pub fn get_dir(
         &mut self,
         dir: &Path,
@@ -156,7 +148,7 @@ impl<T: Serialize + DeserializeOwned + Clone> XmlCache<T> {
                     nix::fcntl::AtFlags::empty(),
                 )
                 .ok()
-                .map(|st| Stamp::of_stat(&st));
+                .map(|st| Stamp::of(&st));
                 let path = dir.join(&name);
                 let v = self.get_stamped(&path, stamp, |t| parse(&path, t))?;
                 Some((path, v))

@@ -182,7 +182,6 @@ impl LibvirtPaths {
     }
 }
 
-/// Gathers all facts from libvirt's files, the kernel and /proc.
 /// What gathering facts needs from the kernel's firewall, asked only where it matters:
 /// the bridges libvirt's nftables form guards (for networks whose status does not record
 /// the form) and the families whose iptables `FORWARD` chain exists (beside libvirt's
@@ -193,8 +192,8 @@ pub trait FirewallProbe {
     fn xt_forward_families(&self) -> Vec<crate::model::Family>;
 }
 
-///
-/// `state_dir`, where there is one, keeps libvirt's files parsed ([`cache`]).
+/// Gathers all facts from libvirt's files, the kernel and /proc. `state_dir`, where there
+/// is one, keeps libvirt's files parsed ([`cache`]).
 pub fn gather(
     paths: &LibvirtPaths,
     extra_domains: &[DomainFacts],

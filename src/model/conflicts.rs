@@ -273,14 +273,6 @@ pub fn find_conflicts_indexed_by(
         .enumerate()
         .flat_map(|(di, d)| (0..d.forwards.len()).map(move |fi| (di, fi)))
         .collect();
-    let starts: Vec<usize> = domains
-        .iter()
-        .scan(0, |n, d| {
-            let at = *n;
-            *n += d.forwards.len();
-            Some(at)
-        })
-        .collect();
     // one slot per (protocol, family)
     let slot = |p: Proto, f: Family| {
         (match p {
@@ -292,7 +284,8 @@ pub fn find_conflicts_indexed_by(
     let mut index: Vec<Classes> = (0..6).map(|_| Classes::default()).collect();
     let mut out = Vec::new();
     for (idx, f) in &all {
-        let rank = starts[idx.0] + idx.1;
+        // (by_rank is in (domain, forward) order: sorted)
+        let rank = by_rank.binary_search(idx).unwrap_or_default();
         let fams = [Family::Ipv4, Family::Ipv6].map(|fam| f.allows_family(fam).then_some(fam));
         let winner = fams
             .iter()
