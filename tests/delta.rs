@@ -506,3 +506,39 @@ fn status_shows_the_last_plan_while_nothing_changed_and_plans_again_after() {
         "{v}"
     );
 }
+
+/// From no table, `apply` makes the table's shape in one `nft -f` and puts the elements
+/// in over netlink, several messages per set at this size: the kernel then holds exactly
+/// what one `nft -f` of `render`'s text makes, and a forward among them answers.
+#[test]
+fn a_table_made_from_nothing_is_what_render_describes() {
+    if !common::can_run_netns("a_table_made_from_nothing_is_what_render_describes") {
+        return;
+    }
+    let lab = Lab::new(LibvirtForm::Nftables);
+    let many: Vec<String> = (0..2500).map(|i| format!("\"{}:80\"", 20000 + i)).collect();
+    lab.write_config(&format!(
+        "[domain.g1]\nforwards = [{}, \"9000-9002:9100-9102\"]\n\
+         [[domain.g1.forward]]\nhost_port = 8081\nguest_port = 80\nsource = [\"203.0.113.0/24\"]\n\
+         [domain.g2]\nforwards = [\"8080:80\", \"5353:53535/udp\"]\n",
+        many.join(", ")
+    ));
+    let (ok, rendered, err) = lab.virtgate("nftables", &["render"]);
+    assert!(ok, "render: {err}");
+    lab.apply("nftables");
+    let made = lab.host.exec(&["nft", "list", "table", "inet", "virtgate"]);
+    // the same text through `nft -f`, in a namespace of its own
+    let other = common::Netns::new("rnd");
+    // the table alone: the accepts after it go in libvirt's chains, which are not there
+    let end = rendered.find("\n}\n").expect("the table's end") + 3;
+    other.exec_stdin(&["nft", "-f", "-"], &rendered[..end]);
+    let want = other.exec(&["nft", "list", "table", "inet", "virtgate"]);
+    assert!(made.lines().count() > 2500, "{made}");
+    assert_eq!(made, want, "{}", common::diff(&want, &made));
+    assert!(answers(&lab, 22499, "g1"), "the last of 2,500 forwards");
+    assert!(answers(&lab, 9001, "g1"), "a range");
+    assert!(answers(&lab, 8080, "g2"), "another domain's forward");
+    // and a second apply finds it in sync
+    let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
+    assert!(ok && out.starts_with("unchanged"), "{out}{err}");
+}

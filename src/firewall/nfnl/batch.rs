@@ -47,6 +47,38 @@ pub(super) fn put_msg(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body: 
     out.extend_from_slice(body);
 }
 
+/// The most bytes of elements in one message's list attribute (whose length field is a
+/// `u16`).
+const MAX_LIST: usize = 60_000;
+
+/// One element as a `NFTA_LIST_ELEM` attribute.
+fn elem_attr(b: &mut Vec<u8>, e: &ElemBytes) {
+    nest(b, 1, |b| {
+        nest(b, 1, |b| put_attr(b, 1, &e.key));
+        if let Some(end) = &e.key_end {
+            nest(b, 10, |b| put_attr(b, 1, end));
+        }
+        match &e.data {
+            None => {}
+            Some(ElemData::Value(v)) => nest(b, 2, |b| put_attr(b, 1, v)),
+            Some(ElemData::Verdict(code, chain)) => nest(b, 2, |b| {
+                nest(b, 2, |b| {
+                    put_attr(b, 1, &code.to_be_bytes());
+                    put_str(b, 2, chain);
+                })
+            }),
+        }
+    });
+}
+
+/// A `NEWSETELEM`/`DELSETELEM` body: table and set (`head`), then the element list.
+fn elements_body(head: &[u8], list: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(head.len() + 4 + list.len());
+    body.extend_from_slice(head);
+    nest(&mut body, 3, |b| b.extend_from_slice(list));
+    body
+}
+
 /// An nf_tables transaction of element changes: sent as one netlink batch, which the
 /// kernel commits whole or not at all (like one `nft -f`), without running `nft`.
 #[derive(Debug, Default)]
@@ -59,34 +91,26 @@ impl Batch {
         self.msgs.is_empty()
     }
 
+    /// One message per run of elements that fits a netlink attribute (its length is 16
+    /// bits): a set of 10,000 elements takes several messages of the one transaction.
     pub(super) fn elements(&mut self, msg: u16, table: &str, set: &str, elems: &[ElemBytes]) {
-        if elems.is_empty() {
-            return;
-        }
-        let mut body = vec![NFPROTO_INET, 0, 0, 0];
-        put_str(&mut body, 1, table);
-        put_str(&mut body, 2, set);
-        nest(&mut body, 3, |b| {
-            for e in elems {
-                nest(b, 1, |b| {
-                    nest(b, 1, |b| put_attr(b, 1, &e.key));
-                    if let Some(end) = &e.key_end {
-                        nest(b, 10, |b| put_attr(b, 1, end));
-                    }
-                    match &e.data {
-                        None => {}
-                        Some(ElemData::Value(v)) => nest(b, 2, |b| put_attr(b, 1, v)),
-                        Some(ElemData::Verdict(code, chain)) => nest(b, 2, |b| {
-                            nest(b, 2, |b| {
-                                put_attr(b, 1, &code.to_be_bytes());
-                                put_str(b, 2, chain);
-                            })
-                        }),
-                    }
-                });
+        let mut head = vec![NFPROTO_INET, 0, 0, 0];
+        put_str(&mut head, 1, table);
+        put_str(&mut head, 2, set);
+        let mut list: Vec<u8> = Vec::new();
+        let mut one = Vec::new();
+        for e in elems {
+            one.clear();
+            elem_attr(&mut one, e);
+            if !list.is_empty() && list.len() + one.len() > MAX_LIST {
+                self.msgs.push((msg, elements_body(&head, &list)));
+                list.clear();
             }
-        });
-        self.msgs.push((msg, body));
+            list.extend_from_slice(&one);
+        }
+        if !list.is_empty() {
+            self.msgs.push((msg, elements_body(&head, &list)));
+        }
     }
 
     /// Adds elements to a set of an `inet` table.
@@ -134,6 +158,8 @@ impl Batch {
         );
         let deletes = self.msgs.iter().any(|(m, _)| *m == NFT_MSG_DELSETELEM);
         with_socket(|socket| {
+            // the kernel takes the batch as one message: the send buffer must hold it
+            fit_send_buffer(socket, buf.len())?;
             socket.send(&buf, 0)?;
             // one acknowledgement per message; the first error aborts the whole transaction
             let mut acked = 0;
@@ -160,4 +186,44 @@ impl Batch {
         }
         Ok(())
     }
+}
+
+/// Grows the socket's send buffer to hold `len` bytes, as `nft` does for a large batch
+/// (`SO_SNDBUFFORCE`, which needs `CAP_NET_ADMIN`, as any change of nf_tables does).
+fn fit_send_buffer(socket: &netlink_sys::Socket, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let int = std::mem::size_of::<i32>() as libc::socklen_t;
+    let mut have: i32 = 0;
+    let mut have_len = int;
+    // SAFETY: getsockopt writes at most `have_len` bytes to an int of that size
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw mut have).cast(),
+            &raw mut have_len,
+        )
+    };
+    // the kernel refuses a message longer than the buffer less its overhead
+    let want = len.saturating_add(4096);
+    if r == 0 && usize::try_from(have).is_ok_and(|h| h >= want) {
+        return Ok(());
+    }
+    let size = i32::try_from(want).map_err(|_| io::Error::other("batch too large"))?;
+    // SAFETY: setsockopt reads an int of the size it is told
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const size).cast(),
+            int,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -4,8 +4,9 @@
 //! (PERF-FACTS.md: 200 ms at 10,000 forwards), while the kernel answers a dump filtered by
 //! table, chain or set directly. Only the few reads virtgate needs are here: whether a
 //! table exists, the rules of one chain (handle and comment), the chains and sets of a
-//! table, and the elements of one set (raw key/data bytes and element counters). Writes
-//! still go through one `nft -f` transaction.
+//! table, and the elements of one set (raw key/data bytes and element counters). Element
+//! changes are written here too, as one netlink batch ([`Batch`]); chains and rules go
+//! through `nft -f`.
 
 mod batch;
 mod commits;

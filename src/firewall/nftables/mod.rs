@@ -2,10 +2,12 @@
 //!
 //! Forwards are elements of hash maps keyed by (listen, protocol, port) ([`layout`]), so
 //! the cost per packet does not grow with the number of forwards, and a change of a few
-//! forwards is a few `add element`/`delete element` statements. The table is created (or
-//! replaced, counters carried over) whole in one `nft -f` only when it is missing or its
-//! shape is wrong; every other change is a delta in one `nft -f` transaction, together
-//! with the accepts placed in libvirt's nftables chains. The kernel is read back over
+//! forwards is a few `add element`/`delete element` statements. A missing table is made
+//! as its shape in one `nft -f` and its elements in one netlink batch after it
+//! ([`Nftables::create`]); a table of the wrong shape is replaced whole (counters carried
+//! over) in one `nft -f`; every other change is a delta in one transaction: a netlink
+//! batch when it is elements alone, else `nft -f` together with the accepts placed in
+//! libvirt's nftables chains. The kernel is read back over
 //! netlink ([`super::nfnl`]), never by listing with `nft`.
 
 mod delta;
@@ -21,7 +23,7 @@ use crate::model::Family;
 use crate::rules::Ruleset;
 use delta::{delta, rate_limited, touched_layouts};
 pub use render::table_batch;
-use render::{Kept, fixed_chains, full_batch};
+use render::{Kept, fixed_chains, full_batch, shape_batch};
 
 pub mod encode;
 
@@ -217,6 +219,36 @@ impl Nftables {
     }
 }
 
+impl Nftables {
+    /// Makes the table where there is none, in two transactions: its shape (chains,
+    /// rules, empty maps and sets) with the accepts in one `nft -f`, then every element
+    /// in one netlink batch. Nothing is forwarded before the second commits, and `nft`
+    /// never parses 10,000 elements' text (most of a whole `apply`'s time). Should the
+    /// elements be refused, the table goes again.
+    fn create(&self, rs: &Ruleset) -> Result<(), FirewallError> {
+        let l = Layout::of(rs);
+        let mut batch = shape_batch(&l);
+        batch.push_str(&placement::nft_batch(&rs.accepts)?);
+        self.commit(rs, &batch, true)?;
+        let mut b = nfnl::Batch::default();
+        for d in declarations() {
+            if let Some(elems) = l.elements.get(&d.name) {
+                let bytes: Vec<nfnl::ElemBytes> = elems
+                    .iter()
+                    .map(|e| encode::elem_netlink(e, d.interval))
+                    .collect();
+                b.add(TABLE, &d.name, &bytes);
+            }
+        }
+        b.commit().map_err(|e| {
+            if let Err(undo) = nft_apply(&full_batch(&Ruleset::default(), &Kept::new())) {
+                tracing::warn!("nftables: removing the table without its elements: {undo}");
+            }
+            FirewallError::Rejected(format!("nf_tables refused the elements: {e}"))
+        })
+    }
+}
+
 impl Backend for Nftables {
     fn name(&self) -> &'static str {
         "nftables"
@@ -240,6 +272,9 @@ impl Backend for Nftables {
     }
 
     fn apply(&self, rs: &Ruleset) -> Result<(), FirewallError> {
+        if !rs.is_empty() && !nfnl::table_exists(inet(), TABLE).unwrap_or(true) {
+            return self.create(rs);
+        }
         // the table is replaced whole: its counters are carried over
         let kept = if rs.is_empty() {
             Kept::new()

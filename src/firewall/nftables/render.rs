@@ -300,15 +300,18 @@ pub(super) fn elem_lines(
 }
 
 /// Renders `table inet virtgate` (without the delete preamble); `kept` carries counter
-/// values over from the table being replaced.
-pub(super) fn render_table(rs: &Ruleset, kept: &Kept) -> String {
-    let l = Layout::of(rs);
+/// values over from the table being replaced. Without `elements`, the maps and sets of
+/// [`declarations`] are declared empty (their elements go in over netlink).
+fn render_table(l: &Layout, kept: &Kept, elements: bool) -> String {
     let mut out = format!("table inet {TABLE} {{\n");
     let none = BTreeSet::new();
     // `traffic*`'s texts (without counters), for `conns*`, which holds the same elements
     let mut texts: HashMap<String, Vec<String>> = HashMap::new();
     for d in declarations() {
-        let elems = l.elements.get(&d.name).unwrap_or(&none);
+        let elems = match l.elements.get(&d.name) {
+            Some(e) if elements => e,
+            _ => &none,
+        };
         let same = d
             .name
             .strip_prefix("conns")
@@ -342,7 +345,7 @@ pub(super) fn render_table(rs: &Ruleset, kept: &Kept) -> String {
         }
         out.push_str("\t}\n");
     }
-    for c in fixed_chains(&l) {
+    for c in fixed_chains(l) {
         let _ = writeln!(out, "\tchain {} {{", c.name);
         if let Some(h) = c.hook {
             let _ = writeln!(out, "\t\t{h}");
@@ -364,8 +367,16 @@ pub fn table_batch(rs: &Ruleset) -> String {
 pub(super) fn full_batch(rs: &Ruleset, kept: &Kept) -> String {
     let mut b = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
     if !rs.is_empty() {
-        b.push_str(&render_table(rs, kept));
+        b.push_str(&render_table(&Layout::of(rs), kept, true));
     }
+    b
+}
+
+/// The batch that makes `l`'s table with every map and set of [`declarations`] empty:
+/// chains, rules, source sets and meters.
+pub(super) fn shape_batch(l: &Layout) -> String {
+    let mut b = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
+    b.push_str(&render_table(l, &Kept::new(), false));
     b
 }
 
