@@ -177,6 +177,7 @@ fn err(origin: Origin, domain: Option<&str>, msg: &str) -> Diagnostic {
 }
 
 fn parse_domains(ctx: &Ctx, domains: &Table, only: Option<Only>, out: &mut ParsedFile) {
+    out.domains.reserve(domains.len());
     for (name, item) in domains.iter() {
         if only.is_some_and(|o| !o.wants(name, item)) {
             continue;
