@@ -41,6 +41,24 @@ pub fn run_raw(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Output, ExecError> {
+    spawn(argv, stdin)?.finish(timeout)
+}
+
+/// A started command: its stdin is being fed and its output drained on threads of their
+/// own, so it never blocks on a full pipe, whether or not anyone waits for it.
+pub struct Running {
+    program: String,
+    pid: u32,
+    exited: std::sync::mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+    /// Readable once the command has exited (a pidfd; none before Linux 5.3).
+    exit_fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Starts `argv` with `stdin`.
+pub fn spawn(argv: &[&str], stdin: Option<&[u8]>) -> Result<Running, ExecError> {
     let program = argv.first().copied().unwrap_or_default().to_string();
     let mut child = Command::new(&program)
         .args(&argv[1..])
@@ -65,53 +83,105 @@ pub fn run_raw(
         }
         drop(cin);
     });
-    let mut cout = child.stdout.take();
-    let reader_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(r) = cout.as_mut() {
-            let _ = r.read_to_end(&mut s);
-        }
-        s
-    });
-    let mut cerr = child.stderr.take();
-    let reader_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(r) = cerr.as_mut() {
-            let _ = r.read_to_end(&mut s);
-        }
-        s
-    });
-    // wait in a thread of its own (no polling delay); kill at the deadline
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut r) = pipe {
+                let _ = r.read_to_end(&mut s);
+            }
+            s
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
+    // opened before anyone can reap the child, so it cannot name another process
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a descriptor pidfd_open just returned, owned by nobody else
+    let exit_fd = (fd >= 0).then(|| unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+    });
+    // wait in a thread of its own (no polling delay), which also reaps the child should
+    // nobody wait for it
+    let (tx, exited) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    let status = match rx.recv_timeout(timeout) {
-        Ok(Ok(st)) => st,
-        Ok(Err(source)) => return Err(ExecError::Spawn { program, source }),
-        Err(_) => {
-            // SAFETY: signals our own child, which is not reaped yet (the waiter holds it)
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
-            let _ = waiter.join();
-            return Err(ExecError::Timeout {
-                program,
-                secs: timeout.as_secs(),
-            });
-        }
-    };
-    let _ = waiter.join();
-    let _ = writer.join();
-    let stdout = String::from_utf8_lossy(&reader_out.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&reader_err.join().unwrap_or_default()).into_owned();
-    Ok(Output {
-        success: status.success(),
-        status: status.to_string(),
+    Ok(Running {
+        program,
+        pid,
+        exited,
+        threads: vec![writer, waiter],
         stdout,
         stderr,
+        exit_fd,
     })
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A descriptor that polls readable once the command has exited, where the kernel
+    /// offers one.
+    pub fn exit_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.exit_fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Waits for the command to exit (killed at `timeout`) and returns its output.
+    pub fn finish(self, timeout: Duration) -> Result<Output, ExecError> {
+        let Running {
+            program,
+            pid,
+            exited,
+            threads,
+            stdout,
+            stderr,
+            ..
+        } = self;
+        let status = match exited.recv_timeout(timeout) {
+            Ok(Ok(st)) => st,
+            Ok(Err(source)) => return Err(ExecError::Spawn { program, source }),
+            Err(_) => {
+                // SAFETY: signals our own child, which is not reaped yet (the waiter
+                // holds it)
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(ExecError::Timeout {
+                    program,
+                    secs: timeout.as_secs(),
+                });
+            }
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+        let stdout = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+        Ok(Output {
+            success: status.success(),
+            status: status.to_string(),
+            stdout,
+            stderr,
+        })
+    }
 }
 
 /// Runs `argv`; `Ok(None)` if the program is not installed (then nothing it manages can

@@ -542,3 +542,45 @@ fn a_table_made_from_nothing_is_what_render_describes() {
     let (ok, out, err) = lab.virtgate("nftables", &["apply"]);
     assert!(ok && out.starts_with("unchanged"), "{out}{err}");
 }
+
+/// On the iptables backend a hook returns once iptables-restore's commits are announced
+/// (not when the process has exited): the forward answers at once, and the generation
+/// the hook records is the kernel's, so the next `apply` needs no read-back.
+#[test]
+fn iptables_hooks_record_the_generation_their_restore_made() {
+    if !common::can_run_netns("iptables_hooks_record_the_generation_their_restore_made") {
+        return;
+    }
+    let lab = lab();
+    lab.write_config(CONFIG);
+    start(&lab, "iptables", "g1");
+    // a whole apply reads the kernel back and records the generation hooks build on
+    let (ok, out, err) = lab.virtgate("iptables", &["apply"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        recorded_generation(&lab).is_some(),
+        "a generation after apply"
+    );
+    for _ in 0..3 {
+        start(&lab, "iptables", "g2");
+        assert!(answers(&lab, 8081, "g2"), "g2 right after its hook");
+        let hooked = recorded_generation(&lab).expect("a generation after the hook");
+        let (ok, out, err) = lab.virtgate("iptables", &["apply"]);
+        assert!(ok && out.starts_with("unchanged"), "{out}{err}");
+        assert_eq!(
+            recorded_generation(&lab),
+            Some(hooked),
+            "apply saw the same"
+        );
+        stop(&lab, "iptables", "g2");
+        assert!(!answers(&lab, 8081, "g2"), "g2 gone right after its hook");
+        let hooked = recorded_generation(&lab).expect("a generation after the hook");
+        let (ok, out, err) = lab.virtgate("iptables", &["apply"]);
+        assert!(ok && out.starts_with("unchanged"), "{out}{err}");
+        assert_eq!(
+            recorded_generation(&lab),
+            Some(hooked),
+            "apply saw the same"
+        );
+    }
+}

@@ -326,9 +326,16 @@ pub fn hook_invocation(argv: &[std::ffi::OsString]) -> Option<(Context, String, 
     Some((ctx, driver.to_string(), args))
 }
 
+/// A short-lived run (a hook or a command, not the daemon): its heap grows in one step,
+/// and `main` hands its nf_tables sockets over at exit ([`crate::firewall::nfnl::release`]).
+fn one_shot() {
+    crate::heap::for_one_shot();
+    crate::firewall::nfnl::exits_soon();
+}
+
 /// Runs a hook invocation found by [`hook_invocation`].
 pub fn run_hook(ctx: Context, driver: &str, args: &[String]) -> ExitCode {
-    crate::heap::for_one_shot();
+    one_shot();
     crate::logging::init(0, true);
     ExitCode::from(crate::hook::run(
         &ctx,
@@ -373,7 +380,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let hook = matches!(cli.command, Command::Hook { .. });
     let daemon = matches!(cli.command, Command::Daemon { .. });
     if !daemon {
-        crate::heap::for_one_shot();
+        one_shot();
     }
     if !hook && !daemon {
         quiet_on_closed_stdout();

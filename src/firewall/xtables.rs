@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::FirewallError;
+use super::{FirewallError, nfnl};
 use crate::exec;
 use crate::model::Family;
 
@@ -223,11 +223,21 @@ pub fn in_sync(spec: &TableSpec, current: &str) -> bool {
 
 /// Runs one restore transaction per family.
 pub fn restore(family: Family, script: &str) -> Result<(), FirewallError> {
-    let out = exec::run_raw(
-        &[restore_cmd(family), "--noflush", "--wait"],
-        Some(script.as_bytes()),
-        exec::DEFAULT_TIMEOUT,
-    )?;
+    let argv = [restore_cmd(family), "--noflush", "--wait"];
+    // subscribed before the process starts, so none of its commits is missed
+    let commits = script.lines().filter(|l| l.trim() == "COMMIT").count();
+    let watch = (commits > 0 && nfnl::is_one_shot() && on_nf_tables(family))
+        .then(|| nfnl::Commits::subscribe().ok())
+        .flatten();
+    let running = exec::spawn(&argv, Some(script.as_bytes()))?;
+    if let Some(w) = watch
+        && let Some(generation) = all_committed(&w, &running, commits)
+    {
+        // closing the subscription now would wait as the process's exit does
+        nfnl::close_at_exit(w.into_socket(), generation);
+        return Ok(());
+    }
+    let out = running.finish(exec::DEFAULT_TIMEOUT)?;
     if !out.success {
         return Err(FirewallError::Rejected(format!(
             "{}: {}",
@@ -236,6 +246,55 @@ pub fn restore(family: Family, script: &str) -> Result<(), FirewallError> {
         )));
     }
     Ok(())
+}
+
+/// Whether iptables-nft's `restore` committed every one of the script's `commits`
+/// transactions, seen as the kernel's NEWGEN announcements naming its process (with the
+/// generation the last one made); None as soon as it exits first (then its exit status
+/// says how it went), or when that cannot be told.
+///
+/// Why not wait for it to exit: a transaction that deleted rules (rewriting a chain
+/// does) leaves the kernel work to free them after an RCU grace period, and the
+/// process's exit, closing its netlink socket, waits for that work: ~10 ms here, a third
+/// of a hook on the iptables backend. The rules are in force at the commit; the process
+/// is reaped by a thread of this one, or by init once this one has exited. Only for a
+/// short-lived virtgate ([`nfnl::is_one_shot`]), which hands its nf_tables sockets over
+/// at exit ([`nfnl::release`]): closing them would wait the same way.
+fn all_committed(
+    w: &nfnl::Commits,
+    running: &exec::Running,
+    commits: usize,
+) -> Option<Option<u32>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let exited = running.exit_fd()?;
+    let until = std::time::Instant::now() + exec::DEFAULT_TIMEOUT;
+    let (mut seen, mut generation) = (0, None);
+    loop {
+        let (n, g) = w.count_by(running.pid())?;
+        seen += n;
+        generation = g.or(generation);
+        if seen >= commits {
+            return Some(generation);
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        let mut fds = [
+            PollFd::new(w.as_fd(), PollFlags::POLLIN),
+            PollFd::new(exited, PollFlags::POLLIN),
+        ];
+        if ms == 0
+            || poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            )
+            .is_err()
+        {
+            return None;
+        }
+        if fds[1].any().unwrap_or(true) {
+            return None;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! of forwards (PERF-FACTS.md: 9% of the throughput at 10,000 forwards); use the
 //! nftables backend for thousands of forwards.
 
+mod nat;
 mod rules;
 #[cfg(test)]
 mod tests;
@@ -21,7 +22,7 @@ use super::{Backend, Counters, FirewallError, nfnl, nftables, placement};
 use crate::exec;
 use crate::model::Family;
 use crate::rules::Ruleset;
-use rules::delta_script;
+use rules::delta_scripts;
 pub use rules::specs;
 
 #[derive(Debug, Default, Clone)]
@@ -210,14 +211,10 @@ impl Backend for Iptables {
         }
         let mut scripts = Vec::new();
         for f in [Family::Ipv4, Family::Ipv6] {
-            let mut script = String::new();
             // filter (accept) before nat (DNAT), as in apply
-            for (o, n) in specs(old, f).iter().zip(specs(new, f).iter()).rev() {
-                match delta_script(o, n) {
-                    Some(s) => script.push_str(&s),
-                    None => return self.apply(new),
-                }
-            }
+            let Some(script) = delta_scripts(old, new, f) else {
+                return self.apply(new);
+            };
             if !script.is_empty() {
                 scripts.push((f, script));
             }
@@ -242,6 +239,11 @@ impl Backend for Iptables {
             .all(xtables::on_nf_tables)
         {
             return Ok(None);
+        }
+        // iptables-restore's own commits said it (reading it now would wait for the
+        // kernel to free what they deleted)
+        if let Some(g) = nfnl::take_seen_generation() {
+            return Ok(Some(g));
         }
         Ok(nfnl::generation().ok())
     }

@@ -1,6 +1,7 @@
 //! virtgate's chains as `iptables-restore` lines, per table, whole or as a delta.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::firewall::placement;
@@ -23,22 +24,6 @@ pub(super) fn dport(p: &PortRange) -> String {
     }
 }
 
-pub(super) fn to_dest(r: &Rule) -> String {
-    let ip = match r.guest_ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("[{a}]"),
-    };
-    let (h, g) = (&r.host_ports, &r.guest_ports);
-    if h.start == h.end {
-        format!("{ip}:{}", g.start)
-    } else if h == g {
-        ip
-    } else {
-        // shifted port map: host port h maps to g.start + (h - h.start)
-        format!("{ip}:{}-{}/{}", g.start, g.end, h.start)
-    }
-}
-
 pub(super) fn proto_match(r: &Rule, ports: &PortRange) -> String {
     format!("-p {0} -m {0} --dport {1}", r.proto, dport(ports))
 }
@@ -47,277 +32,23 @@ pub(super) fn comment(r: &Rule) -> String {
     format!("-m comment --comment \"vg:{} {}\"", r.id, r.comment())
 }
 
-/// DNAT rules keyed by (protocol, host ports), spread over chains by port so that a new
-/// connection walks a few dozen rules, not one per forward: `VIRTGATE_DNAT` jumps by
-/// `port >> 10` to `VIRTGATE_D<p><hi>`, which jumps by `port >> 5` to
-/// `VIRTGATE_D<p><hi>_<lo>` holding the rules of 32 ports. A port range that does not fit
-/// one such chain stays in the top chain. Few rules stay in the top chain as they are.
-pub(super) fn bucketed(
-    top: &str,
-    rules: Vec<(Proto, PortRange, String)>,
-) -> Vec<(String, Vec<String>)> {
-    const FLAT: usize = 32;
-    if rules.len() <= FLAT {
-        return vec![(top.to_string(), rules.into_iter().map(|r| r.2).collect())];
-    }
-    let mut wide = Vec::new();
-    // (proto, hi) -> lo -> rules
-    let mut tree: BTreeMap<(Proto, u16), BTreeMap<u16, Vec<String>>> = BTreeMap::new();
-    for (proto, ports, rule) in rules {
-        if ports.start >> 5 == ports.end >> 5 {
-            tree.entry((proto, ports.start >> 10))
-                .or_default()
-                .entry((ports.start >> 5) & 31)
-                .or_default()
-                .push(rule);
-        } else {
-            wide.push(rule);
-        }
-    }
-    let letter = |p: Proto| match p {
-        Proto::Tcp => "T",
-        Proto::Udp => "U",
-        Proto::Sctp => "S",
-    };
-    let mut top_rules = wide;
-    let mut chains = Vec::new();
-    for ((proto, hi), leaves) in tree {
-        let mid = format!("{top}_{}{hi}", letter(proto));
-        let lo_port = hi << 10;
-        top_rules.push(format!(
-            "-p {proto} -m {proto} --dport {}:{} -j {mid}",
-            lo_port,
-            lo_port | 1023
-        ));
-        let mut mid_rules = Vec::new();
-        for (lo, rules) in leaves {
-            let leaf = format!("{mid}_{lo}");
-            let start = lo_port | (lo << 5);
-            mid_rules.push(format!(
-                "-p {proto} -m {proto} --dport {}:{} -j {leaf}",
-                start,
-                start | 31
-            ));
-            chains.push((leaf, rules));
-        }
-        chains.push((mid, mid_rules));
-    }
-    chains.insert(0, (top.to_string(), top_rules));
-    chains
-}
-
-/// Rules that each match one guest address, without duplicates (forwards of several host
-/// ports to one guest port masquerade alike), spread over chains by address the way
-/// [`bucketed`] spreads by port: `TOP` jumps by the address's `/22` (IPv4; `/118` for
-/// IPv6) to `TOP_<n>`, which jumps by its `/27` (`/123`) to `TOP_<n>_<m>` holding the
-/// rules of 32 addresses. So a domain starting or stopping rewrites the chain of its own
-/// 32 addresses, not one rule per forward installed. Few rules stay in `TOP` as they are.
-pub(super) fn bucketed_by_address(
-    top: &str,
-    rules: Vec<(IpAddr, String)>,
-) -> Vec<(String, Vec<String>)> {
-    const FLAT: usize = 32;
-    let mut seen = std::collections::BTreeSet::new();
-    let rules: Vec<(IpAddr, String)> = rules
-        .into_iter()
-        .filter(|(_, r)| seen.insert(r.clone()))
-        .collect();
-    if rules.len() <= FLAT {
-        return vec![(top.to_string(), rules.into_iter().map(|r| r.1).collect())];
-    }
-    // (address >> 10) -> (address >> 5) -> rules; the numbers in the names are their low
-    // bits (two blocks sharing a name share its chain: every rule matches one address)
-    let mut tree: BTreeMap<(u128, u8), BTreeMap<u128, Vec<String>>> = BTreeMap::new();
-    for (ip, rule) in rules {
-        let (bits, width) = match ip {
-            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
-            IpAddr::V6(a) => (u128::from(a), 128),
-        };
-        tree.entry((bits >> 10, width))
-            .or_default()
-            .entry(bits >> 5)
-            .or_default()
-            .push(rule);
-    }
-    let prefix = |block: u128, shift: u8, width: u8| -> String {
-        let base = block << shift;
-        let ip = if width == 32 {
-            IpAddr::V4(std::net::Ipv4Addr::from(base as u32))
-        } else {
-            IpAddr::V6(std::net::Ipv6Addr::from(base))
-        };
-        format!("{ip}/{}", width - shift)
-    };
-    let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut top_rules = Vec::new();
-    for ((hi, width), leaves) in tree {
-        let mid = format!("{top}_{}", hi & 0x3fff);
-        top_rules.push(format!("-d {} -j {mid}", prefix(hi, 10, width)));
-        for (lo, rules) in leaves {
-            let leaf = format!("{mid}_{}", lo & 31);
-            by_name
-                .entry(mid.clone())
-                .or_default()
-                .push(format!("-d {} -j {leaf}", prefix(lo, 5, width)));
-            by_name.entry(leaf).or_default().extend(rules);
-        }
-    }
-    let mut chains = vec![(top.to_string(), top_rules)];
-    chains.extend(by_name);
-    chains
+/// A family's rules: stopped domains' refusals, and the others.
+fn by_refusal(rs: &Ruleset, family: Family) -> (Vec<&Rule>, Vec<&Rule>) {
+    rs.rules
+        .iter()
+        .filter(|r| r.family == family)
+        .partition(|r| r.refuses())
 }
 
 /// Both families' table specs: nat (DNAT, hairpin and localhost masquerade), filter
 /// (the accept where libvirt's iptables form needs it, stopped domains' refusals) and
 /// mangle (rate limits).
 pub fn specs(rs: &Ruleset, family: Family) -> Vec<TableSpec> {
-    let (refusals, rules): (Vec<&Rule>, Vec<&Rule>) = rs
-        .rules
-        .iter()
-        .filter(|r| r.family == family)
-        .partition(|r| r.refuses());
+    let (refusals, rules) = by_refusal(rs, family);
     vec![
-        nat_spec(rs, &rules, family),
+        super::nat::nat_spec(rs, &rules, family),
         filter_spec(rs, &refusals, family),
         mangle_spec(&rules),
-    ]
-}
-
-/// DNAT by listen key (bucketed by port), localhost DNAT, and masquerade for hairpin and
-/// localhost flows.
-pub(super) fn nat_spec(rs: &Ruleset, rules: &[&Rule], family: Family) -> TableSpec {
-    let mut nat = TableSpec {
-        table: "nat",
-        ..Default::default()
-    };
-    if rules.is_empty() {
-        return nat;
-    }
-    let mut l = NatLines::default();
-    for r in rules {
-        l.add(rs, r);
-    }
-    let NatLines {
-        mut pre,
-        dnat,
-        mut out,
-        hairpin,
-        lo_masq,
-    } = l;
-    pre.push("-j VIRTGATE_DNAT".into());
-    if family == Family::Ipv4 {
-        out.push("-d 127.0.0.0/8 -j RETURN".into());
-    } else {
-        out.push("-d ::1/128 -j RETURN".into());
-    }
-    out.push("-j VIRTGATE_DNAT".into());
-    // postrouting: only DNAT'ed flows, dispatched by where they come from
-    let mut post = vec!["-m conntrack ! --ctstate DNAT -j RETURN".to_string()];
-    let mut post_chains = Vec::new();
-    if !lo_masq.is_empty() {
-        post.push("-s 127.0.0.0/8 -j VIRTGATE_LOCALHOST".into());
-        post_chains.push(("VIRTGATE_LOCALHOST".to_string(), lo_masq));
-    }
-    for (i, ((bridge, subnet), rules)) in hairpin.into_iter().enumerate() {
-        let chain = format!("VIRTGATE_HAIRPIN{i}");
-        post.push(format!("-s {subnet} -o {bridge} -j {chain}"));
-        post_chains.extend(bucketed_by_address(&chain, rules));
-    }
-    nat.chains = bucketed("VIRTGATE_DNAT", dnat);
-    nat.chains.push(("VIRTGATE_PREROUTING".into(), pre));
-    nat.chains.push(("VIRTGATE_OUTPUT".into(), out));
-    nat.chains.push(("VIRTGATE_POSTROUTING".into(), post));
-    nat.chains.extend(post_chains);
-    nat.jumps = nat_jumps();
-    nat
-}
-
-/// The nat lines of the rules, by the chain they go to.
-#[derive(Default)]
-struct NatLines {
-    /// By listen interface (PREROUTING only).
-    pre: Vec<String>,
-    /// By port (bucketed): listen on every or one address.
-    dnat: Vec<(Proto, PortRange, String)>,
-    /// localhost DNAT (OUTPUT).
-    out: Vec<String>,
-    /// Hairpin masquerade per (bridge, subnet), by guest address (duplicates included).
-    hairpin: BTreeMap<(String, String), Vec<(IpAddr, String)>>,
-    /// localhost masquerade.
-    lo_masq: Vec<String>,
-}
-
-impl NatLines {
-    fn add(&mut self, rs: &Ruleset, r: &Rule) {
-        let m = proto_match(r, &r.host_ports);
-        let target = format!("{} -j DNAT --to-destination {}", comment(r), to_dest(r));
-        let srcs: Vec<String> = if r.sources.is_empty() {
-            vec![String::new()]
-        } else {
-            r.sources.iter().map(|s| format!("-s {s} ")).collect()
-        };
-        for s in &srcs {
-            match &r.listen {
-                ListenOn::Any => {
-                    self.dnat
-                        .push((r.proto, r.host_ports, format!("{s}{m} {target}")))
-                }
-                ListenOn::Address(a) => self.dnat.push((
-                    r.proto,
-                    r.host_ports,
-                    format!("{s}-d {} {m} {target}", host(a)),
-                )),
-                ListenOn::Interface(i) => self.pre.push(format!("{s}-i {i} {m} {target}")),
-            }
-        }
-        if r.localhost {
-            self.out.push(format!("-d 127.0.0.0/8 {m} {target}"));
-            self.lo_masq.push(format!(
-                "-s 127.0.0.0/8 -d {} {} -j MASQUERADE",
-                host(&r.guest_ip),
-                proto_match(r, &r.guest_ports)
-            ));
-        }
-        for h in rs
-            .hairpins
-            .iter()
-            .filter(|h| h.bridge == r.bridge && h.subnet.contains(&r.guest_ip))
-        {
-            self.hairpin
-                .entry((h.bridge.clone(), h.subnet.to_string()))
-                .or_default()
-                .push((
-                    r.guest_ip,
-                    format!(
-                        "-s {} -d {} -o {} {} -j MASQUERADE",
-                        h.subnet,
-                        host(&r.guest_ip),
-                        h.bridge,
-                        proto_match(r, &r.guest_ports)
-                    ),
-                ));
-        }
-    }
-}
-
-/// The jumps from the built-in nat chains to virtgate's.
-fn nat_jumps() -> Vec<Jump> {
-    vec![
-        Jump {
-            builtin: "PREROUTING",
-            matches: "-m addrtype --dst-type LOCAL",
-            target: "VIRTGATE_PREROUTING".into(),
-        },
-        Jump {
-            builtin: "OUTPUT",
-            matches: "-m addrtype --dst-type LOCAL",
-            target: "VIRTGATE_OUTPUT".into(),
-        },
-        Jump {
-            builtin: "POSTROUTING",
-            matches: "",
-            target: "VIRTGATE_POSTROUTING".into(),
-        },
     ]
 }
 
@@ -455,11 +186,11 @@ pub(super) fn delta_script(old: &TableSpec, new: &TableSpec) -> Option<String> {
     }
     let before: BTreeMap<&String, &Vec<String>> = old.chains.iter().map(|(n, r)| (n, r)).collect();
     let after: BTreeMap<&String, &Vec<String>> = new.chains.iter().map(|(n, r)| (n, r)).collect();
-    let changed: Vec<(&String, &Vec<String>)> = new
+    let changed: Vec<(&String, Vec<String>)> = new
         .chains
         .iter()
         .filter(|(n, r)| before.get(n) != Some(&r))
-        .map(|(n, r)| (n, r))
+        .map(|(n, r)| (n, r.clone()))
         .collect();
     let removed: Vec<&String> = old
         .chains
@@ -467,25 +198,53 @@ pub(super) fn delta_script(old: &TableSpec, new: &TableSpec) -> Option<String> {
         .map(|(n, _)| n)
         .filter(|n| !after.contains_key(n))
         .collect();
+    Some(script(new.table, &changed, &removed))
+}
+
+/// The `--noflush` restore script that rewrites the `changed` chains whole and deletes
+/// the `removed` ones (nothing when neither has any).
+pub(super) fn script(
+    table: &str,
+    changed: &[(&String, Vec<String>)],
+    removed: &[&String],
+) -> String {
     if changed.is_empty() && removed.is_empty() {
-        return Some(String::new());
+        return String::new();
     }
-    let mut s = format!("*{}\n", new.table);
+    let mut s = format!("*{table}\n");
     // declaring a chain in --noflush mode creates it or flushes it
-    for (name, _) in &changed {
-        s.push_str(&format!(":{name} - [0:0]\n"));
+    for (name, _) in changed {
+        let _ = writeln!(s, ":{name} - [0:0]");
     }
-    for (name, rules) in &changed {
-        for r in rules.iter() {
-            s.push_str(&format!("-A {name} {r}\n"));
+    for (name, rules) in changed {
+        for r in rules {
+            let _ = writeln!(s, "-A {name} {r}");
         }
     }
-    for name in &removed {
-        s.push_str(&format!(":{name} - [0:0]\n"));
+    for name in removed {
+        let _ = writeln!(s, ":{name} - [0:0]");
     }
-    for name in &removed {
-        s.push_str(&format!("-X {name}\n"));
+    for name in removed {
+        let _ = writeln!(s, "-X {name}");
     }
     s.push_str("COMMIT\n");
-    Some(s)
+    s
+}
+
+/// The restore script that turns `old`'s rules of `family` into `new`'s, table by table
+/// (mangle, filter, then nat: the rate limit and the accept before the DNAT), or None
+/// where a table's jumps change (the whole ruleset is written then).
+pub fn delta_scripts(old: &Ruleset, new: &Ruleset, family: Family) -> Option<String> {
+    let (o_refused, o_rules) = by_refusal(old, family);
+    let (n_refused, n_rules) = by_refusal(new, family);
+    let mut out = delta_script(&mangle_spec(&o_rules), &mangle_spec(&n_rules))?;
+    out.push_str(&delta_script(
+        &filter_spec(old, &o_refused, family),
+        &filter_spec(new, &n_refused, family),
+    )?);
+    out.push_str(&super::nat::nat_delta(
+        &super::nat::nat_chains(old, &o_rules, family),
+        &super::nat::nat_chains(new, &n_rules, family),
+    )?);
+    Some(out)
 }

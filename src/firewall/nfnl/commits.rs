@@ -58,6 +58,46 @@ impl Commits {
         drain(&self.0, "nf_tables", |_| true)
     }
 
+    /// The socket, to close later ([`super::close_at_exit`]).
+    pub fn into_socket(self) -> Socket {
+        self.0
+    }
+
+    /// Reads what came: how many transactions process `pid` committed (each ends with a
+    /// NEWGEN naming its process) and the generation the last of them made, or None when
+    /// messages were lost or the read failed.
+    pub fn count_by(&self, pid: u32) -> Option<(usize, Option<u32>)> {
+        const NEWGEN: u16 = (super::NFNL_SUBSYS_NFTABLES << 8) | 15;
+        const NFTA_GEN_ID: u16 = 1;
+        const NFTA_GEN_PROC_PID: u16 = 2;
+        let be32 = |a: &[u8], kind| {
+            super::attr(a, kind)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+        };
+        let (mut n, mut generation, mut lost) = (0, None, false);
+        loop {
+            match self.0.recv_from_full() {
+                Ok((data, _)) if data.is_empty() => break,
+                Ok((data, _)) => {
+                    for (kind, payload) in super::messages(&data).flatten() {
+                        let attrs = payload.get(4..).unwrap_or_default();
+                        if kind == NEWGEN && be32(attrs, NFTA_GEN_PROC_PID) == Some(pid) {
+                            n += 1;
+                            generation = be32(attrs, NFTA_GEN_ID);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => lost = true,
+            }
+            if lost {
+                return None;
+            }
+        }
+        Some((n, generation))
+    }
+
     /// Waits up to `timeout` for a commit; whether one came.
     pub fn wait(&self, timeout: Duration) -> bool {
         let until = Instant::now() + timeout;

@@ -64,23 +64,64 @@ fn with_socket<T>(f: impl FnOnce(&mut Socket) -> io::Result<T>) -> io::Result<T>
     })
 }
 
-/// Closes every descriptor but `a` and `b` (`a < b`). Async-signal-safe.
-unsafe fn close_all_but(a: i32, b: i32) {
-    let ranges = [(0, a - 1), (a + 1, b - 1), (b + 1, i32::MAX)];
-    for (first, last) in ranges {
-        if first > last {
-            continue;
-        }
-        // SAFETY: close_range takes two descriptor numbers and flags
-        let r = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0) };
-        if r != 0 {
-            // before Linux 5.9: one by one, as far as descriptors usually go
-            for fd in first..=last.min(65_535) {
-                // SAFETY: closing a number that may not be open is harmless
-                unsafe { libc::close(fd) };
+/// Closes every descriptor but those in `keep` (ascending). Async-signal-safe.
+unsafe fn close_all_but(keep: &[i32]) {
+    let mut first = 0;
+    for &k in keep.iter().chain(std::iter::once(&i32::MAX)) {
+        let last = k.saturating_sub(1);
+        if first <= last {
+            // SAFETY: close_range takes two descriptor numbers and flags
+            let r = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0) };
+            if r != 0 {
+                // before Linux 5.9: one by one, as far as descriptors usually go
+                for fd in first..=last.min(65_535) {
+                    // SAFETY: closing a number that may not be open is harmless
+                    unsafe { libc::close(fd) };
+                }
             }
         }
+        first = k.saturating_add(1);
     }
+}
+
+/// Whether this process is short-lived (a hook or a command, not the daemon): set by
+/// [`exits_soon`].
+static ONE_SHOT: AtomicBool = AtomicBool::new(false);
+
+/// nf_tables sockets this process keeps open until [`release`] (see [`close_at_exit`]).
+static KEPT: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+
+/// The generation another process's commits (iptables-nft's) were seen to make, not yet
+/// taken (u64::MAX: none).
+static SEEN_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// Says that this process is short-lived and calls [`release`] before it exits.
+pub fn exits_soon() {
+    ONE_SHOT.store(true, Ordering::Relaxed);
+}
+
+/// Whether this process is short-lived ([`exits_soon`]).
+pub fn is_one_shot() -> bool {
+    ONE_SHOT.load(Ordering::Relaxed)
+}
+
+/// Another process committed deletions that the kernel frees after an RCU grace period,
+/// and made generation `generation`: closing any nf_tables socket of this process waits
+/// for that freeing, so `socket` is kept open until [`release`] hands it over, and the
+/// generation is known without asking the kernel (which would wait the same way).
+pub fn close_at_exit(socket: Socket, generation: Option<u32>) {
+    DELETED.store(true, Ordering::Relaxed);
+    if let Some(g) = generation {
+        SEEN_GENERATION.store(u64::from(g), Ordering::Relaxed);
+    }
+    if let Ok(mut kept) = KEPT.lock() {
+        kept.push(socket);
+    }
+}
+
+/// The generation recorded by [`close_at_exit`], once.
+pub fn take_seen_generation() -> Option<u32> {
+    u32::try_from(SEEN_GENERATION.swap(u64::MAX, Ordering::Relaxed)).ok()
 }
 
 /// Closes this thread's socket without making the caller wait for the kernel.
@@ -94,38 +135,44 @@ unsafe fn close_all_but(a: i32, b: i32) {
 /// pipes, not the state lock), so nothing waits for it. Call this last, just before the
 /// process exits.
 pub fn release() {
-    let Some((socket, _)) = SOCKET.with(|c| c.borrow_mut().take()) else {
-        return;
-    };
-    if !DELETED.load(Ordering::Relaxed) {
+    let mut sockets: Vec<Socket> = KEPT
+        .lock()
+        .map(|mut k| std::mem::take(&mut *k))
+        .unwrap_or_default();
+    if let Some((socket, _)) = SOCKET.with(|c| c.borrow_mut().take()) {
+        sockets.push(socket);
+    }
+    if sockets.is_empty() || !DELETED.load(Ordering::Relaxed) {
         return;
     }
-    let fd = socket.as_raw_fd();
     let mut pipe = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array it is given.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return;
     }
+    // what the child keeps, sorted before the fork (the child allocates nothing)
+    let mut keep: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+    keep.push(pipe[0]);
+    keep.sort_unstable();
     // SAFETY: the child calls only async-signal-safe functions (close, read, _exit).
     match unsafe { libc::fork() } {
         0 => unsafe {
-            close_all_but(fd.min(pipe[0]), fd.max(pipe[0]));
+            close_all_but(&keep);
             // until the parent has exited (its end of the pipe closes with it), then the
-            // last close of the socket, which waits for the kernel here
+            // last close of the sockets, which waits for the kernel here
             let mut b = 0u8;
             while libc::read(pipe[0], (&raw mut b).cast(), 1) > 0 {}
-            libc::close(fd);
             libc::_exit(0);
         },
         pid if pid > 0 => {
-            // not the last reference now: closing it here does not wait
-            drop(socket);
+            // not the last references now: closing them here does not wait
+            drop(sockets);
             // SAFETY: our own descriptor, read end only; the write end stays open until
             // this process exits
             unsafe { libc::close(pipe[0]) };
         }
         _ => {
-            // no child: close it here, and wait
+            // no child: close them here, and wait
             // SAFETY: our own descriptors
             unsafe {
                 libc::close(pipe[0]);
