@@ -124,16 +124,18 @@ pub fn take_seen_generation() -> Option<u32> {
     u32::try_from(SEEN_GENERATION.swap(u64::MAX, Ordering::Relaxed)).ok()
 }
 
-/// Closes this thread's socket without making the caller wait for the kernel.
+/// Closes this thread's socket and those kept by [`close_at_exit`] without making the
+/// caller wait for the kernel.
 ///
 /// Since Linux 6.x ("flush pending destroy work before netlink notifier"), releasing
 /// any nf_tables netlink socket waits until the kernel has freed what earlier
 /// transactions deleted, an RCU grace period (10-15 ms here, PERF-FACTS.md's delete
-/// floor). The deletion itself is committed and in force long before. A hook that
-/// deleted something therefore hands its socket to a short-lived child, which closes it
-/// once this process has exited; the child holds no other descriptor (not libvirt's
-/// pipes, not the state lock), so nothing waits for it. Call this last, just before the
-/// process exits.
+/// floor), whoever deleted it (this process, or an `iptables-restore` it ran). The
+/// deletion itself is committed and in force long before. A run after which something
+/// deleted may still await freeing therefore hands its sockets to a short-lived child,
+/// which closes them once this process has exited; the child holds no other descriptor
+/// (not libvirt's pipes, not the state lock), so nothing waits for it. Call this last,
+/// just before the process exits.
 pub fn release() {
     let mut sockets: Vec<Socket> = KEPT
         .lock()
