@@ -1,8 +1,18 @@
 //! Hairpin mode of bridge ports (sysfs `brport/hairpin_mode`), set for guests with
 //! forwards while br_netfilter is active, and restored to its previous value afterwards.
+//! A whole run reads every port's mode in one rtnetlink dump; a hook reads its own ports'
+//! files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::io;
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkProtoInfoBridge};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 fn path(port: &str) -> Option<String> {
     // the name comes from XML: refuse anything that is no interface name
@@ -21,6 +31,75 @@ pub fn set(port: &str, on: bool) -> std::io::Result<()> {
     fs::write(p, if on { "1" } else { "0" })
 }
 
+/// The hairpin mode of every bridge port, from one AF_BRIDGE link dump (which lists
+/// bridge ports only): what reading `brport/hairpin_mode` of each port tells, for every
+/// port in one exchange instead of an open and a read per port (1,000 guests: ~9 ms).
+fn all_modes() -> io::Result<HashMap<String, bool>> {
+    /// IFLA_BRPORT_MODE: the port's hairpin mode, one byte.
+    const IFLA_BRPORT_MODE: u16 = 4;
+    let mut req = LinkMessage::default();
+    req.header.interface_family = AddressFamily::Bridge;
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(req)),
+    );
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut out = HashMap::new();
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < data.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(io::Error::other(format!("netlink error: {e:?}")));
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    let mut name = None;
+                    let mut mode = None;
+                    for a in &l.attributes {
+                        match a {
+                            LinkAttribute::IfName(n) => name = Some(n.clone()),
+                            LinkAttribute::ProtoInfoBridge(info) => {
+                                for i in info {
+                                    if let LinkProtoInfoBridge::Other(nla) = i
+                                        && nla.kind() == IFLA_BRPORT_MODE
+                                    {
+                                        let mut v = vec![0u8; nla.value_len()];
+                                        nla.emit_value(&mut v);
+                                        mode = v.first().map(|b| *b != 0);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let (Some(n), Some(m)) = (name, mode) {
+                        out.insert(n, m);
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                return Ok(out);
+            }
+            offset += len;
+        }
+    }
+}
+
 /// Makes hairpin mode on exactly for `wanted`; `saved` holds the value each port had
 /// before virtgate turned it on, and is updated.
 ///
@@ -31,6 +110,18 @@ pub fn sync(
     only: Option<&std::collections::BTreeSet<String>>,
 ) {
     let concerned = |p: &String| only.is_none_or(|o| o.contains(p));
+    // every port: one dump; a hook's few ports: one read each
+    let modes = if only.is_none() {
+        all_modes()
+            .inspect_err(|e| tracing::debug!("bridge ports over netlink: {e}; reading sysfs"))
+            .ok()
+    } else {
+        None
+    };
+    let get = |port: &str| match &modes {
+        Some(m) => m.get(port).copied(),
+        None => get(port),
+    };
     for port in wanted.iter().filter(|p| concerned(p)) {
         if saved.contains_key(port) {
             if get(port) == Some(false) {
