@@ -7,12 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
-};
+use netlink_packet_core::Nla;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkProtoInfoBridge};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 fn path(port: &str) -> Option<String> {
     // the name comes from XML: refuse anything that is no interface name
@@ -39,65 +36,35 @@ fn all_modes() -> io::Result<HashMap<String, bool>> {
     const IFLA_BRPORT_MODE: u16 = 4;
     let mut req = LinkMessage::default();
     req.header.interface_family = AddressFamily::Bridge;
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = 1;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(req)),
-    );
-    msg.finalize();
-    let mut buf = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    socket.send(&buf, 0)?;
     let mut out = HashMap::new();
-    loop {
-        let (data, _) = socket.recv_from_full()?;
-        let mut offset = 0;
-        while offset < data.len() {
-            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let len = m.header.length as usize;
-            match m.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    return Err(io::Error::other(format!("netlink error: {e:?}")));
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                    let mut name = None;
-                    let mut mode = None;
-                    for a in &l.attributes {
-                        match a {
-                            LinkAttribute::IfName(n) => name = Some(n.clone()),
-                            LinkAttribute::ProtoInfoBridge(info) => {
-                                for i in info {
-                                    if let LinkProtoInfoBridge::Other(nla) = i
-                                        && nla.kind() == IFLA_BRPORT_MODE
-                                    {
-                                        let mut v = vec![0u8; nla.value_len()];
-                                        nla.emit_value(&mut v);
-                                        mode = v.first().map(|b| *b != 0);
-                                    }
-                                }
-                            }
-                            _ => {}
+    for m in crate::rtnl::dump(RouteNetlinkMessage::GetLink(req))? {
+        let RouteNetlinkMessage::NewLink(l) = m else {
+            continue;
+        };
+        let mut name = None;
+        let mut mode = None;
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::ProtoInfoBridge(info) => {
+                    for i in info {
+                        if let LinkProtoInfoBridge::Other(nla) = i
+                            && nla.kind() == IFLA_BRPORT_MODE
+                        {
+                            let mut v = vec![0u8; nla.value_len()];
+                            nla.emit_value(&mut v);
+                            mode = v.first().map(|b| *b != 0);
                         }
-                    }
-                    if let (Some(n), Some(m)) = (name, mode) {
-                        out.insert(n, m);
                     }
                 }
                 _ => {}
             }
-            if len == 0 {
-                return Ok(out);
-            }
-            offset += len;
+        }
+        if let (Some(n), Some(m)) = (name, mode) {
+            out.insert(n, m);
         }
     }
+    Ok(out)
 }
 
 /// Makes hairpin mode on exactly for `wanted`; `saved` holds the value each port had

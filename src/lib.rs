@@ -20,5 +20,6 @@ pub mod logging;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod rtnl;
 pub mod rules;
 pub mod state;

@@ -14,13 +14,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("exec", &[]),
     ("logging", &[]),
     ("heap", &[]),
+    ("rtnl", &[]),
     ("rules", &["model"]),
     ("config", &["model", "files"]),
-    ("facts", &["model", "files", "exec"]),
+    ("facts", &["model", "files", "exec", "rtnl"]),
     ("plan", &["model", "rules", "facts"]),
     ("state", &["model", "rules", "files"]),
     ("firewall", &["model", "rules", "exec", "files"]),
-    ("bridge", &["model", "files", "exec"]),
+    ("bridge", &["model", "files", "exec", "rtnl"]),
     (
         "reconcile",
         &[
