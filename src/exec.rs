@@ -224,3 +224,46 @@ pub fn find(program: &str) -> Option<std::path::PathBuf> {
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+    fn readable(fd: std::os::fd::BorrowedFd<'_>, ms: u16) -> bool {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(ms)).expect("poll") == 1
+    }
+
+    #[test]
+    fn stdin_goes_in_and_output_comes_back() {
+        let out = run_raw(&["cat"], Some(b"hello"), DEFAULT_TIMEOUT).expect("cat");
+        assert!(out.success);
+        assert_eq!(out.stdout, "hello");
+    }
+
+    #[test]
+    fn the_exit_descriptor_polls_readable_once_the_command_has_exited() {
+        let r = spawn(&["sleep", "1"], None).expect("sleep");
+        let Some(fd) = r.exit_fd() else {
+            // a kernel before 5.3: no pidfd, callers wait for the exit instead
+            return;
+        };
+        assert!(!readable(fd, 0), "sleep 1 has not exited yet");
+        assert!(readable(fd, 5000), "sleep 1 exits within 5 s");
+        let out = r.finish(DEFAULT_TIMEOUT).expect("finish");
+        assert!(out.success);
+    }
+
+    #[test]
+    fn a_command_past_its_time_is_killed() {
+        let e = run_raw(&["sleep", "5"], None, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, ExecError::Timeout { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error() {
+        let e = run_raw(&["virtgate-no-such-program"], None, DEFAULT_TIMEOUT).unwrap_err();
+        assert!(matches!(e, ExecError::Spawn { .. }), "{e}");
+    }
+}
