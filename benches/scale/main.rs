@@ -53,7 +53,7 @@ impl Config {
                 runs: 5,
                 per_rule_max: 1000,
                 datapath_n: 10000,
-                datapath_rounds: 5,
+                datapath_rounds: 7,
                 datapath_secs: 1.0,
             }
         } else {
@@ -292,10 +292,16 @@ fn datapath_figures(cfg: &Config) -> Vec<(String, Vec<f64>, Vec<f64>)> {
     let dur = Duration::from_secs_f64(cfg.datapath_secs);
     for backend in ["nftables", "iptables"] {
         let (mut one, mut many) = (Vec::new(), Vec::new());
+        // the kernel settles after each install before the count starts: an install of
+        // 10,000 elements leaves it growing hash tables and freeing the ones it replaced
+        // (deferred work), which the steady state the figure is about does not have
+        let settle = Duration::from_millis(if cfg.full { 500 } else { 0 });
         for _ in 0..cfg.datapath_rounds {
             d.install(backend, false);
+            std::thread::sleep(settle);
             one.push(d.rate(dur));
             d.install(backend, true);
+            std::thread::sleep(settle);
             many.push(d.rate(dur));
         }
         out.push((backend.to_string(), one, many));
@@ -351,6 +357,13 @@ fn main() {
     }
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--quick");
     if !common::can_run_netns("benchmark") {
+        return;
+    }
+    // `--datapath`: P4 alone, full size (for looking at its spread by hand)
+    if args.iter().any(|a| a == "--datapath") {
+        for (b, one, many) in datapath_figures(&Config::new(true)) {
+            println!("{b}: 1 installed {one:.0?}; many installed {many:.0?}");
+        }
         return;
     }
     let cfg = Config::new(full);

@@ -279,7 +279,7 @@ pub fn markdown(
     targets(&mut out, figs, dp);
     ratios(&mut out, figs, &cfg.sizes);
     all_figures(&mut out, figs);
-    out.push_str("## Data path (P4)\n\nNew TCP connections per second from a client namespace through one forward to a guest namespace (connect, read, reset), that forward alone vs installed last after the others; rounds interleaved.\n\n| backend | installed | rounds (conn/s) | median |\n|---|---|---|---|\n");
+    out.push_str("## Data path (P4)\n\nNew TCP connections per second from a client namespace through one forward to a guest namespace (connect, read, reset), that forward alone vs installed last after the others; rounds interleaved, each counted 0.5 s after its install (the kernel finishes growing and freeing hash tables in deferred work first).\n\n| backend | installed | rounds (conn/s) | median |\n|---|---|---|---|\n");
     for (b, one, many) in dp {
         for (label, v) in [("1", one), (&*format!("{}", cfg.datapath_n + 1), many)] {
             let rounds: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();

@@ -54,16 +54,34 @@ pub fn restore_cmd(family: Family) -> &'static str {
 
 /// Whether `family`'s iptables tools are installed.
 pub fn installed(family: Family) -> bool {
-    crate::exec::find(restore_cmd(family)).is_some()
+    tool(family).0
 }
 
 /// Whether `family`'s iptables tools are the nf_tables flavour (iptables-nft): their
 /// rules are nf_tables rules then, and the ruleset generation counts their changes.
 pub fn on_nf_tables(family: Family) -> bool {
-    crate::exec::find(restore_cmd(family))
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().contains("nft")))
-        .unwrap_or(false)
+    tool(family).1
+}
+
+/// Whether `family`'s restore tool is installed, and whether it is iptables-nft. Looked
+/// up once in a short-lived run (a hook asks several times: a PATH search and a
+/// `canonicalize` each); every time in the daemon, which outlives package changes.
+fn tool(family: Family) -> (bool, bool) {
+    static SEEN: [std::sync::OnceLock<(bool, bool)>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let look = || {
+        let path = crate::exec::find(restore_cmd(family));
+        let nft = path
+            .as_ref()
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().contains("nft")))
+            .unwrap_or(false);
+        (path.is_some(), nft)
+    };
+    if !nfnl::is_one_shot() {
+        return look();
+    }
+    *SEEN[usize::from(family == Family::Ipv6)].get_or_init(look)
 }
 
 /// `iptables-save -t TABLE` (empty if the tool is not installed: then nothing of
