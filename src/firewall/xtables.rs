@@ -247,15 +247,18 @@ pub fn restore(family: Family, script: &str) -> Result<(), FirewallError> {
     let watch = (commits > 0 && nfnl::is_one_shot() && on_nf_tables(family))
         .then(|| nfnl::Commits::subscribe().ok())
         .flatten();
+    // one time limit for the whole run, however it is waited for
+    let until = std::time::Instant::now() + exec::DEFAULT_TIMEOUT;
     let running = exec::spawn(&argv, Some(script.as_bytes()))?;
     if let Some(w) = watch
-        && let Some(generation) = all_committed(&w, &running, commits)
+        && let Some(generation) = all_committed(&w, &running, commits, until)
     {
         // closing the subscription now would wait as the process's exit does
         nfnl::close_at_exit(w.into_socket(), generation);
         return Ok(());
     }
-    let out = running.finish(exec::DEFAULT_TIMEOUT)?;
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    let out = running.finish(left.max(std::time::Duration::from_millis(1)))?;
     if !out.success {
         return Err(FirewallError::Rejected(format!(
             "{}: {}",
@@ -282,10 +285,10 @@ fn all_committed(
     w: &nfnl::Commits,
     running: &exec::Running,
     commits: usize,
+    until: std::time::Instant,
 ) -> Option<Option<u32>> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let exited = running.exit_fd()?;
-    let until = std::time::Instant::now() + exec::DEFAULT_TIMEOUT;
     let (mut seen, mut generation) = (0, None);
     loop {
         let (n, g) = w.count_by(running.pid())?;
