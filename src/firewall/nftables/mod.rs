@@ -217,9 +217,7 @@ impl Nftables {
         }
         Ok(())
     }
-}
 
-impl Nftables {
     /// Makes the table where there is none, in two transactions: its shape (chains,
     /// rules, empty maps and sets) with the accepts in one `nft -f`, then every element
     /// in one netlink batch. Nothing is forwarded before the second commits, and `nft`
